@@ -1,0 +1,245 @@
+"""TOPS: Token Optimal Preservation Sets (arXiv:2606.27161).
+
+Pick the visual tokens that maximise task relevance + information coverage, with semantic diversity as a
+necessary condition, greedily:
+
+    score_i = N(r)_i + α·N(d)_i + λ·N(c)_i
+
+once after the projector (relevance = [CLS] attention) and again at two decoder layers p1 < p2 (relevance =
+attention from the text raters). Budgets follow the paper: stage I keeps 2T, p1 keeps T/2, p2 keeps T/4, which
+is a layer-averaged T at the paper's layers. Choices the paper leaves open are config fields, documented in
+docs/methods/tops.md.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+from torch import Tensor
+
+from prunekit import Method, ModelSpec, Stage, StageContext, hookimpl, registry
+from prunekit.budget import StagePlacement, resolve_counts
+from prunekit.config import MethodConfig, StrictModel
+from prunekit_plugins.selectors.greedy import GreedySelector
+
+Principle = Literal["relevance", "coverage", "diversity"]
+Point = Literal["after_projector", "decoder_layer"]
+
+#: (α, λ) at the decoder stages per layer-averaged budget T (lowest T first), and the decoder layers.
+PRESETS: dict[str, dict] = {
+    "llava-1.5-7b": {"family": "llava", "num_layers": 32, "layers": (12, 24),
+                     "decoder_weights": [(64, (0.5, 1.0)), (128, (0.5, 0.5))]},
+    "llava-1.5-13b": {"family": "llava", "num_layers": 40, "layers": (15, 30),
+                      "decoder_weights": [(10**9, (0.5, 0.4))]},
+}
+STAGE_SHAPE = {"after_projector": 2.0, "p1": 0.5, "p2": 0.25}
+
+
+class TopsSelection(StrictModel):
+    """The fields of one TOPS selection (also accepted by ``prunekit.select("tops", ...)``)."""
+
+    principles: list[Principle] = Field(
+        default_factory=lambda: ["relevance", "coverage", "diversity"], min_length=1,
+        description="Which principles enter the score (the paper's Table 5 ablates all 7 subsets).",
+    )
+    diversity_weight: float = Field(0.5, ge=0.0, description="α, weight of the diversity term.")
+    coverage_weight: float = Field(0.5, ge=0.0, description="λ, weight of the coverage term.")
+    normalize: Literal["minmax", "mean"] = Field(
+        "minmax", description="Per-step normalisation over candidates: main text min-max, Algorithms 1-2 mean."
+    )
+    relevance_scorer: str = Field("relevance", description="Registered scorer used for the relevance principle.")
+    coverage_scorer: str = Field("facility_location", description="Registered scorer used for coverage.")
+    diversity_scorer: str = Field("diversity", description="Registered scorer used for diversity.")
+
+    @field_validator("principles")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"principles must not repeat, got {v}")
+        return v
+
+    @field_validator("relevance_scorer", "coverage_scorer", "diversity_scorer")
+    @classmethod
+    def _registered(cls, v):
+        allowed = registry.names("scorers")
+        if v not in allowed:
+            raise ValueError(f"unknown scorer {v!r}; registered scorers: {', '.join(allowed)}")
+        return v
+
+    def selector(self, diversity_weight: float | None = None, coverage_weight: float | None = None) -> GreedySelector:
+        alpha = self.diversity_weight if diversity_weight is None else diversity_weight
+        lam = self.coverage_weight if coverage_weight is None else coverage_weight
+        scorer = lambda field: registry.get("scorers", getattr(self, field))()  # noqa: E731
+        terms, seed = [], None
+        if "relevance" in self.principles:
+            seed = scorer("relevance_scorer")  # the paper seeds with the most relevant token
+            terms.append((seed, 1.0))
+        if "diversity" in self.principles:
+            terms.append((scorer("diversity_scorer"), alpha))
+        if "coverage" in self.principles:
+            terms.append((scorer("coverage_scorer"), lam))
+        return GreedySelector(terms, combine="sum", normalize=self.normalize, seed=seed)
+
+    @property
+    def needs_relevance(self) -> bool:
+        return "relevance" in self.principles
+
+
+class TopsConfig(TopsSelection, MethodConfig):
+    """Full TOPS configuration for ``prunekit.build("tops", model, ...)``."""
+
+    preset: str | None = Field(
+        None, description=f"Named paper setting: {', '.join(PRESETS)}; None picks one from the model when it matches."
+    )
+    insertion_points: list[Point] = Field(
+        default_factory=lambda: ["after_projector", "decoder_layer"], min_length=1,
+        description="Stages to run: stage I after the projector, stage II at the decoder layers.",
+    )
+    layers: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="(p1, p2): first decoder layers that see the stage-II counts. None: preset or 12/32, 24/32 of depth."
+    )
+    decoder_diversity_weight: float | None = Field(None, ge=0.0, description="α at stage II (None: preset or α).")
+    decoder_coverage_weight: float | None = Field(None, ge=0.0, description="λ at stage II (None: preset or λ).")
+    raters: Literal["sparsevlm", "last_token", "all_text"] = Field(
+        "sparsevlm", description="Text tokens whose attention rates visual tokens at stage II."
+    )
+    projector_relevance: Literal["cls_attention"] = Field(
+        "cls_attention", description="Relevance signal at stage I."
+    )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v):
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; presets: {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("insertion_points")
+    @classmethod
+    def _unique_points(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"insertion_points must not repeat, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered_layers(self):
+        if self.layers is not None and not self.layers[0] < self.layers[1]:
+            raise ValueError(f"layers must be (p1, p2) with p1 < p2, got {self.layers}")
+        return self
+
+
+class Tops(Method):
+    name = "tops"
+    Config = TopsConfig
+    SelectionConfig = TopsSelection
+    description = "Relevance + facility-location coverage + diversity, greedy, after the projector and in the LLM."
+
+    def _preset(self, spec: ModelSpec) -> dict | None:
+        if self.config.preset is not None:
+            return PRESETS[self.config.preset]
+        for preset in PRESETS.values():
+            if preset["family"] == spec.family and preset["num_layers"] == spec.num_layers:
+                return preset
+        return None
+
+    def _layers(self, spec: ModelSpec, preset: dict | None) -> tuple[int, int]:
+        if self.config.layers is not None:
+            layers = self.config.layers
+        elif preset is not None:
+            layers = preset["layers"]
+        else:  # the paper's 12/32 and 24/32 of depth
+            layers = (max(1, int(spec.num_layers * 12 / 32 + 0.5)), int(spec.num_layers * 24 / 32 + 0.5))
+        p1, p2 = layers
+        if not 1 <= p1 < p2 <= spec.num_layers - 1:
+            raise ValueError(
+                f"layers={layers} does not fit a {spec.num_layers}-layer decoder: need 1 <= p1 < p2 <= "
+                f"{spec.num_layers - 1}"
+            )
+        return p1, p2
+
+    def _decoder_weights(self, preset: dict | None, budget_hint: float | None) -> tuple[float, float]:
+        alpha, lam = self.config.diversity_weight, self.config.coverage_weight
+        if preset is not None and budget_hint is not None:
+            for upto, weights in preset["decoder_weights"]:
+                if budget_hint <= upto:
+                    alpha, lam = weights
+                    break
+            else:
+                alpha, lam = preset["decoder_weights"][-1][1]
+        if self.config.decoder_diversity_weight is not None:
+            alpha = self.config.decoder_diversity_weight
+        if self.config.decoder_coverage_weight is not None:
+            lam = self.config.decoder_coverage_weight
+        return alpha, lam
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        cfg = self.config
+        preset = self._preset(spec)
+        points: list[tuple[str, int | None, float, str]] = []  # point, layer, shape, label
+        if "after_projector" in cfg.insertion_points:
+            points.append(("after_projector", None, STAGE_SHAPE["after_projector"], "stage I"))
+        if "decoder_layer" in cfg.insertion_points:
+            p1, p2 = self._layers(spec, preset)
+            points += [("decoder_layer", p1, STAGE_SHAPE["p1"], "stage II (p1)"),
+                       ("decoder_layer", p2, STAGE_SHAPE["p2"], "stage II (p2)")]
+        if cfg.schedule is not None and len(cfg.schedule) != len(points):
+            raise ValueError(f"schedule has {len(cfg.schedule)} counts but TOPS runs {len(points)} stages here")
+        placements = [StagePlacement(0 if layer is None else layer, shape) for _, layer, shape, _ in points]
+        counts_cache: dict[int, list[int]] = {}
+
+        def counts(n: int) -> list[int]:
+            if n not in counts_cache:
+                if cfg.schedule is not None:
+                    counts_cache[n] = [min(n, k) for k in cfg.schedule]
+                else:
+                    counts_cache[n] = resolve_counts(n, cfg.target(n), placements, spec.num_layers)
+            return counts_cache[n]
+
+        hint = None
+        if cfg.keep_tokens is not None:
+            hint = float(cfg.keep_tokens)
+        elif spec.visual_tokens_per_image:
+            hint = cfg.target(spec.visual_tokens_per_image)
+        decoder_weights = self._decoder_weights(preset, hint)
+
+        stages = []
+        for i, (point, layer, _, label) in enumerate(points):
+            if point == "after_projector":
+                selector = cfg.selector()
+                signal = cfg.projector_relevance
+                options: dict = {}
+            else:
+                selector = cfg.selector(*decoder_weights)
+                signal, options = "text_attention", {"raters": cfg.raters}
+            stages.append(Stage(
+                point=point, layer=layer, label=label,
+                keep=lambda n, i=i: counts(n)[i],
+                choose=self._chooser(selector, signal, options),
+                signals=(signal,) if cfg.needs_relevance else (),
+            ))
+        return stages
+
+    def _chooser(self, selector: GreedySelector, signal: str, options: dict):
+        needs_relevance = self.config.needs_relevance
+
+        def choose(ctx: StageContext) -> list[Tensor]:
+            relevance = ctx.relevance(signal, **options) if needs_relevance else None
+            return ctx.select_grouped(relevance, selector.select)
+
+        return choose
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: TopsSelection) -> Tensor:
+        if config.needs_relevance and relevance is None:
+            raise ValueError(
+                "TOPS with the 'relevance' principle needs relevance=[B, N]; pass it or set principles without it"
+            )
+        from prunekit.interfaces import SelectionInput
+
+        return config.selector().select(SelectionInput(features, relevance), k)
+
+
+@hookimpl
+def prunekit_register_methods(register):
+    register(Tops)

@@ -1,0 +1,95 @@
+"""Greedy selection over a combination of scorers: the engine shared by TOPS, DivPrune and SCOPE."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from prunekit import Scorer, Selector, SelectionInput, hookimpl
+
+Normalize = Literal["minmax", "mean", "none"]
+
+
+def normalize_over(x: Tensor, candidates: Tensor, how: Normalize) -> Tensor:
+    """Normalise ``x`` ``[B, N]`` using statistics over the candidate tokens only (chosen tokens are ignored)."""
+    if how == "none":
+        return x
+    if how == "minmax":
+        lo = x.masked_fill(~candidates, float("inf")).amin(-1, keepdim=True)
+        hi = x.masked_fill(~candidates, float("-inf")).amax(-1, keepdim=True)
+        span = hi - lo
+        return torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+    if how == "mean":
+        mean = (x * candidates).sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True).clamp_min(1)
+        return torch.where(mean != 0, x / mean, torch.zeros_like(x))
+    raise ValueError(f"normalize must be one of 'minmax', 'mean', 'none'; got {how!r}")
+
+
+class GreedySelector(Selector):
+    """Pick ``k`` tokens one at a time, each maximising the combined gain of the scorers.
+
+    ``combine="sum"``: ``Σ w·N(g)`` (TOPS); ``combine="product"``: ``Π max(g, 0)^w`` (SCOPE). ``seed``: a scorer
+    whose initial gains choose the first token (TOPS: relevance); without one the first token maximises the
+    combined gain against the empty set. Ties go to the lowest index.
+    """
+
+    name = "greedy"
+
+    def __init__(
+        self,
+        terms: Sequence[tuple[Scorer, float]],
+        combine: Literal["sum", "product"] = "sum",
+        normalize: Normalize = "minmax",
+        seed: Scorer | None = None,
+    ) -> None:
+        if not terms:
+            raise ValueError("GreedySelector needs at least one (scorer, weight) term")
+        if combine not in ("sum", "product"):
+            raise ValueError(f"combine must be 'sum' or 'product'; got {combine!r}")
+        self.terms = list(terms)
+        self.combine = combine
+        self.normalize = normalize
+        self.seed = seed
+
+    def _score(self, runs, candidates: Tensor) -> Tensor:
+        total = None
+        for run, weight in runs:
+            g = normalize_over(run.gains(), candidates, self.normalize)
+            if self.combine == "sum":
+                part = weight * g
+                total = part if total is None else total + part
+            else:
+                part = g.clamp_min(0) ** weight
+                total = part if total is None else total * part
+        return total  # type: ignore[return-value]
+
+    def select(self, inputs: SelectionInput, k: int) -> Tensor:
+        B, N = inputs.batch_size, inputs.num_tokens
+        device = inputs.features.device
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        if k >= N:
+            return torch.arange(N, device=device).expand(B, N).clone()
+        runs = [(scorer.start(inputs), weight) for scorer, weight in self.terms]
+        candidates = torch.ones(B, N, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)
+        picks = []
+        for step in range(k):
+            if step == 0 and self.seed is not None:
+                score = self.seed.start(inputs).gains()
+            else:
+                score = self._score(runs, candidates)
+            picked = score.masked_fill(~candidates, float("-inf")).argmax(-1)
+            candidates[rows, picked] = False
+            picks.append(picked)
+            if step + 1 < k:
+                for run, _ in runs:
+                    run.update(picked)
+        return torch.stack(picks, 1).sort(-1).values
+
+
+@hookimpl
+def prunekit_register_selectors(register):
+    register(GreedySelector)

@@ -1,0 +1,153 @@
+"""The public functions: build, remove, disabled, inspect, select, list_*."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .config import MethodConfig
+from .interfaces import Method, ModelAdapter, Patch
+from .registry import registry
+from .report import PruningReport
+
+_ATTR = "_prunekit_patch"
+
+
+class UnsupportedModelError(TypeError):
+    """No registered adapter handles this model class."""
+
+
+def list_methods(pattern: str | None = None) -> list[str]:
+    return registry.names("methods", pattern)
+
+
+def list_scorers(pattern: str | None = None) -> list[str]:
+    return registry.names("scorers", pattern)
+
+
+def list_selectors(pattern: str | None = None) -> list[str]:
+    return registry.names("selectors", pattern)
+
+
+def list_adapters(pattern: str | None = None) -> list[str]:
+    return registry.names("adapters", pattern)
+
+
+def list_insertion_points(pattern: str | None = None) -> list[str]:
+    return registry.names("insertion_points", pattern)
+
+
+def get_method(name: str) -> type[Method]:
+    return registry.get("methods", name)
+
+
+def make_config(method: str | MethodConfig, **overrides: Any) -> tuple[type[Method], MethodConfig]:
+    """Resolve a method name or config object (plus overrides) into the method class and a validated config."""
+    if isinstance(method, str):
+        cls = get_method(method)
+        return cls, cls.Config(**overrides)
+    if isinstance(method, MethodConfig):
+        for cls in registry.classes("methods"):
+            if type(method) is cls.Config:
+                data = method.model_dump(exclude_unset=True)
+                data.update(overrides)
+                return cls, cls.Config(**data)
+        raise TypeError(f"{type(method).__name__} is not the config of any registered method")
+    raise TypeError(f"method must be a registered name ({', '.join(list_methods())}) or a method config, got {method!r}")
+
+
+def adapter_for(model: Any) -> ModelAdapter:
+    classes = registry.classes("adapters")
+    for cls in classes:
+        if cls.supports(model):
+            return cls(model)
+    supported = sorted({name for cls in classes for name in cls.model_classes})
+    raise UnsupportedModelError(
+        f"no prunekit adapter supports {type(model).__name__}; supported classes: {', '.join(supported)}"
+    )
+
+
+def build(method: str | MethodConfig, model: Any, **overrides: Any) -> Any:
+    """Patch ``model`` in place so that its forward passes (and ``generate``) prune visual tokens; return it.
+
+    ``method`` is a registered method name or a method config; ``overrides`` are config fields. Building on a
+    patched model replaces the old patch.
+    """
+    cls, config = make_config(method, **overrides)
+    adapter = adapter_for(model)
+    spec = adapter.describe()
+    stages = cls(config).plan(spec)
+    for stage in stages:
+        point = registry.get("insertion_points", stage.point)
+        if stage.point not in adapter.insertion_points:
+            raise ValueError(
+                f"method {cls.name!r} prunes at {stage.point!r}, which adapter {adapter.name!r} does not offer "
+                f"(offered: {', '.join(sorted(adapter.insertion_points))})"
+            )
+        if point.needs_layer and (stage.layer is None or not 1 <= stage.layer < spec.num_layers):
+            raise ValueError(f"{stage.label or stage.point}: layer must be in 1..{spec.num_layers - 1}, got {stage.layer}")
+        unknown = set(stage.signals) - set(point.signals)
+        if unknown:
+            raise ValueError(f"{stage.label or stage.point} asks for {sorted(unknown)}; {point.name} offers {sorted(point.signals)}")
+    remove(model)
+    patch = adapter.patch(stages, config, cls.name)
+    patch.config = config  # type: ignore[attr-defined]
+    object.__setattr__(model, _ATTR, patch) if not isinstance(model, torch.nn.Module) else model.__dict__.__setitem__(_ATTR, patch)
+    return model
+
+
+def _patch(model: Any) -> Patch | None:
+    return getattr(model, "__dict__", {}).get(_ATTR)
+
+
+def is_patched(model: Any) -> bool:
+    return _patch(model) is not None
+
+
+def remove(model: Any) -> Any:
+    """Remove prunekit's patch (if any); the model then computes exactly what it did before ``build``."""
+    patch = _patch(model)
+    if patch is not None:
+        patch.remove()
+        del model.__dict__[_ATTR]
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: Any) -> Iterator[Any]:
+    """Temporarily run the patched model without pruning."""
+    patch = _patch(model)
+    if patch is None:
+        raise ValueError("model is not patched by prunekit (call prunekit.build first)")
+    previous, patch.enabled = patch.enabled, False
+    try:
+        yield model
+    finally:
+        patch.enabled = previous
+
+
+def inspect(model: Any) -> PruningReport | None:
+    """The pruning report of the model's last prefill (None before the first forward)."""
+    patch = _patch(model)
+    if patch is None:
+        raise ValueError("model is not patched by prunekit (call prunekit.build first)")
+    return patch.report
+
+
+def select(method: str, features: Tensor, relevance: Tensor | None = None, *, k: int, **config: Any) -> Tensor:
+    """Model-free selection: kept indices ``[B, k]`` (ascending, LongTensor) of ``features`` ``[B, N, D]``."""
+    cls = get_method(method)
+    if cls.SelectionConfig is None:
+        raise ValueError(f"method {method!r} needs a model to select tokens; use prunekit.build")
+    cfg = cls.SelectionConfig(**config)
+    if not isinstance(features, Tensor) or features.dim() != 3:
+        raise ValueError(f"features must be a tensor of shape [B, N, D], got {getattr(features, 'shape', features)}")
+    N = features.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"k must be an int in 1..{N} (the tokens present), got {k!r}")
+    if relevance is not None and relevance.shape != features.shape[:2]:
+        raise ValueError(f"relevance must have shape [B, N] = {tuple(features.shape[:2])}, got {tuple(relevance.shape)}")
+    return cls.select(features, relevance, k, cfg).long()

@@ -1,0 +1,46 @@
+"""The hooks a prunekit plugin may implement.
+
+Each hook is handed a ``register`` callback. A plugin calls it once per class it contributes; the class
+carries its own name in the class attribute ``name``. The host (``prunekit.registry``) owns storage,
+duplicate checks and lazy loading, so a plugin never touches a global table.
+
+A plugin is any module or object with functions decorated by :data:`prunekit.hookimpl`, exposed through
+the ``prunekit`` entry-point group::
+
+    [project.entry-points.prunekit]
+    my_method = "my_package.my_method"
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("prunekit")
+hookimpl = pluggy.HookimplMarker("prunekit")
+
+
+@hookspec
+def prunekit_register_scorers(register: Callable[[type], None]) -> None:
+    """Register :class:`prunekit.Scorer` subclasses (per-token gains, possibly set-dependent)."""
+
+
+@hookspec
+def prunekit_register_selectors(register: Callable[[type], None]) -> None:
+    """Register :class:`prunekit.Selector` subclasses (turn features and scores into kept indices)."""
+
+
+@hookspec
+def prunekit_register_insertion_points(register: Callable[[type], None]) -> None:
+    """Register :class:`prunekit.InsertionPoint` subclasses (places in a model where tokens can be pruned)."""
+
+
+@hookspec
+def prunekit_register_methods(register: Callable[[type], None]) -> None:
+    """Register :class:`prunekit.Method` subclasses (a pruning method usable with ``prunekit.build``)."""
+
+
+@hookspec
+def prunekit_register_adapters(register: Callable[[type], None]) -> None:
+    """Register :class:`prunekit.ModelAdapter` subclasses (hook a model family's insertion points)."""

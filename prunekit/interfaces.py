@@ -1,0 +1,252 @@
+"""The interfaces every plugin implements.
+
+Selection is split in two so that ablations are configuration, not code:
+
+* a :class:`Scorer` turns features (and optionally a relevance vector) into a per-token gain. Gains that depend on
+  the set already chosen (coverage, diversity) live in a :class:`ScorerRun`, which the selector updates after each
+  pick, so incremental state never leaks into the selector;
+* a :class:`Selector` turns features, relevance and a budget ``k`` into kept indices. The greedy selector combines
+  any registered scorers (TOPS: weighted sum of normalised gains; SCOPE: product; DivPrune: one scorer), a DPP
+  selector uses features and relevance directly.
+
+Methods speak to models only through :class:`InsertionPoint` names and :class:`StageContext`; adapters speak to
+methods only through :class:`Stage` objects. Neither imports the other.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import MethodConfig
+    from .report import PruningReport
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection (pure tensor functions, no model)
+# ---------------------------------------------------------------------------------------------------------
+class SelectionInput:
+    """Features ``[B, N, D]`` and optional relevance ``[B, N]`` of one pruning point, with shared derived tensors."""
+
+    def __init__(self, features: Tensor, relevance: Tensor | None = None) -> None:
+        if features.dim() != 3:
+            raise ValueError(f"features must have shape [B, N, D], got {tuple(features.shape)}")
+        if relevance is not None and relevance.shape != features.shape[:2]:
+            raise ValueError(
+                f"relevance must have shape [B, N] = {tuple(features.shape[:2])}, got {tuple(relevance.shape)}"
+            )
+        # Half precision cosine similarities tie too often; float64 inputs stay float64 (for exactness tests).
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        self.features = features.to(dtype)
+        self.relevance = None if relevance is None else relevance.to(dtype)
+        self._similarity: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def similarity(self) -> Tensor:
+        """Cosine similarity of the rows, ``[B, N, N]`` (computed once, shared by all scorers)."""
+        if self._similarity is None:
+            unit = torch.nn.functional.normalize(self.features, dim=-1)
+            self._similarity = unit @ unit.transpose(1, 2)
+        return self._similarity
+
+
+class ScorerRun(ABC):
+    """The incremental state of one scorer during one selection."""
+
+    @abstractmethod
+    def gains(self) -> Tensor:
+        """Gain of adding each token to the current set, ``[B, N]`` (values of chosen tokens are ignored)."""
+
+    def update(self, picked: Tensor) -> None:
+        """Add ``picked`` (``[B]`` indices) to the set. Set-independent scorers need not override this."""
+
+
+class Scorer(ABC):
+    """A per-token gain. Register with ``prunekit_register_scorers``; ``name`` is its registry name."""
+
+    name: ClassVar[str]
+    #: True when :meth:`start` reads ``inputs.relevance``.
+    requires_relevance: ClassVar[bool] = False
+
+    @abstractmethod
+    def start(self, inputs: SelectionInput) -> ScorerRun:
+        """Begin a selection on ``inputs`` with the empty set chosen."""
+
+
+class Selector(ABC):
+    """Turns a :class:`SelectionInput` and a budget into kept indices ``[B, k]``, ascending."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def select(self, inputs: SelectionInput, k: int) -> Tensor:
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model side
+# ---------------------------------------------------------------------------------------------------------
+class InsertionPoint(ABC):
+    """A kind of place in a multimodal model where visual tokens can be pruned.
+
+    An adapter declares which insertion points it implements; a method's stages name them. ``signals`` are the
+    relevance signals an adapter may offer there (see :meth:`StageContext.relevance`).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    signals: ClassVar[frozenset[str]]
+    #: True when a stage at this point must name a decoder layer.
+    needs_layer: ClassVar[bool] = False
+
+
+@dataclass
+class Stage:
+    """One pruning step of a method's plan.
+
+    ``layer`` (decoder insertion points): the first decoder layer that sees the pruned sequence; pruning uses
+    the output and attention of layer ``layer - 1``. ``keep(n)`` maps a sample's original visual-token count to
+    the number this stage keeps. ``choose(ctx)`` returns, per sample, the kept indices into the visual tokens
+    present at this stage (ascending).
+    """
+
+    point: str
+    keep: Callable[[int], int]
+    choose: Callable[["StageContext"], list[Tensor]]
+    layer: int | None = None
+    label: str = ""
+    signals: tuple[str, ...] = ()
+
+
+class StageContext:
+    """What a stage sees of one forward pass: per-sample visual features and lazily computed relevance signals."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        features: list[Tensor],
+        keep: list[int],
+        signal: Callable[[str, dict[str, Any]], list[Tensor]],
+    ) -> None:
+        self.stage = stage
+        self.features = features
+        self.keep = keep
+        self._signal = signal
+        self._cache: dict[tuple, list[Tensor]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.features)
+
+    def relevance(self, signal: str, **options: Any) -> list[Tensor]:
+        """A relevance signal per sample (``[n_b]`` each); the adapter computes it on first use."""
+        key = (signal, tuple(sorted(options.items())))
+        if key not in self._cache:
+            self._cache[key] = self._signal(signal, options)
+        return self._cache[key]
+
+    def select_grouped(
+        self, relevance: list[Tensor] | None, selector: Callable[[SelectionInput, int], Tensor]
+    ) -> list[Tensor]:
+        """Run ``selector`` batched over samples that share token count and budget (usually all of them)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for b, (f, k) in enumerate(zip(self.features, self.keep)):
+            groups.setdefault((f.shape[0], k), []).append(b)
+        out: list[Tensor | None] = [None] * self.batch_size
+        for (n, k), rows in groups.items():
+            if n == 0 or k >= n:
+                for b in rows:
+                    out[b] = torch.arange(n, device=self.features[b].device)
+                continue
+            feats = torch.stack([self.features[b] for b in rows])
+            rel = None if relevance is None else torch.stack([relevance[b] for b in rows])
+            kept = selector(SelectionInput(feats, rel), k)
+            for i, b in enumerate(rows):
+                out[b] = kept[i]
+        return out  # type: ignore[return-value]
+
+
+@dataclass
+class ModelSpec:
+    """What a method may know about a model: sizes, never classes."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    visual_tokens_per_image: int | None = None
+    has_cls: bool = True
+    name_or_path: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Patch(ABC):
+    """Handle of an installed patch: removable, switchable, and the keeper of the last report."""
+
+    enabled: bool = True
+
+    @abstractmethod
+    def remove(self) -> None:
+        ...
+
+    @property
+    @abstractmethod
+    def report(self) -> "PruningReport | None":
+        ...
+
+
+class ModelAdapter(ABC):
+    """Knows one model family: where its insertion points are and how to read its signals."""
+
+    name: ClassVar[str]
+    #: class names of the supported ``transformers`` models (matched by name, so nothing is imported).
+    model_classes: ClassVar[tuple[str, ...]]
+    insertion_points: ClassVar[frozenset[str]]
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @abstractmethod
+    def describe(self) -> ModelSpec:
+        ...
+
+    @abstractmethod
+    def patch(self, stages: Sequence[Stage], config: "MethodConfig", method: str) -> Patch:
+        ...
+
+
+class Method(ABC):
+    """A pruning method: a config model and a plan of stages. Register with ``prunekit_register_methods``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type["MethodConfig"]]
+    #: Config accepted by ``prunekit.select`` (selection-only fields), or None if selection needs a model.
+    SelectionConfig: ClassVar[type | None] = None
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: "MethodConfig") -> None:
+        self.config = config
+
+    @abstractmethod
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        ...
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: Any) -> Tensor:
+        raise NotImplementedError(f"method {cls.name!r} needs a model to select tokens; use prunekit.build")

@@ -1,0 +1,88 @@
+"""Recomputing the attention rows a method needs, under any attention implementation.
+
+With sdpa (or flash) attention the model never materialises attention weights, and switching a model to eager
+attention to get them changes its numerics and its speed. We recompute only the query rows that are needed,
+against all keys, from the layer's own projections: q = q_proj(norm(h)) (+ q_norm), k likewise, the model's own
+rotary function, GQA repetition, scaling, mask, softmax. This matches eager attention's weights to float error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+
+def _rotary(attn, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+    return apply(x, x, cos, sin)[0]
+
+
+def _heads(proj: Tensor, head_dim: int) -> Tensor:
+    return proj.view(proj.shape[0], proj.shape[1], -1, head_dim)
+
+
+def attention_rows(
+    layer,
+    hidden_in: Tensor,
+    position_embeddings: tuple[Tensor, Tensor] | None,
+    attention_mask: Tensor | None,
+    b: int,
+    query_rows: Tensor,
+) -> Tensor:
+    """Attention probabilities of ``query_rows`` of sample ``b`` to every key of decoder ``layer``.
+
+    ``hidden_in`` is the layer's input ``[B, L, D]`` (before its input norm). Returns ``[H, R, L]`` in float32.
+    """
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden_in[b : b + 1])
+    q = _heads(attn.q_proj(normed[:, query_rows]), head_dim)
+    k = _heads(attn.k_proj(normed), head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, rows, hd]
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        cos_b, sin_b = cos[b : b + 1] if cos.shape[0] > 1 else cos, sin[b : b + 1] if sin.shape[0] > 1 else sin
+        q = _rotary(attn, q, cos_b[:, query_rows], sin_b[:, query_rows])
+        k = _rotary(attn, k, cos_b, sin_b)
+    q, k = q.float(), k.float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [1, H, R, L]
+    L = k.shape[2]
+    if attention_mask is not None:
+        m = attention_mask[b if attention_mask.shape[0] > 1 else 0][:, query_rows][..., -L:]
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m[None], float("-inf"))
+        else:
+            scores = scores + m[None].float()
+    else:  # causal, no padding
+        keys = torch.arange(L, device=scores.device)
+        scores = scores.masked_fill(keys[None, None, None, :] > query_rows[None, None, :, None], float("-inf"))
+    return scores.softmax(-1)[0]
+
+
+def select_raters(rule: str, normed_hidden: Tensor, visual: Tensor, text: Tensor) -> Tensor:
+    """Text positions whose attention rates the visual tokens.
+
+    ``sparsevlm``: s = softmax over text of V·Tᵀ, averaged over visual tokens; raters are the text tokens with
+    s above its mean (SparseVLM's rule). ``last_token``: the last text token. ``all_text``: every text token.
+    """
+    if text.numel() == 0:
+        raise ValueError("no text tokens after the visual tokens to rate them")
+    if rule == "last_token":
+        return text[-1:]
+    if rule == "all_text":
+        return text
+    if rule == "sparsevlm":
+        v = normed_hidden[visual].float()
+        t = normed_hidden[text].float()
+        s = (v @ t.T).softmax(-1).mean(0)
+        raters = text[s > s.mean()]
+        return raters if raters.numel() else text
+    raise ValueError(f"raters must be one of 'sparsevlm', 'last_token', 'all_text'; got {rule!r}")

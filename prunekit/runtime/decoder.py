@@ -1,0 +1,429 @@
+"""Pruning visual tokens of a decoder-only language model with removable hooks.
+
+One :class:`DecoderPruner` serves every adapter whose language model is a HF-style decoder (embeddings in,
+``layers`` called with ``attention_mask``/``position_embeddings``/``position_ids`` keywords, a rotary module).
+
+* Before the LLM (``after_projector``): a forward pre-hook on the language model removes visual rows from
+  ``inputs_embeds`` and re-pads the batch on the left, with a matching 2D mask and position ids.
+* Inside the LLM (``decoder_layer`` at K): a forward hook on layer K-1 gathers the kept rows of its output;
+  pre-hooks on layers >= K slice the 4D mask and rotary embeddings to that shorter sequence. Cache layers then
+  simply hold different lengths.
+* Decode steps: ``generate`` keeps sending masks and position ids in unpruned coordinates. The pruner keeps the
+  state of the prefill that filled a cache and maps every later call on that cache.
+
+The adapter supplies only what is model-specific (:class:`ModelHooks`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..interfaces import Patch, Stage, StageContext
+from ..report import PruningReport, StageRecord
+from .attention import attention_rows, select_raters
+
+
+class PruningError(RuntimeError):
+    """Raised when pruning cannot be applied to this input (the message says why)."""
+
+
+class ModelHooks:
+    """Model-specific services an adapter provides to :class:`DecoderPruner`."""
+
+    def take_visual_mask(self) -> Tensor | None:
+        """``[B, L]`` bool mask of the visual tokens in the current language-model input (then forget it)."""
+        raise NotImplementedError
+
+    def projector_signal(self, name: str, options: dict, visual_counts: list[int]) -> list[Tensor]:
+        """A relevance signal at the ``after_projector`` point, per sample."""
+        raise PruningError(f"signal {name!r} is not available before the LLM of this model")
+
+    def new_cache(self):
+        """A fresh KV cache for a plain forward that did not pass one (so its returned cache can be continued)."""
+        return None
+
+
+@dataclass
+class _Segment:
+    """The sequence seen by decoder layers >= ``first_layer`` after an in-LLM pruning."""
+
+    first_layer: int
+    cols: Tensor  # [B, n]: indices into the LLM-input sequence (after any pruning before the LLM)
+    shift: int  # tokens dropped inside the LLM up to here (subtracted from decode positions when renumbering)
+    pos: Tensor  # [B, n] prefill position ids
+
+
+@dataclass
+class _Generation:
+    """What a pruned prefill leaves behind for the decode steps on the same cache."""
+
+    cache: Any
+    orig_len: int
+    mask: Tensor | None  # [B, L1] 2D mask of the pruned prefill
+    dropped: Tensor  # [B] visual tokens dropped before the LLM
+    shift: Tensor  # [B] subtracted from incoming position ids
+    segments: list[_Segment] = field(default_factory=list)
+
+
+@dataclass
+class _Call:
+    mode: str  # "prefill" | "decode"
+    pos: Tensor | None  # model-level position ids of this call [B, q]
+    valid: Tensor | None = None  # [B, L] prefill: non-pad tokens of the current segment
+    vis_pos: list[Tensor] = field(default_factory=list)  # per sample: positions of its visual tokens
+    vis_orig: list[Tensor] = field(default_factory=list)  # per sample: original visual index of each
+    segments: list[_Segment] = field(default_factory=list)
+    captured: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden_in, mask, position_embeddings)
+    remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
+    report: PruningReport | None = None
+
+
+def _pad_left(rows: list[Tensor], length: int, value) -> Tensor:
+    out = []
+    for r in rows:
+        pad = length - r.shape[0]
+        if pad:
+            r = torch.cat([r.new_full((pad, *r.shape[1:]), value), r])
+        out.append(r)
+    return torch.stack(out)
+
+
+class DecoderPruner(Patch):
+    def __init__(
+        self,
+        *,
+        method: str,
+        language_model: torch.nn.Module,
+        layers: Sequence[torch.nn.Module],
+        rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        stages: Sequence[Stage],
+        positions: str,
+        hooks: ModelHooks,
+        extra_handles: Sequence[Any] = (),
+    ) -> None:
+        self.method = method
+        self.lm = language_model
+        self.layers = list(layers)
+        self.rotary = rotary
+        self.positions = positions
+        self.hooks = hooks
+        self.enabled = True
+        self.pre_stages = [s for s in stages if s.layer is None]
+        self.layer_stages = sorted((s for s in stages if s.layer is not None), key=lambda s: s.layer)
+        if len(self.pre_stages) > 1:
+            raise ValueError("at most one stage can prune before the LLM")
+        self._gen: _Generation | None = None
+        self._call: _Call | None = None
+        self._report: PruningReport | None = None
+        self._handles = list(extra_handles)
+        self._handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self._handles.append(self.lm.register_forward_hook(self._lm_post))
+        if self.layer_stages:
+            first = self.layer_stages[0].layer - 1
+            for j in range(first, len(self.layers)):
+                self._handles.append(
+                    self.layers[j].register_forward_pre_hook(self._make_layer_pre(j), with_kwargs=True)
+                )
+            for stage in self.layer_stages:
+                self._handles.append(
+                    self.layers[stage.layer - 1].register_forward_hook(self._make_layer_post(stage), with_kwargs=True)
+                )
+
+    # -- Patch interface ----------------------------------------------------------------------------
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._gen = self._call = None
+
+    @property
+    def report(self) -> PruningReport | None:
+        return self._report
+
+    # -- language-model level -------------------------------------------------------------------------
+    def _lm_post(self, module, args, output):
+        self._call = None
+
+    def _lm_pre(self, module, args, kwargs):
+        self._call = None
+        visual = self.hooks.take_visual_mask()
+        if not self.enabled:
+            self._gen = None
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if visual is not None and embeds is not None and past == 0:
+            return (args, kwargs) if self._prefill(kwargs, visual) else None
+        if visual is not None and bool(visual.any()):
+            raise PruningError(
+                "visual tokens arrived after cached tokens; prunekit prunes images in the prefill only"
+            )
+        if self._gen is not None and cache is not None and self._gen.cache() is cache:
+            self._decode(kwargs, past)
+            return (args, kwargs)
+        return None
+
+    def _prefill(self, kwargs: dict, visual: Tensor) -> bool:
+        embeds: Tensor = kwargs["inputs_embeds"]
+        B, L, _ = embeds.shape
+        device = embeds.device
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and mask2d.dim() != 2:
+            raise PruningError("prunekit needs a 2D attention mask (or none) at the language model's input")
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(L, device=device)[None]
+        if pos.dim() != 2:
+            raise PruningError(f"position_ids of shape {tuple(pos.shape)} are not supported by this adapter")
+        pos = pos.expand(B, L)
+        visual = visual.to(device)
+        n_visual = visual.sum(1).tolist()
+        report = PruningReport(self.method, len(self.layers), n_visual)
+        self._report = report
+        vis_pos = [visual[b].nonzero().squeeze(1) for b in range(B)]
+        call = _Call(
+            mode="prefill", pos=pos, report=report,
+            valid=torch.ones(B, L, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool(),
+            vis_pos=vis_pos, vis_orig=[torch.arange(n, device=device) for n in n_visual],
+        )
+        self._gen = None
+        changed = False
+        if self.pre_stages and sum(n_visual):
+            stage = self.pre_stages[0]
+            feats = [embeds[b, vis_pos[b]] for b in range(B)]
+            ctx = StageContext(
+                stage, feats, self._budgets(stage, n_visual),
+                lambda name, opts: self.hooks.projector_signal(name, opts, n_visual),
+            )
+            kept = self._choose(stage, ctx)
+            report.stages.append(StageRecord(stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)]))
+            dropped = torch.tensor([n - k.numel() for n, k in zip(n_visual, kept)], device=device)
+            if bool(dropped.any()):
+                changed = True
+                drop = visual.clone()
+                for b in range(B):
+                    drop[b, vis_pos[b][kept[b]]] = False
+                keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(B)]
+                L1 = max(r.numel() for r in keep_rows)
+                valid = call.valid
+                new_embeds = _pad_left([embeds[b, keep_rows[b]] for b in range(B)], L1, 0.0)
+                new_valid = _pad_left([valid[b, keep_rows[b]] for b in range(B)], L1, False)
+                if self.positions == "renumber":  # close the gaps: subtract the tokens dropped before each one
+                    src = pos - drop.long().cumsum(1)
+                else:
+                    src = pos
+                new_pos = _pad_left([src[b, keep_rows[b]] for b in range(B)], L1, 1)
+                new_mask = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
+                kwargs["inputs_embeds"] = new_embeds
+                kwargs["attention_mask"] = new_mask
+                kwargs["position_ids"] = new_pos
+                cache = kwargs.get("past_key_values")
+                if cache is None and kwargs.get("use_cache", True) is not False:
+                    cache = self.hooks.new_cache()
+                    if cache is not None:
+                        kwargs["past_key_values"] = cache
+                pad = [L1 - r.numel() for r in keep_rows]
+                call.vis_pos = [
+                    pad[b] + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]]) for b in range(B)
+                ]
+                call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
+                call.valid = new_valid
+                call.pos = new_pos
+                shift = dropped if self.positions == "renumber" else torch.zeros_like(dropped)
+                if cache is not None:
+                    self._gen = _Generation(weakref.ref(cache), L, new_mask, dropped, shift)
+        if self.layer_stages and self._gen is None:
+            cache = kwargs.get("past_key_values")
+            if cache is None and kwargs.get("use_cache", True) is not False:
+                cache = self.hooks.new_cache()
+                if cache is not None:
+                    kwargs["past_key_values"] = cache
+                    changed = True
+            if cache is not None:
+                zero = torch.zeros(B, dtype=torch.long, device=device)
+                self._gen = _Generation(weakref.ref(cache), L, mask2d, zero, zero)
+        self._call = call
+        return changed
+
+    def _decode(self, kwargs: dict, past: int) -> None:
+        gen = self._gen
+        assert gen is not None
+        mask = kwargs.get("attention_mask")
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        if mask is not None and gen.mask is not None and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([gen.mask, mask[:, gen.orig_len :]], dim=1)
+        pos = kwargs.get("position_ids")
+        if pos is None:  # unpruned coordinates, as generate would have sent them
+            base = past + gen.dropped[:, None]
+            pos = base + torch.arange(q, device=gen.dropped.device)[None]
+        pos = pos - gen.shift[:, None]
+        kwargs["position_ids"] = pos
+        self._call = _Call(mode="decode", pos=pos, segments=gen.segments)
+
+    # -- decoder layers ---------------------------------------------------------------------------------
+    def _segment_for(self, call: _Call, j: int) -> int | None:
+        idx = None
+        for i, seg in enumerate(call.segments):
+            if seg.first_layer <= j:
+                idx = i
+        return idx
+
+    def _remap(self, call: _Call, idx: int, hidden: Tensor, kwargs: dict) -> dict:
+        if idx in call.remapped:
+            return call.remapped[idx]
+        seg = call.segments[idx]
+        mask = kwargs.get("attention_mask")
+        cos, sin = kwargs["position_embeddings"]
+        B = seg.cols.shape[0]
+        if call.mode == "prefill":
+            cols = seg.cols
+            if mask is not None:
+                m = mask.expand(B, *mask.shape[1:])
+                H, n, Lk = m.shape[1], cols.shape[1], m.shape[3]
+                m = m.gather(2, cols[:, None, :, None].expand(B, H, n, Lk))
+                mask = m.gather(3, cols[:, None, None, :].expand(B, H, n, n))
+            pos = seg.pos
+            if self.positions == "renumber":
+                emb = self.rotary(hidden, pos)
+            else:
+                idx3 = cols[:, :, None].expand(B, cols.shape[1], cos.shape[-1])
+                emb = (cos.expand(B, *cos.shape[1:]).gather(1, idx3), sin.expand(B, *sin.shape[1:]).gather(1, idx3))
+        else:
+            if mask is not None:
+                m = mask.expand(B, *mask.shape[1:])
+                L1 = self._prefill_len(call)
+                extra = torch.arange(L1, m.shape[3], device=m.device)[None].expand(B, -1)
+                keys = torch.cat([seg.cols, extra], 1)
+                mask = m.gather(3, keys[:, None, None, :].expand(B, m.shape[1], m.shape[2], keys.shape[1]))
+            pos = call.pos - seg.shift
+            emb = self.rotary(hidden, pos) if (self.positions == "renumber" and seg.shift) else (cos, sin)
+        out = {"attention_mask": mask, "position_embeddings": emb, "position_ids": pos}
+        call.remapped[idx] = out
+        return out
+
+    def _prefill_len(self, call: _Call) -> int:
+        gen = self._gen
+        assert gen is not None
+        if gen.mask is not None:
+            return gen.mask.shape[1]
+        return gen.orig_len
+
+    def _make_layer_pre(self, j: int):
+        prune_after = {s.layer - 1 for s in self.layer_stages}
+
+        def pre(module, args, kwargs):
+            call = self._call
+            if call is None or not self.enabled:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            idx = self._segment_for(call, j)
+            changed = False
+            if idx is not None:
+                kwargs.update(self._remap(call, idx, hidden, kwargs))
+                changed = True
+            if call.mode == "prefill" and j in prune_after:
+                call.captured[j] = (hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"))
+            return (args, kwargs) if changed else None
+
+        return pre
+
+    def _make_layer_post(self, stage: Stage):
+        j = stage.layer - 1
+
+        def post(module, args, kwargs, output):
+            call = self._call
+            if call is None or call.mode != "prefill" or not self.enabled or call.report is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            B = hidden.shape[0]
+            n_orig = call.report.visual_tokens
+            if not sum(n_orig):
+                return None
+            feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
+            ctx = StageContext(stage, feats, self._budgets(stage, n_orig, current=[f.shape[0] for f in feats]),
+                               lambda name, opts: self._layer_signal(call, module, j, name, opts))
+            kept = self._choose(stage, ctx)
+            call.report.stages.append(
+                StageRecord(stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)])
+            )
+            n_now = [f.shape[0] for f in feats]
+            if all(k.numel() == n for k, n in zip(kept, n_now)):
+                return None
+            Lc = hidden.shape[1]
+            keep_mask = torch.ones(B, Lc, dtype=torch.bool, device=hidden.device)
+            for b in range(B):
+                keep_mask[b, call.vis_pos[b]] = False
+                keep_mask[b, call.vis_pos[b][kept[b]]] = True
+            counts = keep_mask.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise PruningError(
+                    f"{stage.label or stage.point} at decoder layer {stage.layer} keeps different sequence lengths "
+                    f"per sample ({counts.tolist()}); in-LLM pruning of a batch needs equal visual-token counts"
+                )
+            rows = keep_mask.nonzero()[:, 1].view(B, -1)
+            prev = call.segments[-1] if call.segments else None
+            cols = rows if prev is None else prev.cols.gather(1, rows)
+            base_pos = call.pos if prev is None else prev.pos
+            if self.positions == "renumber":
+                drop_before = (~keep_mask).long().cumsum(1)
+                new_pos = (base_pos - drop_before).gather(1, rows)
+            else:
+                new_pos = base_pos.gather(1, rows)
+            shift = (0 if prev is None else prev.shift) + (Lc - rows.shape[1]) if self.positions == "renumber" else 0
+            seg = _Segment(stage.layer, cols, shift, new_pos)
+            call.segments.append(seg)
+            if self._gen is not None:
+                self._gen.segments.append(seg)
+            call.vis_pos = [torch.searchsorted(rows[b], call.vis_pos[b][kept[b]]) for b in range(B)]
+            call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
+            call.valid = call.valid.gather(1, rows)
+            new_hidden = hidden.gather(1, rows[:, :, None].expand(B, rows.shape[1], hidden.shape[2]))
+            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+        return post
+
+    def _layer_signal(self, call: _Call, layer, j: int, name: str, options: dict) -> list[Tensor]:
+        if name != "text_attention":
+            raise PruningError(f"signal {name!r} is not available inside the decoder (offered: text_attention)")
+        hidden_in, mask, pos_emb = call.captured[j]
+        out = []
+        for b in range(hidden_in.shape[0]):
+            vis = call.vis_pos[b]
+            if vis.numel() == 0:
+                out.append(torch.zeros(0, device=hidden_in.device))
+                continue
+            positions = torch.arange(hidden_in.shape[1], device=hidden_in.device)
+            text = positions[(positions > vis.max()) & call.valid[b]]
+            normed = layer.input_layernorm(hidden_in[b])
+            raters = select_raters(options.get("raters", "sparsevlm"), normed, vis, text)
+            probs = attention_rows(layer, hidden_in, pos_emb, mask, b, raters)  # [H, R, L]
+            out.append(probs.mean((0, 1))[vis])
+        return out
+
+    # -- shared ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -> list[int]:
+        current = n_orig if current is None else current
+        return [min(c, stage.keep(n)) if n else 0 for n, c in zip(n_orig, current)]
+
+    @staticmethod
+    def _choose(stage: Stage, ctx: StageContext) -> list[Tensor]:
+        kept = stage.choose(ctx)
+        if len(kept) != ctx.batch_size:
+            raise PruningError(f"{stage.label or stage.point}: method returned {len(kept)} rows for {ctx.batch_size}")
+        out = []
+        for b, (k, budget, f) in enumerate(zip(kept, ctx.keep, ctx.features)):
+            k = k.to(device=f.device, dtype=torch.long).flatten()
+            if k.numel() != budget:
+                raise PruningError(
+                    f"{stage.label or stage.point}: method kept {k.numel()} tokens of sample {b}, budget {budget}"
+                )
+            out.append(k.sort().values)
+        return out

@@ -1,0 +1,55 @@
+"""Tiny models for tests, docs and plugin authors (built from configs; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llava(
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 4,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A random-weight ``LlavaForConditionalGeneration``: CLIP vision tower with [CLS], Llama decoder (GQA)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size, pad_token_id=0,
+        max_position_embeddings=1024,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab_size - 1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return model.to(dtype).eval()
+
+
+def tiny_llava_inputs(model, *, batch: int = 2, prefix=(3, 4), question=(5, 6, 7), left_pad=(2, 0), images_per_row: int = 1, seed: int = 1):
+    """Token ids [pad…, prefix, <image>×N per image, question] per row, left-padded, with pixel values."""
+    cfg = model.config
+    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    rows = []
+    for b in range(batch):
+        body = list(prefix) + [cfg.image_token_id] * (n * images_per_row) + [q + b for q in question]
+        rows.append([0] * left_pad[b % len(left_pad)] + body)
+    L = max(len(r) for r in rows)
+    rows = [[0] * (L - len(r)) + r for r in rows]
+    input_ids = torch.tensor(rows)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, r in enumerate(rows):
+        first = next(i for i, t in enumerate(r) if t != 0)
+        attention_mask[b, first:] = 1
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.vision_config.image_size
+    pixel_values = torch.randn(batch * images_per_row, 3, size, size, generator=g).to(model.dtype)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
