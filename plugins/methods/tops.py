@@ -83,7 +83,8 @@ class TopsSelection(StrictModel):
 
     @property
     def needs_relevance(self) -> bool:
-        return "relevance" in self.principles
+        """True when the relevance term reads an external relevance vector (a swapped-in scorer may not)."""
+        return "relevance" in self.principles and registry.get("scorers", self.relevance_scorer).requires_relevance
 
 
 class TopsConfig(TopsSelection, MethodConfig):

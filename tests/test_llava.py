@@ -1,0 +1,278 @@
+"""TOPS on a tiny LlavaForConditionalGeneration: exactness, references, batching, generate, errors."""
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.runtime.attention import attention_rows
+from prunekit.testing import tiny_llava, tiny_llava_inputs
+from test_selection import naive_tops
+from conftest import unpad_row
+
+GEN = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize(
+    "points", [["after_projector"], ["decoder_layer"], ["after_projector", "decoder_layer"]], ids=lambda p: "+".join(p)
+)
+def test_keep_all_is_bit_exact_and_remove_restores(model, inputs, points):
+    ref = model(**inputs).logits
+    prunekit.build("tops", model, keep_ratio=1.0, insertion_points=points)
+    assert torch.equal(model(**inputs).logits, ref)
+    assert prunekit.inspect(model).layer_average == [64.0, 64.0]
+    prunekit.build("tops", model, keep_tokens=8 if "after_projector" in points else 40, insertion_points=points)
+    assert not torch.equal(model(**inputs).logits[:, -1], ref[:, -1])  # pruning changes the answer's logits
+    with prunekit.disabled(model):
+        assert torch.equal(model(**inputs).logits, ref)
+    prunekit.remove(model)
+    assert torch.equal(model(**inputs).logits, ref)
+    assert not prunekit.is_patched(model)
+
+
+def _scatter_embeds(model, inputs):
+    inner = model.model
+    embeds = inner.get_input_embeddings()(inputs["input_ids"])
+    feats = torch.cat(list(inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+    mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+    return embeds.masked_scatter(mask, feats), feats
+
+
+def _eager_cls_attention(model, pixel_values):
+    """[CLS] attention of the projector's feature layer, from an eager copy of the vision tower."""
+    eager = tiny_llava(attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    out = eager.model.vision_tower(pixel_values, output_attentions=True)
+    return out.attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(1)
+
+
+def test_pruned_generate_equals_hand_built_sequence(model, inputs):
+    """Stage I: select with the naive spec on eager [CLS] attention, build the short sequence, generate."""
+    T = 12
+    prunekit.build("tops", model, keep_tokens=T, insertion_points=["after_projector"])
+    out = model.generate(**inputs, **GEN)
+    report = prunekit.inspect(model)
+    prunekit.remove(model)
+
+    embeds, feats = _scatter_embeds(model, inputs)
+    cls = _eager_cls_attention(model, inputs["pixel_values"])
+    n = cls.shape[1]
+    rows, masks = [], []
+    for b in range(2):
+        kept = naive_tops(feats[b * n : (b + 1) * n], cls[b], T)
+        assert report.stages[0].kept[b].tolist() == kept
+        vis = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        keep = torch.ones(embeds.shape[1], dtype=torch.bool)
+        keep[vis] = False
+        keep[vis[kept]] = True
+        rows.append(embeds[b, keep])
+        masks.append(inputs["attention_mask"][b, keep])
+    ref = model.generate(inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks), **GEN)
+    assert torch.equal(out.sequences[:, -5:], ref.sequences[:, -5:])
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["renumber", "original"])
+def test_in_llm_pruning_equals_manual_layer_loop(model, inputs, positions):
+    """Both stages: the patched forward equals running the decoder layers by hand on the shortened rows."""
+    prunekit.build("tops", model, keep_tokens=10, positions=positions)
+    logits = model(**inputs).logits
+    report = prunekit.inspect(model)
+    prunekit.remove(model)
+
+    lm = model.model.language_model
+    embeds, _ = _scatter_embeds(model, inputs)
+    ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    vis_mask = ids == model.config.image_token_id
+    # per sample: positions of its visual tokens in the current sequence, in original-visual-index order
+    keep_rows = torch.ones_like(ids, dtype=torch.bool)
+    hidden, cur_pos, cur_valid, cur_vis = embeds, pos, valid, [vis_mask[b].nonzero().squeeze(1) for b in range(2)]
+    stage_i = report.stages[0]
+    orig_visual = [torch.arange(64)] * 2
+
+    def shorten(kept_orig):
+        nonlocal hidden, cur_pos, cur_valid, cur_vis, orig_visual
+        rows = []
+        for b in range(2):
+            keep = torch.ones(hidden.shape[1], dtype=torch.bool)
+            keep[cur_vis[b]] = False
+            keep_vis = torch.isin(orig_visual[b], kept_orig[b])
+            keep[cur_vis[b][keep_vis]] = True
+            rows.append(keep.nonzero().squeeze(1))
+        rows = torch.stack(rows)
+        drop_before = None
+        if positions == "renumber":
+            dropped = torch.ones_like(cur_valid)
+            dropped.scatter_(1, rows, False)
+            new_pos = (cur_pos - dropped.long().cumsum(1)).gather(1, rows)
+        else:
+            new_pos = cur_pos.gather(1, rows)
+        hidden = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[2]))
+        cur_valid = cur_valid.gather(1, rows)
+        cur_pos = new_pos
+        cur_vis = [torch.searchsorted(rows[b], cur_vis[b][torch.isin(orig_visual[b], kept_orig[b])]) for b in range(2)]
+        orig_visual = [kept_orig[b] for b in range(2)]
+
+    shorten(stage_i.kept)
+    by_layer = {s.layer: s.kept for s in report.stages[1:]}
+    for j, layer in enumerate(lm.layers):
+        if j in by_layer:
+            shorten(by_layer[j])
+        n = hidden.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        mask4d = (causal[None] & cur_valid[:, None, :])[:, None]
+        hidden = layer(hidden, attention_mask=mask4d, position_ids=cur_pos,
+                       position_embeddings=lm.rotary_emb(hidden, position_ids=cur_pos))
+    ref = model.lm_head(lm.norm(hidden))
+    assert logits.shape == ref.shape
+    torch.testing.assert_close(logits[cur_valid], ref[cur_valid], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["renumber", "original"])
+@pytest.mark.parametrize(
+    "points", [["after_projector"], ["decoder_layer"], ["after_projector", "decoder_layer"]], ids=lambda p: "+".join(p)
+)
+def test_padded_batch_equals_rows_alone(model, inputs, points, positions):
+    budget = 12 if "after_projector" in points else 40
+    prunekit.build("tops", model, keep_tokens=budget, insertion_points=points, positions=positions)
+    batch = model.generate(**inputs, **GEN)
+    kept_batch = [s.kept for s in prunekit.inspect(model).stages]
+    for b in range(2):
+        alone = model.generate(**unpad_row(inputs, b), **GEN)
+        assert batch.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
+        for step_batch, step_alone in zip(batch.scores, alone.scores):
+            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+        for stage_kept, stage in zip(kept_batch, prunekit.inspect(model).stages):
+            assert stage_kept[b].tolist() == stage.kept[0].tolist()
+
+
+def test_generate_keep_all_matches_unpatched(model, inputs):
+    ref = model.generate(**inputs, **GEN)
+    prunekit.build("tops", model, keep_ratio=1.0)
+    out = model.generate(**inputs, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert torch.equal(a, b)
+
+
+def test_report_counts_and_layer_average(model, inputs):
+    prunekit.build("tops", model, keep_tokens=16)
+    model(**inputs)
+    report = prunekit.inspect(model)
+    assert report.visual_tokens == [64, 64]
+    # The 2T -> T/2 -> T/4 shape, scaled so that the layer average over 4 layers (p1=2, p2=3) is exactly T.
+    assert [s.counts for s in report.stages] == [[27, 27], [7, 7], [3, 3]]
+    assert report.layer_counts == [[27, 27, 7, 3]] * 2
+    assert report.layer_average == [16.0, 16.0]
+    for stage_prev, stage in zip(report.stages, report.stages[1:]):
+        for b in range(2):
+            assert set(stage.kept[b].tolist()) <= set(stage_prev.kept[b].tolist())
+            assert stage.kept[b].tolist() == sorted(stage.kept[b].tolist())
+    assert "layer-averaged" in str(report)
+
+
+def test_recomputed_attention_matches_eager(model, inputs):
+    eager = tiny_llava(attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    out = eager(**inputs, output_attentions=True, output_hidden_states=True)
+    lm = eager.model.language_model
+    valid = inputs["attention_mask"].bool()
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    L = valid.shape[1]
+    mask4d = (torch.ones(L, L, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+    for j in (1, 2):
+        h = out.hidden_states[j]
+        emb = lm.rotary_emb(h, position_ids=pos)
+        for b in range(2):
+            rows = torch.tensor([L - 3, L - 1])
+            got = attention_rows(lm.layers[j], h, emb, mask4d, b, rows)
+            torch.testing.assert_close(got, out.attentions[j][b][:, rows].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_text_only_input_prunes_nothing(model):
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GEN)
+    prunekit.build("tops", model, keep_tokens=8)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert prunekit.inspect(model).visual_tokens == [0]
+    assert prunekit.inspect(model).stages == []
+
+
+def test_build_replaces_an_existing_patch(model, inputs):
+    prunekit.build("tops", model, keep_tokens=16)
+    prunekit.build("tops", model, keep_tokens=8, insertion_points=["after_projector"])
+    model(**inputs)
+    assert [s.counts for s in prunekit.inspect(model).stages] == [[8, 8]]
+    n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    prunekit.remove(model)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) < n_hooks
+
+
+def test_build_accepts_a_config_object(model, inputs):
+    cfg = prunekit.get_method("tops").Config(keep_tokens=8, insertion_points=["after_projector"])
+    prunekit.build(cfg, model, keep_tokens=6)
+    model(**inputs)
+    assert prunekit.inspect(model).stages[0].counts == [6, 6]
+
+
+def test_budget_larger_than_the_image_is_an_error(model, inputs):
+    prunekit.build("tops", model, keep_tokens=65, insertion_points=["after_projector"])
+    with pytest.raises(ValueError, match="more than the 64 visual tokens"):
+        model(**inputs)
+
+
+def test_unsupported_model_lists_supported_classes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=32))
+    with pytest.raises(prunekit.UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        prunekit.build("tops", lm)
+
+
+def test_layers_outside_the_decoder_are_rejected(model):
+    with pytest.raises(ValueError, match="layers"):
+        prunekit.build("tops", model, layers=(2, 9))
+    assert not prunekit.is_patched(model)
+
+
+def test_sdpa_is_kept(model, inputs):
+    prunekit.build("tops", model, keep_tokens=8)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_preset_is_picked_from_the_config():
+    from prunekit.interfaces import ModelSpec
+    from prunekit_plugins.methods.tops import Tops, TopsConfig
+
+    spec = ModelSpec(family="llava", num_layers=32, hidden_size=4096, visual_tokens_per_image=576)
+    stages = Tops(TopsConfig(keep_tokens=64)).plan(spec)
+    assert [s.layer for s in stages] == [None, 12, 24]
+    assert [s.keep(576) for s in stages] == [128, 32, 16]
+    spec13 = ModelSpec(family="llava", num_layers=40, hidden_size=5120, visual_tokens_per_image=576)
+    assert [s.layer for s in Tops(TopsConfig(keep_tokens=64)).plan(spec13)] == [None, 15, 30]
+
+
+def test_from_pretrained_on_local_files(tmp_path, inputs):
+    from transformers import LlavaForConditionalGeneration
+
+    model = tiny_llava(seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ref = loaded(**inputs).logits
+    prunekit.build("tops", loaded, keep_tokens=8)
+    assert loaded(**inputs).logits.shape[1] < ref.shape[1]
+    prunekit.remove(loaded)
+    assert torch.equal(loaded(**inputs).logits, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stays_finite(dtype, inputs):
+    model = tiny_llava(dtype=dtype)
+    half = dict(inputs, pixel_values=inputs["pixel_values"].to(dtype))
+    prunekit.build("tops", model, keep_tokens=8)
+    out = model.generate(**half, **GEN)
+    assert all(torch.isfinite(s).all() for s in out.scores)

@@ -1,0 +1,123 @@
+import sys
+import types
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+
+import prunekit
+from prunekit import hookimpl, registry
+registry_module = sys.modules["prunekit.registry"]
+from prunekit.registry import Registry, RegistryError
+
+BUILTIN = {
+    "methods": {"tops"},
+    "scorers": {"relevance", "facility_location", "diversity"},
+    "selectors": {"greedy"},
+    "adapters": {"llava"},
+    "insertion_points": {"after_projector", "decoder_layer"},
+}
+
+
+def test_builtins_registered_through_entry_points():
+    from prunekit.registry import _discover_entry_points
+
+    names = {ep.name for ep in _discover_entry_points()}
+    assert {"tops", "relevance", "facility_location", "diversity", "greedy", "llava", "insertion_points"} <= names
+    for kind, expected in BUILTIN.items():
+        assert expected <= set(registry.names(kind))
+    assert set(prunekit.list_methods()) >= {"tops"}
+    assert prunekit.list_scorers("f*") == ["facility_location"]
+
+
+def test_plugins_load_once(monkeypatch):
+    reg = Registry()
+    calls = []
+    real = registry_module._discover_entry_points
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(registry_module, "_discover_entry_points", counting)
+    reg.names("methods")
+    reg.names("scorers")
+    reg.get("methods", "tops")
+    assert len(calls) == 1
+
+
+def test_throwaway_plugin_found_through_the_entry_point_path(monkeypatch):
+    real = registry_module._discover_entry_points
+    extra = EntryPoint("feature_norm", "throwaway_plugin", "prunekit")
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.setattr(registry_module, "_discover_entry_points", lambda: list(real()) + [extra])
+    registry.reset()
+    try:
+        assert "feature_norm" in prunekit.list_scorers()
+        # ...and is usable at once, e.g. as TOPS's relevance term
+        H = torch.randn(1, 20, 4)
+        out = prunekit.select("tops", H, None, k=5, relevance_scorer="feature_norm")
+        assert out[0, 0].item() in out[0].tolist()
+        assert prunekit.select("tops", H, torch.zeros(1, 20), k=1, relevance_scorer="feature_norm").shape == (1, 1)
+    finally:
+        monkeypatch.undo()
+        registry.reset()
+    assert "feature_norm" not in prunekit.list_scorers()
+
+
+def test_duplicate_name_names_both_plugins():
+    from prunekit_plugins.scorers.relevance import Relevance
+
+    class Impostor(Relevance):
+        pass
+
+    plugin = types.SimpleNamespace(prunekit_register_scorers=hookimpl(lambda register: register(Impostor)))
+    registry.register(plugin, name="impostor_plugin")
+    try:
+        with pytest.raises(RegistryError) as info:
+            registry.names("scorers")
+        msg = str(info.value)
+        assert "'relevance'" in msg and "impostor_plugin" in msg and "Impostor" in msg and "Relevance" in msg
+    finally:
+        registry.unregister("impostor_plugin")
+    assert "relevance" in registry.names("scorers")
+
+
+def test_missing_name_is_an_error():
+    class Nameless(prunekit.Scorer):
+        def start(self, inputs):
+            raise NotImplementedError
+
+    plugin = types.SimpleNamespace(prunekit_register_scorers=hookimpl(lambda register: register(Nameless)))
+    registry.register(plugin, name="nameless_plugin")
+    try:
+        with pytest.raises(RegistryError, match="no `name`"):
+            registry.names("scorers")
+    finally:
+        registry.unregister("nameless_plugin")
+
+
+def test_hook_with_a_typo_is_rejected():
+    plugin = types.SimpleNamespace(prunekit_register_scorer=hookimpl(lambda register: None))
+    registry.register(plugin, name="typo_plugin")
+    try:
+        with pytest.raises(Exception, match="prunekit_register_scorer"):
+            registry.names("scorers")
+    finally:
+        registry.unregister("typo_plugin")
+
+
+def test_allow_list(monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_LOAD_PLUGINS", "relevance,greedy")
+    reg = Registry()
+    assert reg.names("scorers") == ["relevance"]
+    assert reg.names("methods") == []
+    monkeypatch.setenv("PRUNEKIT_LOAD_PLUGINS", "")
+    assert Registry().names("scorers") == []
+
+
+def test_failed_import_names_the_plugin(monkeypatch):
+    bad = EntryPoint("broken", "no_such_module_xyz", "prunekit")
+    monkeypatch.setattr(registry_module, "_discover_entry_points", lambda: [bad])
+    with pytest.raises(RegistryError, match="broken"):
+        Registry().names("methods")
