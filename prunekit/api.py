@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor
 
 from .config import MethodConfig
@@ -94,8 +93,8 @@ def build(method: str | MethodConfig, model: Any, **overrides: Any) -> Any:
             raise ValueError(f"{stage.label or stage.point} asks for {sorted(unknown)}; {point.name} offers {sorted(point.signals)}")
     remove(model)
     patch = adapter.patch(stages, config, cls.name)
-    patch.config = config  # type: ignore[attr-defined]
-    object.__setattr__(model, _ATTR, patch) if not isinstance(model, torch.nn.Module) else model.__dict__.__setitem__(_ATTR, patch)
+    patch.config = config
+    model.__dict__[_ATTR] = patch  # a plain attribute: not a submodule, not in the state dict
     return model
 
 

@@ -196,6 +196,8 @@ class Patch(ABC):
     """Handle of an installed patch: removable, switchable, and the keeper of the last report."""
 
     enabled: bool = True
+    #: the validated method config this patch was built from
+    config: Any = None
 
     @abstractmethod
     def remove(self) -> None:

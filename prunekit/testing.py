@@ -53,3 +53,25 @@ def tiny_llava_inputs(model, *, batch: int = 2, prefix=(3, 4), question=(5, 6, 7
     size = cfg.vision_config.image_size
     pixel_values = torch.randn(batch * images_per_row, 3, size, size, generator=g).to(model.dtype)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+class registered:
+    """Context manager: register a plugin object for the duration of a block, then always unregister it.
+
+    >>> with registered(my_plugin_module, "my_plugin"):
+    ...     assert "my_scorer" in prunekit.list_scorers()
+    """
+
+    def __init__(self, plugin, name: str) -> None:
+        self.plugin, self.name = plugin, name
+
+    def __enter__(self):
+        from .registry import registry
+
+        registry.register(self.plugin, name=self.name)
+        return self.plugin
+
+    def __exit__(self, *exc) -> None:
+        from .registry import registry
+
+        registry.unregister(self.name)

@@ -86,7 +86,6 @@ def test_in_llm_pruning_equals_manual_layer_loop(model, inputs, positions):
     pos = (valid.long().cumsum(1) - 1).clamp_min(0)
     vis_mask = ids == model.config.image_token_id
     # per sample: positions of its visual tokens in the current sequence, in original-visual-index order
-    keep_rows = torch.ones_like(ids, dtype=torch.bool)
     hidden, cur_pos, cur_valid, cur_vis = embeds, pos, valid, [vis_mask[b].nonzero().squeeze(1) for b in range(2)]
     stage_i = report.stages[0]
     orig_visual = [torch.arange(64)] * 2
@@ -101,7 +100,6 @@ def test_in_llm_pruning_equals_manual_layer_loop(model, inputs, positions):
             keep[cur_vis[b][keep_vis]] = True
             rows.append(keep.nonzero().squeeze(1))
         rows = torch.stack(rows)
-        drop_before = None
         if positions == "renumber":
             dropped = torch.ones_like(cur_valid)
             dropped.scatter_(1, rows, False)
@@ -276,3 +274,20 @@ def test_half_precision_stays_finite(dtype, inputs):
     prunekit.build("tops", model, keep_tokens=8)
     out = model.generate(**half, **GEN)
     assert all(torch.isfinite(s).all() for s in out.scores)
+
+
+def test_several_images_per_prompt(model):
+    inputs = tiny_llava_inputs(model, images_per_row=2)
+    prunekit.build("tops", model, keep_tokens=20)
+    batch = model.generate(**inputs, **GEN)
+    report = prunekit.inspect(model)
+    assert report.visual_tokens == [128, 128]
+    assert abs(report.layer_average[0] - 20) <= 0.5
+    for b in range(2):
+        first = int(inputs["attention_mask"][b].nonzero()[0])
+        row = {"input_ids": inputs["input_ids"][b : b + 1, first:],
+               "attention_mask": inputs["attention_mask"][b : b + 1, first:],
+               "pixel_values": inputs["pixel_values"][2 * b : 2 * b + 2]}
+        alone = model.generate(**row, **GEN)
+        assert batch.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
+        assert prunekit.inspect(model).stages[0].kept[0].tolist() == report.stages[0].kept[b].tolist()

@@ -9,6 +9,7 @@ import prunekit
 from prunekit import hookimpl, registry
 registry_module = sys.modules["prunekit.registry"]
 from prunekit.registry import Registry, RegistryError
+from prunekit.testing import registered
 
 BUILTIN = {
     "methods": {"tops"},
@@ -72,14 +73,10 @@ def test_duplicate_name_names_both_plugins():
         pass
 
     plugin = types.SimpleNamespace(prunekit_register_scorers=hookimpl(lambda register: register(Impostor)))
-    registry.register(plugin, name="impostor_plugin")
-    try:
-        with pytest.raises(RegistryError) as info:
-            registry.names("scorers")
-        msg = str(info.value)
-        assert "'relevance'" in msg and "impostor_plugin" in msg and "Impostor" in msg and "Relevance" in msg
-    finally:
-        registry.unregister("impostor_plugin")
+    with registered(plugin, "impostor_plugin"), pytest.raises(RegistryError) as info:
+        registry.names("scorers")
+    msg = str(info.value)
+    assert "'relevance'" in msg and "impostor_plugin" in msg and "Impostor" in msg and "Relevance" in msg
     assert "relevance" in registry.names("scorers")
 
 
@@ -89,22 +86,15 @@ def test_missing_name_is_an_error():
             raise NotImplementedError
 
     plugin = types.SimpleNamespace(prunekit_register_scorers=hookimpl(lambda register: register(Nameless)))
-    registry.register(plugin, name="nameless_plugin")
-    try:
-        with pytest.raises(RegistryError, match="no `name`"):
-            registry.names("scorers")
-    finally:
-        registry.unregister("nameless_plugin")
+    with registered(plugin, "nameless_plugin"), pytest.raises(RegistryError, match="no `name`"):
+        registry.names("scorers")
+    assert "relevance" in registry.names("scorers")
 
 
 def test_hook_with_a_typo_is_rejected():
     plugin = types.SimpleNamespace(prunekit_register_scorer=hookimpl(lambda register: None))
-    registry.register(plugin, name="typo_plugin")
-    try:
-        with pytest.raises(Exception, match="prunekit_register_scorer"):
-            registry.names("scorers")
-    finally:
-        registry.unregister("typo_plugin")
+    with registered(plugin, "typo_plugin"), pytest.raises(Exception, match="prunekit_register_scorer"):
+        registry.names("scorers")
 
 
 def test_allow_list(monkeypatch):
