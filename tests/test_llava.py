@@ -291,3 +291,22 @@ def test_several_images_per_prompt(model):
         alone = model.generate(**row, **GEN)
         assert batch.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
         assert prunekit.inspect(model).stages[0].kept[0].tolist() == report.stages[0].kept[b].tolist()
+
+
+@pytest.mark.parametrize("positions", ["renumber", "original"])
+def test_cached_decode_equals_full_recompute(model, inputs, positions):
+    """Every decode step on the pruned cache equals a cache-free forward of prompt + generated tokens.
+
+    Without the relevance principle the selection reads only visual hidden states, which (causal attention) do
+    not depend on later tokens, so the recompute prunes the same tokens and must give the same logits.
+    """
+    prunekit.build("tops", model, keep_tokens=12, positions=positions, principles=["coverage", "diversity"])
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    L = inputs["input_ids"].shape[1]
+    for t in range(1, 4):
+        seq = out.sequences[:, : L + t]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, t, dtype=torch.long)], 1)
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+        full = model(input_ids=seq, attention_mask=mask, position_ids=pos, pixel_values=inputs["pixel_values"],
+                     use_cache=False).logits[:, -1]
+        torch.testing.assert_close(full, out.logits[t], rtol=1e-4, atol=1e-5)
