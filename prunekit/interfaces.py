@@ -63,6 +63,13 @@ class SelectionInput:
         return self._similarity
 
 
+def max_similarity_to_set(similarity: Tensor, best: Tensor | None, picked: Tensor) -> Tensor:
+    """``m_j`` after adding ``picked`` (``[B]``) to the set: ``max(m_j, F[j, picked])`` (``F[j, picked]`` when empty)."""
+    B, N, _ = similarity.shape
+    column = similarity.gather(2, picked[:, None, None].expand(B, N, 1)).squeeze(2)
+    return column if best is None else torch.maximum(best, column)
+
+
 class ScorerRun(ABC):
     """The incremental state of one scorer during one selection."""
 

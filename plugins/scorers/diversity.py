@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.interfaces import max_similarity_to_set
 
 
 class _DiversityRun(ScorerRun):
@@ -19,8 +20,7 @@ class _DiversityRun(ScorerRun):
         return 1.0 - self.best
 
     def update(self, picked: Tensor) -> None:
-        column = self.sim.gather(2, picked[:, None, None].expand(-1, self.sim.shape[1], 1)).squeeze(2)
-        self.best = column if self.best is None else torch.maximum(self.best, column)
+        self.best = max_similarity_to_set(self.sim, self.best, picked)
 
 
 class SemanticDiversity(Scorer):

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.interfaces import max_similarity_to_set
 
 
 class _FacilityLocationRun(ScorerRun):
@@ -21,8 +22,7 @@ class _FacilityLocationRun(ScorerRun):
         return (excess * (~self.chosen)[:, None, :]).sum(-1)
 
     def update(self, picked: Tensor) -> None:
-        column = self.sim.gather(2, picked[:, None, None].expand(-1, self.sim.shape[1], 1)).squeeze(2)
-        self.best = column if self.best is None else torch.maximum(self.best, column)
+        self.best = max_similarity_to_set(self.sim, self.best, picked)
         self.chosen[torch.arange(picked.shape[0], device=picked.device), picked] = True
 
 

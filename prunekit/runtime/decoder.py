@@ -223,11 +223,7 @@ class DecoderPruner(Patch):
                 kwargs["inputs_embeds"] = new_embeds
                 kwargs["attention_mask"] = new_mask
                 kwargs["position_ids"] = new_pos
-                cache = kwargs.get("past_key_values")
-                if cache is None and kwargs.get("use_cache", True) is not False:
-                    cache = self.hooks.new_cache()
-                    if cache is not None:
-                        kwargs["past_key_values"] = cache
+                cache = self._ensure_cache(kwargs)
                 pad = [L1 - r.numel() for r in keep_rows]
                 call.vis_pos = [
                     pad[b] + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]]) for b in range(B)
@@ -239,17 +235,23 @@ class DecoderPruner(Patch):
                 if cache is not None:
                     self._gen = _Generation(weakref.ref(cache), L, new_mask, dropped, shift)
         if self.layer_stages and self._gen is None:
-            cache = kwargs.get("past_key_values")
-            if cache is None and kwargs.get("use_cache", True) is not False:
-                cache = self.hooks.new_cache()
-                if cache is not None:
-                    kwargs["past_key_values"] = cache
-                    changed = True
+            had_cache = kwargs.get("past_key_values") is not None
+            cache = self._ensure_cache(kwargs)
+            changed = changed or (cache is not None and not had_cache)
             if cache is not None:
                 zero = torch.zeros(B, dtype=torch.long, device=device)
                 self._gen = _Generation(weakref.ref(cache), L, mask2d, zero, zero)
         self._call = call
         return changed
+
+    def _ensure_cache(self, kwargs: dict):
+        """The call's KV cache; a plain forward that would make its own gets ours, so its decode steps map too."""
+        cache = kwargs.get("past_key_values")
+        if cache is None and kwargs.get("use_cache", True) is not False:
+            cache = self.hooks.new_cache()
+            if cache is not None:
+                kwargs["past_key_values"] = cache
+        return cache
 
     def _decode(self, kwargs: dict, past: int) -> None:
         gen = self._gen
