@@ -44,7 +44,6 @@ def _grid(kept: torch.Tensor, side: int) -> str:
 def demo(args: argparse.Namespace) -> int:
     import prunekit
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print("prunekit demo — RANDOM-WEIGHT LLaVA (CLIP ViT 336/14 -> 576 visual tokens, 8-layer Llama decoder).")
     print("The weights are random: this shows the mechanics (what is kept, counts, timing), not answer quality.\n")
     model = _demo_model()

@@ -30,11 +30,11 @@ def _no_grad():
         yield
 
 
-def unpad_row(inputs, b):
-    """Row ``b`` alone, with its left padding removed."""
+def unpad_row(inputs, b, images_per_row=1):
+    """Row ``b`` alone, with its left padding removed and only its own images."""
     first = int(inputs["attention_mask"][b].nonzero()[0])
     return {
         "input_ids": inputs["input_ids"][b : b + 1, first:],
         "attention_mask": inputs["attention_mask"][b : b + 1, first:],
-        "pixel_values": inputs["pixel_values"][b : b + 1],
+        "pixel_values": inputs["pixel_values"][b * images_per_row : (b + 1) * images_per_row],
     }

@@ -37,11 +37,16 @@ def _scatter_embeds(model, inputs):
     return embeds.masked_scatter(mask, feats), feats
 
 
-def _eager_cls_attention(model, pixel_values):
-    """[CLS] attention of the projector's feature layer, from an eager copy of the vision tower."""
+def _eager_copy(model):
+    """The same tiny LLaVA with eager attention, so attention weights can be returned."""
     eager = tiny_llava(attn_implementation="eager")
     eager.load_state_dict(model.state_dict())
-    out = eager.model.vision_tower(pixel_values, output_attentions=True)
+    return eager
+
+
+def _eager_cls_attention(model, pixel_values):
+    """[CLS] attention of the projector's feature layer, from an eager copy of the vision tower."""
+    out = _eager_copy(model).model.vision_tower(pixel_values, output_attentions=True)
     return out.attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(1)
 
 
@@ -171,8 +176,7 @@ def test_report_counts_and_layer_average(model, inputs):
 
 
 def test_recomputed_attention_matches_eager(model, inputs):
-    eager = tiny_llava(attn_implementation="eager")
-    eager.load_state_dict(model.state_dict())
+    eager = _eager_copy(model)
     out = eager(**inputs, output_attentions=True, output_hidden_states=True)
     lm = eager.model.language_model
     valid = inputs["attention_mask"].bool()
@@ -284,11 +288,7 @@ def test_several_images_per_prompt(model):
     assert report.visual_tokens == [128, 128]
     assert abs(report.layer_average[0] - 20) <= 0.5
     for b in range(2):
-        first = int(inputs["attention_mask"][b].nonzero()[0])
-        row = {"input_ids": inputs["input_ids"][b : b + 1, first:],
-               "attention_mask": inputs["attention_mask"][b : b + 1, first:],
-               "pixel_values": inputs["pixel_values"][2 * b : 2 * b + 2]}
-        alone = model.generate(**row, **GEN)
+        alone = model.generate(**unpad_row(inputs, b, images_per_row=2), **GEN)
         assert batch.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
         assert prunekit.inspect(model).stages[0].kept[0].tolist() == report.stages[0].kept[b].tolist()
 

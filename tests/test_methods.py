@@ -5,7 +5,6 @@ import torch
 
 import prunekit
 from prunekit import registry
-from prunekit.testing import tiny_llava_inputs
 from conftest import unpad_row
 
 GEN = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
