@@ -1,30 +1,43 @@
-"""The two insertion points every decoder-only multimodal model has."""
+"""The insertion points of a decoder-only multimodal model (every adapter offers a subset)."""
 
 from __future__ import annotations
 
 from prunekit import InsertionPoint, hookimpl
 
 
+class VisionFeatures(InsertionPoint):
+    name = "vision_features"
+    description = (
+        "On the vision encoder's output, before the projector: features are the vision features the projector "
+        "reads; merged values are projected by the model's own projector; dropped tokens leave the LLM's input. "
+        "Signals: cls_attention ([CLS] to each patch at the feature layer, mean over heads), keys (that layer's "
+        "keys, mean over heads), text_embeddings (the LLM input embeddings of the text after the image)."
+    )
+    signals = frozenset({"cls_attention", "keys", "text_embeddings"})
+
+
 class AfterProjector(InsertionPoint):
     name = "after_projector"
     description = (
         "After the multimodal projector, before the language model: visual tokens are removed from the LLM's input "
-        "sequence. Features: projected visual tokens."
+        "sequence. Features: projected visual tokens. Signals as at vision_features."
     )
-    signals = frozenset({"cls_attention"})
+    signals = frozenset({"cls_attention", "keys", "text_embeddings"})
 
 
 class DecoderLayer(InsertionPoint):
     name = "decoder_layer"
     description = (
         "Between two decoder layers: visual rows are removed from the hidden states before layer K; features are "
-        "layer K-1's output and attention is layer K-1's, recomputed for the needed query rows (no eager switch)."
+        "layer K-1's output. Signals (of layer K-1, recomputed for the needed rows, no eager switch): "
+        "text_attention (raters=sparsevlm|last_token|all_text), keys (tokens=visual|text), text_states."
     )
-    signals = frozenset({"text_attention"})
+    signals = frozenset({"text_attention", "keys", "text_states"})
     needs_layer = True
 
 
 @hookimpl
 def prunekit_register_insertion_points(register):
+    register(VisionFeatures)
     register(AfterProjector)
     register(DecoderLayer)

@@ -2,6 +2,7 @@
 
 from .hookspecs import hookimpl, hookspec
 from .interfaces import (
+    Choice,
     InsertionPoint,
     Method,
     ModelAdapter,
@@ -31,6 +32,7 @@ from .api import (
     list_scorers,
     list_selectors,
     make_config,
+    reduce,
     remove,
     select,
 )
@@ -43,5 +45,5 @@ __all__ = [
     "Selector", "Stage", "StageContext", "MethodConfig", "BudgetConfig", "PruningReport", "StageRecord",
     "UnsupportedModelError", "adapter_for", "build", "disabled", "get_method", "inspect", "is_patched",
     "list_adapters", "list_insertion_points", "list_methods", "list_scorers", "list_selectors", "make_config",
-    "remove", "select",
+    "reduce", "remove", "select", "Choice",
 ]

@@ -136,8 +136,9 @@ def inspect(model: Any) -> PruningReport | None:
     return patch.report
 
 
-def select(method: str, features: Tensor, relevance: Tensor | None = None, *, k: int, **config: Any) -> Tensor:
-    """Model-free selection: kept indices ``[B, k]`` (ascending, LongTensor) of ``features`` ``[B, N, D]``."""
+def _run_select(method: str, features: Tensor, relevance: Tensor | None, k: int, query: Tensor | None, config: dict):
+    import inspect as _inspect
+
     cls = get_method(method)
     if cls.SelectionConfig is None:
         raise ValueError(f"method {method!r} needs a model to select tokens; use prunekit.build")
@@ -149,4 +150,37 @@ def select(method: str, features: Tensor, relevance: Tensor | None = None, *, k:
         raise ValueError(f"k must be an int in 1..{N} (the tokens present), got {k!r}")
     if relevance is not None and relevance.shape != features.shape[:2]:
         raise ValueError(f"relevance must have shape [B, N] = {tuple(features.shape[:2])}, got {tuple(relevance.shape)}")
-    return cls.select(features, relevance, k, cfg).long()
+    if query is not None:
+        if "query" not in _inspect.signature(cls.select).parameters:
+            raise ValueError(f"method {method!r} does not read a query")
+        return cls.select(features, relevance, k, cfg, query=query)
+    return cls.select(features, relevance, k, cfg)
+
+
+def select(
+    method: str, features: Tensor, relevance: Tensor | None = None, *, k: int, query: Tensor | None = None,
+    **config: Any,
+) -> Tensor:
+    """Model-free selection: kept indices ``[B, k]`` (ascending, LongTensor) of ``features`` ``[B, N, D]``.
+
+    ``relevance`` ``[B, N]`` and ``query`` ``[B, Q, D]`` feed methods that read them. For merging methods the
+    indices are the positions of the kept and merged tokens; :func:`reduce` also returns their values.
+    """
+    out = _run_select(method, features, relevance, k, query, config)
+    return (out if isinstance(out, Tensor) else out.indices).long()
+
+
+def reduce(
+    method: str, features: Tensor, relevance: Tensor | None = None, *, k: int, query: Tensor | None = None,
+    **config: Any,
+):
+    """Model-free reduction: a ``Reduction`` with ``indices`` ``[B, k]``, ``values`` ``[B, k, D]`` (merged values
+    where the method merges, else the kept features) and ``merged`` ``[B, k]`` flags."""
+    from prunekit_plugins.methods.common import Reduction
+
+    out = _run_select(method, features, relevance, k, query, config)
+    if isinstance(out, Reduction):
+        return out
+    idx = out.long()
+    values = features.gather(1, idx[..., None].expand(-1, -1, features.shape[-1]))
+    return Reduction(idx, values, idx.new_zeros(idx.shape, dtype=bool))

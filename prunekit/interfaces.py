@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class SelectionInput:
     """Features ``[B, N, D]`` and optional relevance ``[B, N]`` of one pruning point, with shared derived tensors."""
 
-    def __init__(self, features: Tensor, relevance: Tensor | None = None) -> None:
+    def __init__(self, features: Tensor, relevance: Tensor | None = None, query: Tensor | None = None) -> None:
         if features.dim() != 3:
             raise ValueError(f"features must have shape [B, N, D], got {tuple(features.shape)}")
         if relevance is not None and relevance.shape != features.shape[:2]:
@@ -44,6 +44,10 @@ class SelectionInput:
         dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
         self.features = features.to(dtype)
         self.relevance = None if relevance is None else relevance.to(dtype)
+        if query is not None and (query.dim() != 3 or query.shape[0] != features.shape[0]):
+            raise ValueError(f"query must have shape [B, Q, D] with B = {features.shape[0]}, got {tuple(query.shape)}")
+        #: optional query tokens ``[B, Q, D]`` (e.g. the instruction's embeddings) for query-aware scorers
+        self.query = None if query is None else query.to(dtype)
         self._similarity: Tensor | None = None
 
     @property
@@ -70,6 +74,28 @@ def max_similarity_to_set(similarity: Tensor, best: Tensor | None, picked: Tenso
     return column if best is None else torch.maximum(best, column)
 
 
+@dataclass
+class Choice:
+    """One sample's result of a stage that also changes token values (merging, pooling, recycling).
+
+    ``indices`` are kept indices into the stage's visual tokens; ``values`` (``[k, D]``, aligned with
+    ``indices``, in the stage's feature space) replace those tokens' features; ``merged`` (``[k]`` bool) marks
+    the tokens whose value is a merge of several tokens, so that reports can tell them apart. A plain tensor of
+    indices is the same as ``Choice(indices)``.
+    """
+
+    indices: Tensor
+    values: Tensor | None = None
+    merged: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        k = self.indices.numel()
+        if self.values is not None and self.values.shape[0] != k:
+            raise ValueError(f"Choice.values has {self.values.shape[0]} rows for {k} indices")
+        if self.merged is not None and self.merged.numel() != k:
+            raise ValueError(f"Choice.merged has {self.merged.numel()} entries for {k} indices")
+
+
 class ScorerRun(ABC):
     """The incremental state of one scorer during one selection."""
 
@@ -87,6 +113,8 @@ class Scorer(ABC):
     name: ClassVar[str]
     #: True when :meth:`start` reads ``inputs.relevance``.
     requires_relevance: ClassVar[bool] = False
+    #: True when :meth:`start` reads ``inputs.query``.
+    requires_query: ClassVar[bool] = False
 
     @abstractmethod
     def start(self, inputs: SelectionInput) -> ScorerRun:
@@ -127,19 +155,23 @@ class Stage:
     ``layer`` (decoder insertion points): the first decoder layer that sees the pruned sequence; pruning uses
     the output and attention of layer ``layer - 1``. ``keep(n)`` maps a sample's original visual-token count to
     the number this stage keeps. ``choose(ctx)`` returns, per sample, the kept indices into the visual tokens
-    present at this stage (ascending).
+    present at this stage (any order), or a :class:`Choice` when the stage also changes token values.
     """
 
     point: str
     keep: Callable[[int], int]
-    choose: Callable[["StageContext"], list[Tensor]]
+    choose: Callable[["StageContext"], list["Tensor | Choice"]]
     layer: int | None = None
     label: str = ""
     signals: tuple[str, ...] = ()
 
 
 class StageContext:
-    """What a stage sees of one forward pass: per-sample visual features and lazily computed relevance signals."""
+    """What a stage sees of one forward pass: per-sample visual features and lazily computed signals.
+
+    ``grids`` (when the adapter knows them): per sample, the ``(rows, cols)`` patch grid of each of its images, in
+    the order their tokens appear; ``None`` for a sample whose tokens do not form plain grids.
+    """
 
     def __init__(
         self,
@@ -147,11 +179,13 @@ class StageContext:
         features: list[Tensor],
         keep: list[int],
         signal: Callable[[str, dict[str, Any]], list[Tensor]],
+        grids: list[list[tuple[int, int]] | None] | None = None,
     ) -> None:
         self.stage = stage
         self.features = features
         self.keep = keep
         self._signal = signal
+        self.grids = grids if grids is not None else [None] * len(features)
         self._cache: dict[tuple, list[Tensor]] = {}
 
     @property
@@ -159,28 +193,33 @@ class StageContext:
         return len(self.features)
 
     def relevance(self, signal: str, **options: Any) -> list[Tensor]:
-        """A relevance signal per sample (``[n_b]`` each); the adapter computes it on first use."""
+        """A signal per sample (``relevance`` ``[n_b]``, ``keys`` ``[n_b, d]``, ...), computed on first use."""
         key = (signal, tuple(sorted(options.items())))
         if key not in self._cache:
             self._cache[key] = self._signal(signal, options)
         return self._cache[key]
 
     def select_grouped(
-        self, relevance: list[Tensor] | None, selector: Callable[[SelectionInput, int], Tensor]
+        self,
+        relevance: list[Tensor] | None,
+        selector: Callable[[SelectionInput, int], Tensor],
+        query: list[Tensor] | None = None,
     ) -> list[Tensor]:
         """Run ``selector`` batched over samples that share token count and budget (usually all of them)."""
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for b, (f, k) in enumerate(zip(self.features, self.keep)):
-            groups.setdefault((f.shape[0], k), []).append(b)
+            q = None if query is None else query[b].shape[0]
+            groups.setdefault((f.shape[0], k, q), []).append(b)
         out: list[Tensor | None] = [None] * self.batch_size
-        for (n, k), rows in groups.items():
+        for (n, k, _), rows in groups.items():
             if n == 0 or k >= n:
                 for b in rows:
                     out[b] = torch.arange(n, device=self.features[b].device)
                 continue
             feats = torch.stack([self.features[b] for b in rows])
             rel = None if relevance is None else torch.stack([relevance[b] for b in rows])
-            kept = selector(SelectionInput(feats, rel), k)
+            qry = None if query is None else torch.stack([query[b] for b in rows])
+            kept = selector(SelectionInput(feats, rel, qry), k)
             for i, b in enumerate(rows):
                 out[b] = kept[i]
         return out  # type: ignore[return-value]

@@ -14,10 +14,17 @@ class StageRecord:
     layer: int | None  # first decoder layer that sees the pruned sequence; None before the LLM
     #: per sample: kept indices into that sample's original visual tokens, in sequence order
     kept: list[Tensor] = field(default_factory=list)
+    #: per sample, aligned with ``kept``: True where the token's value is a merge of several tokens
+    merged: list[Tensor] = field(default_factory=list)
 
     @property
     def counts(self) -> list[int]:
         return [int(k.numel()) for k in self.kept]
+
+    @property
+    def merged_counts(self) -> list[int]:
+        """Per sample, how many of the kept tokens carry merged values (0 for pure pruning)."""
+        return [int(m.sum()) for m in self.merged] if self.merged else [0] * len(self.kept)
 
 
 @dataclass
@@ -51,7 +58,8 @@ class PruningReport:
         lines = [f"method {self.method}: visual tokens per sample {self.visual_tokens}"]
         for s in self.stages:
             where = "before the LLM" if s.layer is None else f"from decoder layer {s.layer}"
-            lines.append(f"  {s.label or s.point} ({where}): kept {s.counts}")
+            merged = f" of which merged {s.merged_counts}" if any(s.merged_counts) else ""
+            lines.append(f"  {s.label or s.point} ({where}): kept {s.counts}{merged}")
         avg = ", ".join(f"{a:.1f}" for a in self.layer_average)
         lines.append(f"  layer-averaged visual tokens: {avg}")
         return "\n".join(lines)

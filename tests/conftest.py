@@ -20,6 +20,21 @@ def model(llava):
 
 
 @pytest.fixture(scope="session")
+def llava8():
+    """A deeper tiny LLaVA (8 decoder layers) so multi-stage in-LLM methods have room for their layers."""
+    return tiny_llava(num_layers=8)
+
+
+@pytest.fixture
+def deep_model(llava8):
+    import prunekit
+
+    prunekit.remove(llava8)
+    yield llava8
+    prunekit.remove(llava8)
+
+
+@pytest.fixture(scope="session")
 def inputs(llava):
     return tiny_llava_inputs(llava)
 

@@ -35,3 +35,13 @@ def test_mkdocs_builds_strict(tmp_path):
     result = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", prunekit.list_methods())
+def test_every_method_page_lists_its_config_fields(name):
+    """A method page's config table names every field of its Config (the budget fields may be grouped)."""
+    page = (ROOT / "docs" / "methods" / f"{name}.md").read_text()
+    assert "arxiv" in page.lower() or name in ("random", "pool"), f"{name}: no paper link"
+    for field in prunekit.get_method(name).Config.model_fields:
+        assert f"`{field}`" in page, f"docs/methods/{name}.md does not document `{field}`"
+    assert f"methods/{name}.md" in (ROOT / "mkdocs.yml").read_text()

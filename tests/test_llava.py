@@ -39,7 +39,7 @@ def _scatter_embeds(model, inputs):
 
 def _eager_copy(model):
     """The same tiny LLaVA with eager attention, so attention weights can be returned."""
-    eager = tiny_llava(attn_implementation="eager")
+    eager = tiny_llava(attn_implementation="eager", num_layers=model.config.text_config.num_hidden_layers)
     eager.load_state_dict(model.state_dict())
     return eager
 

@@ -22,20 +22,24 @@ def _feature_layer_index(feature_layer, num_layers: int) -> int:
 
 
 class _LlavaHooks(ModelHooks):
-    def __init__(self, model, inner, want_cls: bool) -> None:
+    def __init__(self, model, inner, want_vision_signals: bool, want_features: bool) -> None:
         self.model = model
         self.inner = inner
         self.config = inner.config
         self._visual: Tensor | None = None
         self._cls: list[Tensor] = []
+        self._keys: list[Tensor] = []
+        self._features: list[Tensor] = []
         self.handles = [inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
-        if want_cls:
+        if want_vision_signals:
             tower = inner.vision_tower
             tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps or is the transformer
             encoder_layers = tower.encoder.layers
             idx = _feature_layer_index(self.config.vision_feature_layer, len(encoder_layers))
             attn = encoder_layers[idx].self_attn
-            self.handles.append(attn.register_forward_pre_hook(self._capture_cls, with_kwargs=True))
+            self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
+        if want_features:
+            self.handles.append(inner.multi_modal_projector.register_forward_pre_hook(self._capture_features))
 
     # the outer forward sees input_ids; the language model only sees embeddings
     def _capture_inputs(self, module, args, kwargs):
@@ -48,40 +52,70 @@ class _LlavaHooks(ModelHooks):
             ref = module.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
             self._visual = (embeds == ref).all(-1)
         if self._visual is not None and not bool(self._visual.any()):
-            self._cls = []
+            self._cls, self._keys, self._features = [], [], []
         return None
 
-    def _capture_cls(self, module, args, kwargs):
+    def _drop_cls(self, x: Tensor) -> Tensor:
+        return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
+
+    def _capture_attention(self, module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         n, L, _ = hidden.shape
         q = module.q_proj(hidden[:, :1]).view(n, 1, module.num_heads, module.head_dim).transpose(1, 2)
         k = module.k_proj(hidden).view(n, L, module.num_heads, module.head_dim).transpose(1, 2)
         probs = ((q.float() @ k.float().transpose(-1, -2)) * module.scale).softmax(-1)  # [n, H, 1, L]
-        attn = probs.mean(1)[:, 0]  # [n, L]: [CLS] → every token, mean over heads
-        if self.config.vision_feature_select_strategy == "default":
-            attn = attn[:, 1:]
-        self._cls.append(attn)
+        self._cls.append(self._drop_cls(probs.mean(1)[:, 0]))  # [CLS] → every token, mean over heads
+        self._keys.append(self._drop_cls(k.mean(1)))  # [n, L, head_dim], mean over heads
+        return None
+
+    def _capture_features(self, module, args):
+        self._features.append(args[0])
         return None
 
     def take_visual_mask(self) -> Tensor | None:
         visual, self._visual = self._visual, None
         return visual
 
-    def projector_signal(self, name: str, options: dict, visual_counts: list[int]) -> list[Tensor]:
-        if name != "cls_attention":
-            raise PruningError(f"signal {name!r} is not available after the LLaVA projector (offered: cls_attention)")
-        if not self._cls:
+    @staticmethod
+    def _split(captured: list[Tensor], visual_counts: list[int], what: str) -> list[Tensor]:
+        if not captured:
             raise PruningError(
-                "no [CLS] attention was recorded: the images must be encoded by the patched model in this call "
+                f"no {what} was recorded: the images must be encoded by the patched model in this call "
                 "(precomputed image features bypass the vision tower)"
             )
-        flat = torch.cat([a.flatten() for a in self._cls])
-        self._cls = []
-        if flat.numel() != sum(visual_counts):
+        flat = torch.cat([a.reshape(-1, *a.shape[2:]) for a in captured])
+        if flat.shape[0] != sum(visual_counts):
             raise PruningError(
-                f"[CLS] attention covers {flat.numel()} patches but the prompt holds {sum(visual_counts)} image tokens"
+                f"{what} covers {flat.shape[0]} patches but the prompt holds {sum(visual_counts)} image tokens"
             )
         return list(flat.split(visual_counts))
+
+    def projector_signal(self, name: str, options: dict, visual_counts: list[int]) -> list[Tensor]:
+        if name == "cls_attention":
+            return self._split(self._cls, visual_counts, "[CLS] attention")
+        if name == "keys":
+            return self._split(self._keys, visual_counts, "vision keys")
+        raise PruningError(
+            f"signal {name!r} is not available before the LLaVA language model (offered: cls_attention, keys, "
+            "text_embeddings)"
+        )
+
+    def vision_features(self, visual_counts: list[int]) -> list[Tensor]:
+        return self._split(self._features, visual_counts, "vision feature")
+
+    def project(self, values: Tensor) -> Tensor:
+        projector = self.inner.multi_modal_projector
+        return projector(values.to(next(projector.parameters()).dtype))
+
+    def grids(self, visual_counts: list[int]):
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if self.config.vision_feature_select_strategy != "default":
+            return None  # the [CLS] token sits in front of each grid
+        return [[(side, side)] * (n // (side * side)) if n % (side * side) == 0 else None for n in visual_counts]
+
+    def end_of_prefill(self) -> None:
+        self._cls, self._keys, self._features = [], [], []
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -92,7 +126,7 @@ class _LlavaHooks(ModelHooks):
 class LlavaAdapter(ModelAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
-    insertion_points = frozenset({"after_projector", "decoder_layer"})
+    insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
 
     @property
     def inner(self):
@@ -118,7 +152,12 @@ class LlavaAdapter(ModelAdapter):
         inner = self.inner
         if not self.describe().has_cls and any("cls_attention" in s.signals for s in stages):
             raise PruningError("this LLaVA's vision encoder has no [CLS] token, so 'cls_attention' is unavailable")
-        hooks = _LlavaHooks(self.model, inner, want_cls=any("cls_attention" in s.signals for s in stages))
+        pre = [s for s in stages if s.layer is None]
+        hooks = _LlavaHooks(
+            self.model, inner,
+            want_vision_signals=any({"cls_attention", "keys"} & set(s.signals) for s in pre),
+            want_features=any(s.point == "vision_features" for s in pre),
+        )
         lm = inner.language_model
         return DecoderPruner(
             method=method,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..interfaces import Patch, Stage, StageContext
+from ..interfaces import Choice, Patch, Stage, StageContext
 from ..report import PruningReport, StageRecord
 from .attention import attention_rows, select_raters
 
@@ -40,8 +40,23 @@ class ModelHooks:
         raise NotImplementedError
 
     def projector_signal(self, name: str, options: dict, visual_counts: list[int]) -> list[Tensor]:
-        """A relevance signal at the ``after_projector`` point, per sample."""
+        """A vision-side signal (``cls_attention``, ``keys``) before the LLM, per sample."""
         raise PruningError(f"signal {name!r} is not available before the LLM of this model")
+
+    def vision_features(self, visual_counts: list[int]) -> list[Tensor]:
+        """Per sample, the vision features the projector read for its visual tokens (``vision_features`` point)."""
+        raise PruningError("this model does not offer the 'vision_features' insertion point")
+
+    def project(self, values: Tensor) -> Tensor:
+        """The model's projector applied to vision-feature rows ``[k, Dv]`` (for merged values)."""
+        raise PruningError("this model cannot project merged vision features")
+
+    def grids(self, visual_counts: list[int]) -> list[list[tuple[int, int]] | None] | None:
+        """Per sample, the (rows, cols) patch grid of each image, when its tokens form plain grids."""
+        return None
+
+    def end_of_prefill(self) -> None:
+        """Forget what was captured for this call (called after every language-model input is handled)."""
 
     def new_cache(self):
         """A fresh KV cache for a plain forward that did not pass one (so its returned cache can be continued)."""
@@ -150,6 +165,12 @@ class DecoderPruner(Patch):
         self._call = None
 
     def _lm_pre(self, module, args, kwargs):
+        try:
+            return self._lm_pre_inner(args, kwargs)
+        finally:
+            self.hooks.end_of_prefill()
+
+    def _lm_pre_inner(self, args, kwargs):
         self._call = None
         visual = self.hooks.take_visual_mask()
         if not self.enabled:
@@ -196,13 +217,28 @@ class DecoderPruner(Patch):
         changed = False
         if self.pre_stages and sum(n_visual):
             stage = self.pre_stages[0]
-            feats = [embeds[b, vis_pos[b]] for b in range(B)]
+            on_vision = stage.point == "vision_features"
+            if on_vision:
+                feats = self.hooks.vision_features(n_visual)
+            else:
+                feats = [embeds[b, vis_pos[b]] for b in range(B)]
             ctx = StageContext(
                 stage, feats, self._budgets(stage, n_visual),
-                lambda name, opts: self.hooks.projector_signal(name, opts, n_visual),
+                lambda name, opts: self._pre_signal(name, opts, n_visual, embeds, vis_pos, call.valid),
+                grids=self.hooks.grids(n_visual),
             )
-            kept = self._choose(stage, ctx)
-            report.stages.append(StageRecord(stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)]))
+            kept, values, merged = self._choose(stage, ctx)
+            report.stages.append(StageRecord(
+                stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
+            ))
+            if any(v is not None for v in values):
+                embeds = embeds.clone()
+                for b, v in enumerate(values):
+                    if v is not None:
+                        v = self.hooks.project(v) if on_vision else v
+                        embeds[b, vis_pos[b][kept[b]]] = v.to(embeds.dtype)
+                kwargs["inputs_embeds"] = embeds
+                changed = True
             dropped = torch.tensor([n - k.numel() for n, k in zip(n_visual, kept)], device=device)
             if bool(dropped.any()):
                 changed = True
@@ -350,13 +386,18 @@ class DecoderPruner(Patch):
                 return None
             feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
             ctx = StageContext(stage, feats, self._budgets(stage, n_orig, current=[f.shape[0] for f in feats]),
-                               lambda name, opts: self._layer_signal(call, module, j, name, opts))
-            kept = self._choose(stage, ctx)
-            call.report.stages.append(
-                StageRecord(stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)])
-            )
+                               lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden))
+            kept, values, merged = self._choose(stage, ctx)
+            call.report.stages.append(StageRecord(
+                stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
+            ))
             n_now = [f.shape[0] for f in feats]
-            if all(k.numel() == n for k, n in zip(kept, n_now)):
+            if any(v is not None for v in values):
+                hidden = hidden.clone()
+                for b, v in enumerate(values):
+                    if v is not None:
+                        hidden[b, call.vis_pos[b][kept[b]]] = v.to(hidden.dtype)
+            elif all(k.numel() == n for k, n in zip(kept, n_now)):
                 return None
             Lc = hidden.shape[1]
             keep_mask = torch.ones(B, Lc, dtype=torch.bool, device=hidden.device)
@@ -391,18 +432,41 @@ class DecoderPruner(Patch):
 
         return post
 
-    def _layer_signal(self, call: _Call, layer, j: int, name: str, options: dict) -> list[Tensor]:
-        if name != "text_attention":
-            raise PruningError(f"signal {name!r} is not available inside the decoder (offered: text_attention)")
+    @staticmethod
+    def _text_after(vis: Tensor, valid: Tensor) -> Tensor:
+        """Positions of the (non-pad) text tokens after a sample's last visual token: its instruction."""
+        positions = torch.arange(valid.shape[0], device=valid.device)
+        last = int(vis.max()) if vis.numel() else -1
+        return positions[(positions > last) & valid]
+
+    def _pre_signal(self, name, options, n_visual, embeds, vis_pos, valid) -> list[Tensor]:
+        if name == "text_embeddings":
+            return [embeds[b, self._text_after(vis_pos[b], valid[b])] for b in range(embeds.shape[0])]
+        return self.hooks.projector_signal(name, options, n_visual)
+
+    def _layer_signal(self, call: _Call, layer, j: int, name: str, options: dict, hidden_out: Tensor) -> list[Tensor]:
+        if name not in ("text_attention", "keys", "text_states"):
+            raise PruningError(
+                f"signal {name!r} is not available inside the decoder (offered: text_attention, keys, text_states)"
+            )
         hidden_in, mask, pos_emb = call.captured[j]
         out = []
         for b in range(hidden_in.shape[0]):
             vis = call.vis_pos[b]
+            text = self._text_after(vis, call.valid[b])
+            if name == "text_states":
+                out.append(hidden_out[b, text])
+                continue
+            if name == "keys":
+                which = options.get("tokens", "visual")
+                if which not in ("visual", "text"):
+                    raise PruningError(f"signal 'keys': tokens must be 'visual' or 'text', got {which!r}")
+                rows = vis if which == "visual" else text
+                out.append(layer.self_attn.k_proj(layer.input_layernorm(hidden_in[b, rows])))
+                continue
             if vis.numel() == 0:
                 out.append(torch.zeros(0, device=hidden_in.device))
                 continue
-            positions = torch.arange(hidden_in.shape[1], device=hidden_in.device)
-            text = positions[(positions > vis.max()) & call.valid[b]]
             normed = layer.input_layernorm(hidden_in[b])
             raters = select_raters(options.get("raters", "sparsevlm"), normed, vis, text)
             probs = attention_rows(layer, hidden_in, pos_emb, mask, b, raters)  # [H, R, L]
@@ -416,16 +480,25 @@ class DecoderPruner(Patch):
         return [min(c, stage.keep(n)) if n else 0 for n, c in zip(n_orig, current)]
 
     @staticmethod
-    def _choose(stage: Stage, ctx: StageContext) -> list[Tensor]:
-        kept = stage.choose(ctx)
-        if len(kept) != ctx.batch_size:
-            raise PruningError(f"{stage.label or stage.point}: method returned {len(kept)} rows for {ctx.batch_size}")
-        out = []
-        for b, (k, budget, f) in enumerate(zip(kept, ctx.keep, ctx.features)):
-            k = k.to(device=f.device, dtype=torch.long).flatten()
+    def _choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
+        """Run the stage; per sample: kept indices (ascending), replacement values (or None), merged flags."""
+        chosen = stage.choose(ctx)
+        where = stage.label or stage.point
+        if len(chosen) != ctx.batch_size:
+            raise PruningError(f"{where}: method returned {len(chosen)} rows for {ctx.batch_size}")
+        kept, values, merged = [], [], []
+        for b, (c, budget, f) in enumerate(zip(chosen, ctx.keep, ctx.features)):
+            c = c if isinstance(c, Choice) else Choice(c)
+            k = c.indices.to(device=f.device, dtype=torch.long).flatten()
             if k.numel() != budget:
-                raise PruningError(
-                    f"{stage.label or stage.point}: method kept {k.numel()} tokens of sample {b}, budget {budget}"
-                )
-            out.append(k.sort().values)
-        return out
+                raise PruningError(f"{where}: method kept {k.numel()} tokens of sample {b}, budget {budget}")
+            if k.numel() and (int(k.min()) < 0 or int(k.max()) >= f.shape[0] or k.unique().numel() != k.numel()):
+                raise PruningError(f"{where}: method returned invalid or repeated indices for sample {b}")
+            k, order = k.sort()
+            kept.append(k)
+            values.append(None if c.values is None else c.values.to(f.device)[order])
+            flags = torch.zeros(k.numel(), dtype=torch.bool, device=f.device)
+            if c.merged is not None:
+                flags = c.merged.to(device=f.device, dtype=torch.bool).flatten()[order]
+            merged.append(flags)
+        return kept, values, merged

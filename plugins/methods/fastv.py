@@ -1,0 +1,45 @@
+"""FastV (ECCV'24, arXiv:2403.06764): after decoder layer K-1, keep the visual tokens the last token attends to most.
+
+Relevance is layer K-1's attention of the last prompt token to each visual token, mean over heads, recomputed for
+that one query row (sdpa stays on). Layers 0..K-1 see every visual token, so a layer-averaged budget ``T`` below
+``K·n/L`` cannot be met (an error says so); the count kept after layer K is solved from ``T``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveInt
+from torch import Tensor
+
+from prunekit import Method, ModelSpec, Stage, hookimpl
+from prunekit.config import StrictModel
+from prunekit.planning import StagePlan, check_layers, make_stages
+from prunekit_plugins.methods.common import DecoderStageConfig, relevance_topk, topk
+
+
+class FastVConfig(DecoderStageConfig):
+    layer: PositiveInt = Field(2, description="K: the first decoder layer that sees the pruned tokens (paper: K=2).")
+
+
+class FastV(Method):
+    name = "fastv"
+    Config = FastVConfig
+    SelectionConfig = StrictModel
+    description = "Top-k visual tokens by the last token's attention at layer K-1."
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        cfg = self.config
+        layer = check_layers([cfg.layer], spec.num_layers, "layer")[0]
+        choose = relevance_topk("text_attention", raters=cfg.raters)
+        plan = StagePlan("decoder_layer", choose, layer, label=f"fastv (layer {layer})", signals=("text_attention",))
+        return make_stages(cfg, spec, [plan], method=self.name)
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config) -> Tensor:
+        if relevance is None:
+            raise ValueError("this method selects by attention: pass relevance=[B, N] (e.g. last-token attention)")
+        return topk(relevance, k)
+
+
+@hookimpl
+def prunekit_register_methods(register):
+    register(FastV)
