@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="prune a bundled demo model and show what was kept and the prefill time")
-    p.add_argument("--method", default="tops")
+    p.add_argument("--method", default="tops", help="any registered method (prunekit list)")
     p.add_argument("--keep-tokens", type=int, default=64, help="layer-averaged visual tokens kept (default 64)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=8)
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="list registered plugins")
     p.set_defaults(func=list_plugins)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, KeyError) as err:  # bad method, config or budget: say why, no traceback
+        print(f"prunekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

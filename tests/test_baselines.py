@@ -177,6 +177,14 @@ def test_more_tokens_than_present_is_an_error(model, inputs):
             model(**inputs)
 
 
+def test_random_in_the_decoder_and_a_stray_layer(deep_model, inputs):
+    prunekit.build("random", deep_model, keep_tokens=40, insertion_point="decoder_layer", layer=3)
+    deep_model(**inputs)
+    assert prunekit.inspect(deep_model).stages[0].layer == 3
+    with pytest.raises(ValueError, match="insertion_point='decoder_layer'"):
+        prunekit.build("random", deep_model, keep_tokens=40, layer=3)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("layer", 8, "layer"), ("contextual_ratio", 1.5, "contextual_ratio"), ("recycle_ratio", -1, "recycle_ratio"),
     ("relevance_scorer", "nope", "registered scorers"),

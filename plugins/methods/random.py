@@ -26,6 +26,14 @@ class RandomConfig(SeedSelection, MethodConfig):
     )
     layer: PositiveInt = Field(2, description="First decoder layer that sees the pruned tokens (decoder_layer only).")
 
+    @model_validator(mode="after")
+    def _layer_needs_decoder(self):
+        if "layer" in self.model_fields_set and self.insertion_point != "decoder_layer":
+            raise ValueError(
+                f"layer is only used with insertion_point='decoder_layer' (got insertion_point={self.insertion_point!r})"
+            )
+        return self
+
 
 class RandomPruning(Method):
     name = "random"
