@@ -10,6 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 DEFAULT_KEEP_RATIO = 64 / 576
 
 
+def registered_name(kind: str, value: str) -> str:
+    """Validate that ``value`` names a registered plugin of ``kind`` (e.g. "scorers"); the error lists the choices."""
+    from .registry import registry
+
+    allowed = registry.names(kind)
+    if value not in allowed:
+        raise ValueError(f"unknown {kind[:-1]} {value!r}; registered {kind}: {', '.join(allowed)}")
+    return value
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 

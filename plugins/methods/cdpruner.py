@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, hookimpl, registry
-from prunekit.config import MethodConfig, StrictModel
+from prunekit.config import MethodConfig, StrictModel, registered_name
 from prunekit.interfaces import SelectionInput
 from prunekit.planning import StagePlan, make_stages
 from prunekit_plugins.methods.common import minmax
@@ -32,10 +32,7 @@ class CDPrunerSelection(StrictModel):
     @field_validator("relevance_scorer")
     @classmethod
     def _registered(cls, v):
-        allowed = registry.names("scorers")
-        if v not in allowed:
-            raise ValueError(f"unknown scorer {v!r}; registered scorers: {', '.join(allowed)}")
-        return v
+        return registered_name("scorers", v)
 
     def relevance(self, inputs: SelectionInput) -> Tensor:
         r = registry.get("scorers", self.relevance_scorer)().start(inputs).gains()

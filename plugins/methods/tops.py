@@ -20,7 +20,7 @@ from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, StageContext, hookimpl, registry
 from prunekit.budget import StagePlacement, resolve_counts
-from prunekit.config import MethodConfig, StrictModel
+from prunekit.config import MethodConfig, StrictModel, registered_name
 from prunekit_plugins.selectors.greedy import GreedySelector
 
 Principle = Literal["relevance", "coverage", "diversity"]
@@ -62,10 +62,7 @@ class TopsSelection(StrictModel):
     @field_validator("relevance_scorer", "coverage_scorer", "diversity_scorer")
     @classmethod
     def _registered(cls, v):
-        allowed = registry.names("scorers")
-        if v not in allowed:
-            raise ValueError(f"unknown scorer {v!r}; registered scorers: {', '.join(allowed)}")
-        return v
+        return registered_name("scorers", v)
 
     def selector(self, diversity_weight: float | None = None, coverage_weight: float | None = None) -> GreedySelector:
         alpha = self.diversity_weight if diversity_weight is None else diversity_weight
