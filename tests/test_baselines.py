@@ -194,3 +194,15 @@ def test_bad_fields_name_the_field(deep_model, field, value, match):
             "relevance_scorer": "cdpruner"}[field]
     with pytest.raises(ValueError, match=match):
         prunekit.build(name, deep_model, **{field: value})
+
+
+def test_cdpruner_takes_a_relevance_computed_elsewhere():
+    """The documented path for a CLIP text relevance: pass it and name the plain `relevance` scorer."""
+    from prunekit_plugins.selectors.dpp import dpp_greedy_map
+
+    feats, rel = _random(1, 16, 5, 4)
+    kept = prunekit.select("cdpruner", feats, rel, k=5, relevance_scorer="relevance")
+    unit = torch.nn.functional.normalize(feats[0], dim=-1)
+    r = (rel[0] - rel[0].min()) / (rel[0].max() - rel[0].min())
+    L = r[:, None] * (unit @ unit.T) * r[None, :]
+    assert kept[0].tolist() == sorted(dpp_greedy_map(L[None], 5, fallback=r[None])[0].tolist())
