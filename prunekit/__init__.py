@@ -8,6 +8,7 @@ from .interfaces import (
     ModelAdapter,
     ModelSpec,
     Patch,
+    Reduction,
     Scorer,
     ScorerRun,
     SelectionInput,
@@ -45,5 +46,5 @@ __all__ = [
     "Selector", "Stage", "StageContext", "MethodConfig", "BudgetConfig", "PruningReport", "StageRecord",
     "UnsupportedModelError", "adapter_for", "build", "disabled", "get_method", "inspect", "is_patched",
     "list_adapters", "list_insertion_points", "list_methods", "list_scorers", "list_selectors", "make_config",
-    "reduce", "remove", "select", "Choice",
+    "reduce", "remove", "select", "Choice", "Reduction",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from torch import Tensor
 
 from .config import MethodConfig
-from .interfaces import Method, ModelAdapter, Patch
+from .interfaces import Method, ModelAdapter, Patch, Reduction
 from .registry import registry
 from .report import PruningReport
 
@@ -176,8 +176,6 @@ def reduce(
 ):
     """Model-free reduction: a ``Reduction`` with ``indices`` ``[B, k]``, ``values`` ``[B, k, D]`` (merged values
     where the method merges, else the kept features) and ``merged`` ``[B, k]`` flags."""
-    from prunekit_plugins.methods.common import Reduction
-
     out = _run_select(method, features, relevance, k, query, config)
     if isinstance(out, Reduction):
         return out

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from .ops import cosine
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MethodConfig
     from .report import PruningReport
@@ -62,8 +64,7 @@ class SelectionInput:
     def similarity(self) -> Tensor:
         """Cosine similarity of the rows, ``[B, N, N]`` (computed once, shared by all scorers)."""
         if self._similarity is None:
-            unit = torch.nn.functional.normalize(self.features, dim=-1)
-            self._similarity = unit @ unit.transpose(1, 2)
+            self._similarity = cosine(self.features)
         return self._similarity
 
 
@@ -94,6 +95,17 @@ class Choice:
             raise ValueError(f"Choice.values has {self.values.shape[0]} rows for {k} indices")
         if self.merged is not None and self.merged.numel() != k:
             raise ValueError(f"Choice.merged has {self.merged.numel()} entries for {k} indices")
+
+
+class Reduction:
+    """Model-free result of a merging method: kept ``indices`` ``[B, k]`` (ascending), their ``values``
+    ``[B, k, D]`` and ``merged`` flags ``[B, k]``."""
+
+    def __init__(self, indices: Tensor, values: Tensor, merged: Tensor) -> None:
+        self.indices, self.values, self.merged = indices, values, merged
+
+    def __repr__(self) -> str:
+        return f"Reduction(indices={tuple(self.indices.shape)}, merged={int(self.merged.sum())})"
 
 
 class ScorerRun(ABC):

@@ -17,7 +17,7 @@ from prunekit import Method, ModelSpec, Stage, hookimpl, registry
 from prunekit.config import MethodConfig, StrictModel, registered_name
 from prunekit.interfaces import SelectionInput
 from prunekit.planning import StagePlan, make_stages
-from prunekit_plugins.methods.common import minmax
+from prunekit.ops import minmax
 from prunekit_plugins.selectors.dpp import DppSelector
 
 

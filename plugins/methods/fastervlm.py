@@ -11,7 +11,8 @@ from torch import Tensor
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.planning import StagePlan, make_stages
-from prunekit_plugins.methods.common import relevance_topk, topk
+from prunekit.ops import topk
+from prunekit_plugins.methods.common import relevance_topk
 
 
 class FasterVLMConfig(MethodConfig):

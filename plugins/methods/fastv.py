@@ -13,7 +13,8 @@ from torch import Tensor
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import StrictModel
 from prunekit.planning import StagePlan, check_layers, make_stages
-from prunekit_plugins.methods.common import DecoderStageConfig, relevance_topk, topk
+from prunekit.ops import topk
+from prunekit_plugins.methods.common import DecoderStageConfig, relevance_topk
 
 
 class FastVConfig(DecoderStageConfig):

@@ -19,7 +19,8 @@ from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.interfaces import Choice
 from prunekit.planning import StagePlan, make_stages
-from prunekit_plugins.methods.common import Reduction, stack_choices
+from prunekit.interfaces import Reduction
+from prunekit_plugins.methods.common import stack_choices
 
 
 @functools.lru_cache(maxsize=64)

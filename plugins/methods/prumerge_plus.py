@@ -17,7 +17,9 @@ from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.interfaces import Choice
 from prunekit.planning import StagePlan, make_stages
-from prunekit_plugins.methods.common import Reduction, cosine, stack_choices
+from prunekit.interfaces import Reduction
+from prunekit.ops import cosine
+from prunekit_plugins.methods.common import stack_choices
 
 
 def prumerge_plus_choice(

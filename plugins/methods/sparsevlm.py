@@ -19,7 +19,9 @@ from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import StrictModel
 from prunekit.interfaces import Choice
 from prunekit.planning import StagePlan, check_layers, make_stages, scale_layers
-from prunekit_plugins.methods.common import DecoderStageConfig, stack_choices, topk, Reduction
+from prunekit.interfaces import Reduction
+from prunekit.ops import topk
+from prunekit_plugins.methods.common import DecoderStageConfig, stack_choices
 
 #: the paper's per-stage counts on LLaVA-1.5-7B (layers 2, 6, 15), by layer-averaged budget
 PAPER_SCHEDULES = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}

@@ -19,7 +19,9 @@ from prunekit.budget import BudgetError
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.interfaces import Choice
 from prunekit.planning import StagePlan, make_stages
-from prunekit_plugins.methods.common import Reduction, stack_choices, topk
+from prunekit.interfaces import Reduction
+from prunekit.ops import topk
+from prunekit_plugins.methods.common import stack_choices
 
 
 def contextual_count(k: int, ratio: float, fixed: int | None) -> int:

@@ -15,7 +15,7 @@ from torch import Tensor
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.planning import StagePlan, make_stages
-from prunekit_plugins.methods.common import cosine, topk
+from prunekit.ops import cosine, topk
 
 
 def remove_duplicates(features: Tensor, candidates: Tensor, keep: int, step: int = 8) -> Tensor:

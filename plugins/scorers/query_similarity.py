@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.ops import cosine, minmax
 from prunekit_plugins.scorers.relevance import _Constant
 
 
@@ -23,12 +24,7 @@ class QuerySimilarity(Scorer):
             raise ValueError("the 'query_similarity' scorer needs query tokens ([B, Q, D]); none were given")
         if inputs.query.shape[1] == 0:
             return _Constant(torch.ones_like(inputs.features[..., 0]))
-        x = torch.nn.functional.normalize(inputs.features, dim=-1)
-        q = torch.nn.functional.normalize(inputs.query, dim=-1)
-        sim = (x @ q.transpose(1, 2)).mean(-1)
-        lo, hi = sim.amin(-1, keepdim=True), sim.amax(-1, keepdim=True)
-        span = hi - lo
-        return _Constant(torch.where(span > 0, (sim - lo) / span.clamp_min(1e-30), torch.ones_like(sim)))
+        return _Constant(minmax(cosine(inputs.features, inputs.query).mean(-1)))
 
 
 @hookimpl

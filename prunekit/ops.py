@@ -1,0 +1,27 @@
+"""Small pure tensor rules shared by scorers, selectors and methods (no model, no registry)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def topk(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest scores along the last dim (ties go to the lower index), ascending."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(-1).values
+
+
+def cosine(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """Cosine similarity of the rows of ``x`` ``[..., n, d]`` with those of ``y`` (default ``x``), in float32+."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a = torch.nn.functional.normalize(x.to(dtype), dim=-1)
+    b = a if y is None else torch.nn.functional.normalize(y.to(dtype), dim=-1)
+    return a @ b.transpose(-1, -2)
+
+
+def minmax(x: Tensor) -> Tensor:
+    """Min-max normalise the last dim to [0, 1] (a constant row becomes all ones)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(x))
