@@ -17,9 +17,8 @@ from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import MethodConfig, StrictModel
-from prunekit.interfaces import Choice
+from prunekit.interfaces import Choice, Reduction
 from prunekit.planning import StagePlan, make_stages
-from prunekit.interfaces import Reduction
 from prunekit_plugins.methods.common import stack_choices
 
 

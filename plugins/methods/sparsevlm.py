@@ -11,15 +11,16 @@ the one nearest the budget gives the shape, scaled to the exact layer average.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import StrictModel
-from prunekit.interfaces import Choice
+from prunekit.interfaces import Choice, Reduction
 from prunekit.planning import StagePlan, check_layers, make_stages, scale_layers
-from prunekit.interfaces import Reduction
 from prunekit.ops import topk
 from prunekit_plugins.methods.common import DecoderStageConfig, stack_choices
 
@@ -89,18 +90,12 @@ class SparseVLMSelection(StrictModel):
 
 
 class SparseVLMConfig(SparseVLMSelection, DecoderStageConfig):
-    raters: str = Field("sparsevlm", description="Rater tokens: sparsevlm (paper), last_token or all_text.")
+    raters: Literal["sparsevlm", "last_token", "all_text"] = Field(
+        "sparsevlm", description="Rater tokens: sparsevlm (paper), last_token or all_text."
+    )
     layers: list[PositiveInt] | None = Field(
         None, min_length=1, description="Stage layers; None: 2, 6, 15 of 32 scaled to depth."
     )
-
-    @field_validator("raters")
-    @classmethod
-    def _raters(cls, v):
-        allowed = ("sparsevlm", "last_token", "all_text")
-        if v not in allowed:
-            raise ValueError(f"raters must be one of {', '.join(allowed)}; got {v!r}")
-        return v
 
 
 class SparseVLM(Method):

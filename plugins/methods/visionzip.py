@@ -17,9 +17,8 @@ from torch import Tensor
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.budget import BudgetError
 from prunekit.config import MethodConfig, StrictModel
-from prunekit.interfaces import Choice
+from prunekit.interfaces import Choice, Reduction
 from prunekit.planning import StagePlan, make_stages
-from prunekit.interfaces import Reduction
 from prunekit.ops import topk
 from prunekit_plugins.methods.common import stack_choices
 
@@ -35,11 +34,15 @@ def contextual_count(k: int, ratio: float, fixed: int | None) -> int:
     return min(k - 1, max(1, round(ratio * k)))
 
 
-def visionzip_choice(features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, contextual: int) -> Choice:
-    """One sample: ``features [n, D]``, ``cls_attention [n]``, ``keys [n, d]``; keep ``k`` with ``contextual`` merged."""
+def visionzip_choice(
+    features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, ratio: float = 10 / 64, fixed: int | None = None
+) -> Choice:
+    """One sample: ``features [n, D]``, ``cls_attention [n]``, ``keys [n, d]``; keep ``k``, ``C`` of them merged
+    (``C`` from :func:`contextual_count`). Keeping every token merges nothing."""
     n = features.shape[0]
     if k >= n:
         return Choice(torch.arange(n, device=features.device))
+    contextual = contextual_count(k, ratio, fixed)
     dominant = topk(cls_attention.float(), k - contextual)
     rest = torch.ones(n, dtype=torch.bool, device=features.device)
     rest[dominant] = False
@@ -78,11 +81,8 @@ class VisionZip(Method):
         def choose(ctx):
             cls_attn = ctx.relevance("cls_attention")
             keys = ctx.relevance("keys")
-            return [
-                visionzip_choice(f, a, kk, k, contextual_count(k, cfg.contextual_ratio, cfg.contextual_tokens))
-                if k < f.shape[0] else torch.arange(f.shape[0], device=f.device)
-                for f, a, kk, k in zip(ctx.features, cls_attn, keys, ctx.keep)
-            ]
+            return [visionzip_choice(f, a, kk, k, cfg.contextual_ratio, cfg.contextual_tokens)
+                    for f, a, kk, k in zip(ctx.features, cls_attn, keys, ctx.keep)]
 
         least = 2 if cfg.contextual_tokens is None else cfg.contextual_tokens + 1
         plan = StagePlan("vision_features", choose, label="visionzip", signals=("cls_attention", "keys"))
@@ -93,10 +93,8 @@ class VisionZip(Method):
         """Model-free: ``relevance`` is the [CLS] attention; the features double as keys."""
         if relevance is None:
             raise ValueError("visionzip needs the [CLS] attention: pass relevance=[B, N]")
-        if k >= features.shape[1]:
-            return stack_choices([Choice(torch.arange(features.shape[1]))] * features.shape[0], features)
-        c = contextual_count(k, config.contextual_ratio, config.contextual_tokens)
-        return stack_choices([visionzip_choice(f, r, f, k, c) for f, r in zip(features, relevance)], features)
+        return stack_choices([visionzip_choice(f, r, f, k, config.contextual_ratio, config.contextual_tokens)
+                              for f, r in zip(features, relevance)], features)
 
 
 @hookimpl
