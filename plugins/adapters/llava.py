@@ -51,8 +51,6 @@ class _LlavaHooks(ModelHooks):
             embeds = kwargs["inputs_embeds"]
             ref = module.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
             self._visual = (embeds == ref).all(-1)
-        if self._visual is not None and not bool(self._visual.any()):
-            self._cls, self._keys, self._features = [], [], []
         return None
 
     def _drop_cls(self, x: Tensor) -> Tensor:

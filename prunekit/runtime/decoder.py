@@ -231,13 +231,9 @@ class DecoderPruner(Patch):
             report.stages.append(StageRecord(
                 stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
-            if any(v is not None for v in values):
-                embeds = embeds.clone()
-                for b, v in enumerate(values):
-                    if v is not None:
-                        v = self.hooks.project(v) if on_vision else v
-                        embeds[b, vis_pos[b][kept[b]]] = v.to(embeds.dtype)
-                kwargs["inputs_embeds"] = embeds
+            written = self._write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None)
+            if written is not None:
+                embeds = kwargs["inputs_embeds"] = written
                 changed = True
             dropped = torch.tensor([n - k.numel() for n, k in zip(n_visual, kept)], device=device)
             if bool(dropped.any()):
@@ -392,11 +388,9 @@ class DecoderPruner(Patch):
                 stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
             n_now = [f.shape[0] for f in feats]
-            if any(v is not None for v in values):
-                hidden = hidden.clone()
-                for b, v in enumerate(values):
-                    if v is not None:
-                        hidden[b, call.vis_pos[b][kept[b]]] = v.to(hidden.dtype)
+            written = self._write_values(hidden, call.vis_pos, kept, values)
+            if written is not None:
+                hidden = written
             elif all(k.numel() == n for k, n in zip(kept, n_now)):
                 return None
             Lc = hidden.shape[1]
@@ -478,6 +472,18 @@ class DecoderPruner(Patch):
     def _budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -> list[int]:
         current = n_orig if current is None else current
         return [min(c, stage.keep(n)) if n else 0 for n, c in zip(n_orig, current)]
+
+    @staticmethod
+    def _write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list[Tensor | None],
+                      transform: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """``x`` with each sample's kept visual rows set to the stage's values (``None`` when no value changes)."""
+        if all(v is None for v in values):
+            return None
+        x = x.clone()
+        for b, v in enumerate(values):
+            if v is not None:
+                x[b, rows[b][kept[b]]] = (v if transform is None else transform(v)).to(x.dtype)
+        return x
 
     @staticmethod
     def _choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
