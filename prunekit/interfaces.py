@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from .ops import cosine
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MethodConfig
@@ -33,9 +32,24 @@ if TYPE_CHECKING:  # pragma: no cover
 # Selection (pure tensor functions, no model)
 # ---------------------------------------------------------------------------------------------------------
 class SelectionInput:
-    """Features ``[B, N, D]`` and optional relevance ``[B, N]`` of one pruning point, with shared derived tensors."""
+    """Features ``[B, N, D]`` and optional relevance ``[B, N]`` of one pruning point, with shared derived tensors.
 
-    def __init__(self, features: Tensor, relevance: Tensor | None = None, query: Tensor | None = None) -> None:
+    The cosine-similarity matrix ``F`` is exactly symmetric. Scorers that only need some rows of it (the greedy
+    scorers) read them with :meth:`similarity_rows` / :meth:`similarity_to`: when the whole ``[B, N, N]`` matrix
+    would take more than ``max_similarity_bytes`` (video-scale N), those rows are computed on demand from the
+    normalised features instead of being cut from a held matrix, so memory stays ``O(N·rows)``.
+    """
+
+    #: default memory cap for holding the whole similarity matrix (bytes, all batch rows together)
+    MAX_SIMILARITY_BYTES: ClassVar[int] = 1 << 30
+
+    def __init__(
+        self,
+        features: Tensor,
+        relevance: Tensor | None = None,
+        query: Tensor | None = None,
+        max_similarity_bytes: int | None = None,
+    ) -> None:
         if features.dim() != 3:
             raise ValueError(f"features must have shape [B, N, D], got {tuple(features.shape)}")
         if relevance is not None and relevance.shape != features.shape[:2]:
@@ -50,7 +64,15 @@ class SelectionInput:
             raise ValueError(f"query must have shape [B, Q, D] with B = {features.shape[0]}, got {tuple(query.shape)}")
         #: optional query tokens ``[B, Q, D]`` (e.g. the instruction's embeddings) for query-aware scorers
         self.query = None if query is None else query.to(dtype)
+        limit = self.MAX_SIMILARITY_BYTES if max_similarity_bytes is None else max_similarity_bytes
+        if limit < 0:
+            raise ValueError(f"max_similarity_bytes must be >= 0, got {limit}")
+        B, N = features.shape[:2]
+        #: True when rows of F are computed on demand instead of cut from a held matrix
+        self.streamed = B * N * N * self.features.element_size() > limit
         self._similarity: Tensor | None = None
+        self._normalized: Tensor | None = None
+        self._last_column: tuple[Tensor, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -61,18 +83,43 @@ class SelectionInput:
         return self.features.shape[1]
 
     @property
+    def normalized(self) -> Tensor:
+        """L2-normalised features ``[B, N, D]``."""
+        if self._normalized is None:
+            self._normalized = torch.nn.functional.normalize(self.features, dim=-1)
+        return self._normalized
+
+    @property
     def similarity(self) -> Tensor:
-        """Cosine similarity of the rows, ``[B, N, N]`` (computed once, shared by all scorers)."""
+        """Cosine similarity of the rows, ``[B, N, N]``, exactly symmetric (computed once, shared by all scorers)."""
         if self._similarity is None:
-            self._similarity = cosine(self.features)
+            sim = self.normalized @ self.normalized.transpose(-1, -2)
+            # BLAS need not round F[i, j] and F[j, i] alike; averaging makes the matrix exactly symmetric (IEEE
+            # addition commutes) and leaves an already symmetric one unchanged, so rows can stand for columns.
+            self._similarity = (sim + sim.transpose(-1, -2)) / 2
         return self._similarity
 
+    def similarity_rows(self, index: Tensor) -> Tensor:
+        """Rows ``F[b, index[b, u], :]`` as ``[B, U, N]`` (equal to the columns, F being symmetric)."""
+        batch = torch.arange(index.shape[0], device=index.device)[:, None]
+        if not self.streamed:
+            return self.similarity[batch, index]
+        x = self.normalized
+        return x[batch, index] @ x.transpose(-1, -2)
 
-def max_similarity_to_set(similarity: Tensor, best: Tensor | None, picked: Tensor) -> Tensor:
-    """``m_j`` after adding ``picked`` (``[B]``) to the set: ``max(m_j, F[j, picked])`` (``F[j, picked]`` when empty)."""
-    B, N, _ = similarity.shape
-    column = similarity.gather(2, picked[:, None, None].expand(B, N, 1)).squeeze(2)
-    return column if best is None else torch.maximum(best, column)
+    def similarity_block(self, start: int, end: int) -> Tensor:
+        """Rows ``start:end`` of F for every sample, ``[B, end - start, N]``."""
+        if not self.streamed:
+            return self.similarity[:, start:end]
+        x = self.normalized
+        return x[:, start:end] @ x.transpose(-1, -2)
+
+    def similarity_to(self, picked: Tensor) -> Tensor:
+        """``F[b, :, picked[b]]`` as ``[B, N]``: every token's similarity to one token per sample."""
+        # Every set-dependent scorer asks for the column of the token just picked: compute it once per pick.
+        if self._last_column is None or self._last_column[0] is not picked:
+            self._last_column = (picked, self.similarity_rows(picked[:, None]).squeeze(1))
+        return self._last_column[1]
 
 
 @dataclass

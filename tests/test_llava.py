@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import prunekit
+from prunekit.ops import cosine
 from prunekit.runtime.attention import attention_rows
 from prunekit.testing import tiny_llava, tiny_llava_inputs
 from test_selection import naive_tops
@@ -63,7 +64,7 @@ def test_pruned_generate_equals_hand_built_sequence(model, inputs):
     n = cls.shape[1]
     rows, masks = [], []
     for b in range(2):
-        kept = naive_tops(feats[b * n : (b + 1) * n], cls[b], T)
+        kept = naive_tops(cosine(feats[b * n : (b + 1) * n].double()), cls[b], T)
         assert report.stages[0].kept[b].tolist() == kept
         vis = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
         keep = torch.ones(embeds.shape[1], dtype=torch.bool)

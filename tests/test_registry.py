@@ -28,7 +28,8 @@ def test_builtins_registered_through_entry_points():
     for kind, expected in BUILTIN.items():
         assert expected <= set(registry.names(kind))
     assert set(prunekit.list_methods()) >= {"tops"}
-    assert prunekit.list_scorers("f*") == ["facility_location"]
+    assert prunekit.list_scorers("f*") == ["facility_location", "facility_location_naive"]
+    assert prunekit.list_scorers("d*") == ["diversity"]
 
 
 def test_plugins_load_once(monkeypatch):

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 import prunekit
 from prunekit import SelectionInput, registry
+from prunekit_plugins.scorers.facility_location import fixed_point_bits
 
 PRINCIPLES = ["relevance", "coverage", "diversity"]
 SUBSETS = [list(c) for n in (1, 2, 3) for c in itertools.combinations(PRINCIPLES, n)]  # the paper's 7
@@ -21,17 +22,22 @@ def _normalize(values, how):
     return [v / mean if mean != 0 else 0.0 for v in values]
 
 
-def naive_tops(H, r, k, alpha=0.5, lam=0.5, principles=PRINCIPLES, normalize="minmax"):
-    """Literal O(K·N²) greedy of the spec, one token at a time, in Python."""
-    Hn = torch.nn.functional.normalize(H.double(), dim=-1)
-    F = (Hn @ Hn.T).tolist()
-    N = len(F)
+def naive_tops(F, r, k, alpha=0.5, lam=0.5, principles=PRINCIPLES, normalize="minmax"):
+    """Literal O(K·N²) greedy of the spec, one token at a time, in Python, on the similarity matrix ``F``.
+
+    Coverage sums are exact integer sums on F rounded to the fixed-point grid prunekit documents, so that exact
+    ties are ties here too; everything else is float64 arithmetic in the spec's order."""
+    N = F.shape[0]
+    bits = fixed_point_bits(N)
+    F = F.double().tolist()
+    Fq = [[round(x * 2**bits) for x in row] for row in F]
     use_r, use_d, use_c = ("relevance" in principles), ("diversity" in principles), ("coverage" in principles)
-    S, m = [], None
+    S, m, mq = [], None, None
     if use_r:
         rr = r.double().tolist()
         S.append(max(range(N), key=lambda i: (rr[i], -i)))
         m = [F[j][S[0]] for j in range(N)]
+        mq = [Fq[j][S[0]] for j in range(N)]
     while len(S) < k:
         cand = [i for i in range(N) if i not in S]
         terms = []
@@ -40,9 +46,9 @@ def naive_tops(H, r, k, alpha=0.5, lam=0.5, principles=PRINCIPLES, normalize="mi
         if use_d:
             terms.append((alpha, [1.0 if m is None else 1.0 - m[i] for i in cand]))
         if use_c:
-            base = [0.0] * N if m is None else m
-            cov = [sum(max(0.0, F[i][j] - base[j]) for j in range(N) if j not in S) for i in cand]
-            terms.append((lam, cov))
+            base = [0] * N if mq is None else mq
+            cov = [sum(max(0, Fq[i][j] - base[j]) for j in range(N) if j not in S) for i in cand]
+            terms.append((lam, [float(c) / 2**bits for c in cov]))
         scores = [0.0] * len(cand)
         for w, vals in terms:
             for t, v in enumerate(_normalize(vals, normalize)):
@@ -50,7 +56,11 @@ def naive_tops(H, r, k, alpha=0.5, lam=0.5, principles=PRINCIPLES, normalize="mi
         best = max(range(len(cand)), key=lambda t: (scores[t], -t))
         pick = cand[best]
         S.append(pick)
-        m = [F[j][pick] for j in range(N)] if m is None else [max(m[j], F[j][pick]) for j in range(N)]
+        if m is None:
+            m, mq = [F[j][pick] for j in range(N)], [Fq[j][pick] for j in range(N)]
+        else:
+            m = [max(m[j], F[j][pick]) for j in range(N)]
+            mq = [max(mq[j], Fq[j][pick]) for j in range(N)]
     return sorted(S)
 
 
@@ -73,16 +83,18 @@ def test_tops_equals_naive_float64(principles, normalize, seed):
     got = prunekit.select("tops", H, r, k=k, principles=principles, normalize=normalize,
                           diversity_weight=0.7, coverage_weight=0.3)
     assert got.dtype == torch.long and got.shape == (2, k)
+    F = SelectionInput(H).similarity
     for b in range(2):
-        assert got[b].tolist() == naive_tops(H[b], r[b], k, 0.7, 0.3, principles, normalize)
+        assert got[b].tolist() == naive_tops(F[b], r[b], k, 0.7, 0.3, principles, normalize)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_tops_equals_naive_float32(seed):
     H, r = _data(100 + seed, dtype=torch.float32, N=48)
     got = prunekit.select("tops", H, r, k=16)
+    F = SelectionInput(H).similarity
     for b in range(2):
-        assert got[b].tolist() == naive_tops(H[b], r[b], 16)
+        assert got[b].tolist() == naive_tops(F[b], r[b], 16)
 
 
 def test_select_output_contract():
@@ -142,3 +154,89 @@ def test_every_scorer_is_a_valid_greedy_term(name):
 @pytest.mark.parametrize("name", registry.names("selectors"))
 def test_every_selector_is_registered_with_a_name(name):
     assert registry.get("selectors", name).name == name
+
+
+# --- the incremental coverage against the from-scratch reference ------------------------------------------------
+def _select(H, r, k, coverage_scorer, max_similarity_bytes=None, device="cpu", **fields):
+    from prunekit_plugins.methods.tops import TopsSelection
+
+    selector = TopsSelection(coverage_scorer=coverage_scorer, **fields).selector()
+    inputs = SelectionInput(H.to(device), None if r is None else r.to(device),
+                            max_similarity_bytes=max_similarity_bytes)
+    return selector.select(inputs, k).cpu()
+
+
+CASES = [  # (seed, B, N, D, k): large k exhausts coverage, where exact ties between gains are common
+    (0, 1, 64, 8, 63), (1, 3, 97, 16, 48), (2, 2, 200, 64, 150), (3, 4, 50, 4, 25), (4, 1, 300, 256, 120),
+    (5, 2, 128, 32, 127), (6, 3, 61, 3, 40), (7, 1, 576, 128, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("principles", [["coverage"], ["relevance", "coverage"], PRINCIPLES],
+                         ids=["C", "R+C", "R+D+C"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[1]}N{c[2]}D{c[3]}k{c[4]}")
+def test_incremental_coverage_equals_recomputed(case, principles, dtype):
+    """Exact: the same selection as recomputing every gain every step, batched, ties included."""
+    seed, B, N, D, k = case
+    H, r = _data(seed, B=B, N=N, D=D, dtype=dtype, ties=seed % 2 == 0)
+    fast = _select(H, r, k, "facility_location", principles=principles)
+    naive = _select(H, r, k, "facility_location_naive", principles=principles)
+    assert torch.equal(fast, naive)
+
+
+@pytest.mark.parametrize("normalize", ["minmax", "mean"])
+@pytest.mark.parametrize("seed", range(3))
+def test_incremental_coverage_equals_recomputed_with_mean_normalisation(normalize, seed):
+    H, r = _data(seed, B=2, N=120, D=12, dtype=torch.float32, ties=True)
+    fields = {"normalize": normalize, "diversity_weight": 0.3, "coverage_weight": 1.0}
+    assert torch.equal(_select(H, r, 90, "facility_location", **fields),
+                       _select(H, r, 90, "facility_location_naive", **fields))
+
+
+def test_incremental_gains_equal_recomputed_gains_every_step():
+    H, _ = _data(11, B=3, N=80, D=6, dtype=torch.float32, ties=True)
+    inputs = SelectionInput(H)
+    fast = registry.get("scorers", "facility_location")().start(inputs)
+    naive = registry.get("scorers", "facility_location_naive")().start(inputs)
+    order = torch.stack([torch.randperm(80, generator=torch.Generator().manual_seed(b)) for b in range(3)])
+    for step in range(79):
+        assert torch.equal(fast.gains(), naive.gains()), step
+        fast.update(order[:, step])
+        naive.update(order[:, step])
+
+
+def test_exact_ties_are_ties():
+    """Two tokens that only cover each other have equal gains in real arithmetic: equal here, lowest index wins."""
+    H = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]]], dtype=torch.float64)
+    run = registry.get("scorers", "facility_location")().start(SelectionInput(H))
+    run.update(torch.tensor([0]))
+    run.update(torch.tensor([1]))
+    gains = run.gains()
+    assert gains[0, 2] == gains[0, 3]
+
+
+@pytest.mark.parametrize("principles", [["coverage"], PRINCIPLES], ids=["C", "R+D+C"])
+def test_streamed_similarity_rows_select_the_same(principles):
+    """Rows computed on demand (no held N×N matrix) give the held-matrix selection (float64, no exact ties)."""
+    H, r = _data(21, B=2, N=150, D=48)
+    held = _select(H, r, 40, "facility_location", principles=principles)
+    assert SelectionInput(H, max_similarity_bytes=0).streamed
+    assert torch.equal(_select(H, r, 40, "facility_location", max_similarity_bytes=0, principles=principles), held)
+    assert torch.equal(_select(H, r, 40, "facility_location_naive", max_similarity_bytes=0,
+                               principles=principles), held)
+
+
+def test_max_similarity_bytes_is_checked():
+    with pytest.raises(ValueError, match="max_similarity_bytes"):
+        SelectionInput(torch.randn(1, 4, 3), max_similarity_bytes=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_incremental_coverage_on_cuda_equals_cpu(dtype):
+    H, r = _data(5, B=4, N=500, D=64, dtype=dtype, ties=True)
+    cpu = _select(H, r, 200, "facility_location")
+    assert torch.equal(_select(H, r, 200, "facility_location", device="cuda"),
+                       _select(H, r, 200, "facility_location_naive", device="cuda"))
+    assert cpu.shape == (4, 200)

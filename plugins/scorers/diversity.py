@@ -6,21 +6,21 @@ import torch
 from torch import Tensor
 
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
-from prunekit.interfaces import max_similarity_to_set
 
 
 class _DiversityRun(ScorerRun):
-    def __init__(self, similarity: Tensor) -> None:
-        self.sim = similarity
-        self.best: Tensor | None = None
+    def __init__(self, inputs: SelectionInput) -> None:
+        self.inputs = inputs
+        self.best: Tensor | None = None  # m_j: max similarity of token j to the chosen set
 
     def gains(self) -> Tensor:
         if self.best is None:  # nothing chosen: every token is equally far from the (empty) set
-            return torch.ones_like(self.sim[:, 0])
+            return torch.ones_like(self.inputs.features[..., 0])
         return 1.0 - self.best
 
     def update(self, picked: Tensor) -> None:
-        self.best = max_similarity_to_set(self.sim, self.best, picked)
+        column = self.inputs.similarity_to(picked)
+        self.best = column if self.best is None else torch.maximum(self.best, column)
 
 
 class SemanticDiversity(Scorer):
@@ -29,7 +29,7 @@ class SemanticDiversity(Scorer):
     name = "diversity"
 
     def start(self, inputs: SelectionInput) -> ScorerRun:
-        return _DiversityRun(inputs.similarity)
+        return _DiversityRun(inputs)
 
 
 @hookimpl

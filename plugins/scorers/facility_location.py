@@ -1,40 +1,167 @@
-"""Information coverage: the marginal gain of the facility-location function on cosine similarity."""
+"""Information coverage: the marginal gain of the facility-location function on cosine similarity.
+
+The gain of token ``i`` is ``c_i = Σ_{j∉S} max(0, F_ij − m_j)`` with ``m_j = max_{s∈S} F_js`` (0 before anything
+is chosen). It is computed in exact integer arithmetic on F rounded to a fixed point grid of ``2^-s``
+(``s = min(48, 60 − ⌈log2 N⌉)``, so no sum can overflow int64; float32 similarities above ``2^(23-s)`` in
+magnitude are represented exactly). Exact sums do not depend on their order, so two registered scorers that
+reach them in different ways return bit-identical gains:
+
+* ``facility_location`` keeps the gains and updates them incrementally. Adding token ``p`` changes ``m_j`` only
+  where ``F_jp > m_j`` (and removes ``p`` itself from the sum), so only those rows of F enter the update:
+  ``O(N·|U|)`` per step instead of ``O(N²)``, with ``|U|`` shrinking as the set grows.
+* ``facility_location_naive`` recomputes every gain from scratch at every step, as the spec writes it: the
+  reference the incremental one is tested and benchmarked against.
+
+Integer sums also make exact ties exact: two tokens whose gains are equal in real arithmetic (e.g. two tokens
+that only cover each other) tie, and the selector's lowest-index rule decides, instead of float rounding.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
-from prunekit.interfaces import max_similarity_to_set
+
+#: elements of F processed at once when the full gains are (re)computed block by block
+_BLOCK_ELEMENTS = 1 << 24
+#: stands for "+inf" in fixed point: a term max(0, F - _OUT) is always 0
+_OUT = 1 << 62
 
 
-class _FacilityLocationRun(ScorerRun):
-    def __init__(self, similarity: Tensor) -> None:
-        self.sim = similarity  # [B, N, N]
-        self.best: Tensor | None = None  # m_j: max similarity of token j to the chosen set
-        self.chosen = torch.zeros(similarity.shape[:2], dtype=torch.bool, device=similarity.device)
+def fixed_point_bits(num_tokens: int) -> int:
+    """Fraction bits of the fixed-point grid: sums of ``N`` terms of size ≤ 2 stay below ``2^62``."""
+    return min(48, 60 - math.ceil(math.log2(max(2, num_tokens))))
+
+
+class _Fixed:
+    """Similarities of one selection on the fixed-point grid, read from the :class:`SelectionInput`.
+
+    When the input holds the whole float matrix, the grid matrix is held too (int64); otherwise (``streamed``)
+    rows are put on the grid as they are computed."""
+
+    def __init__(self, inputs: SelectionInput, hold: bool) -> None:
+        self.inputs = inputs
+        self.bits = fixed_point_bits(inputs.num_tokens)
+        self.scale = float(2**self.bits)
+        self.matrix = self.q(inputs.similarity) if hold and not inputs.streamed else None
+
+    def q(self, x: Tensor) -> Tensor:
+        return torch.round(x * self.scale).to(torch.int64)
+
+    def to_float(self, c: Tensor) -> Tensor:
+        # float64 whatever the features: float32 would merge gains closer than 2^-24 into false ties
+        return c.to(torch.float64) / self.scale
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Grid rows ``[B, U, N]`` of the tokens ``index`` ``[B, U]``."""
+        if self.matrix is not None:
+            return self.matrix[torch.arange(index.shape[0], device=index.device)[:, None], index]
+        return self.q(self.inputs.similarity_rows(index))
+
+    def column(self, picked: Tensor) -> Tensor:
+        if self.matrix is not None:
+            return self.matrix[torch.arange(picked.shape[0], device=picked.device), picked]
+        return self.q(self.inputs.similarity_to(picked))  # shared with the other scorers of this pick
+
+    def coverage(self, best: Tensor | None, chosen: Tensor) -> Tensor:
+        """All ``c_i`` (int64) for the set ``chosen`` with best similarities ``best`` (None: the empty set)."""
+        B, N = chosen.shape
+        out = torch.empty(B, N, dtype=torch.int64, device=chosen.device)
+        base = torch.zeros(B, N, dtype=torch.int64, device=chosen.device) if best is None else best
+        step = max(1, _BLOCK_ELEMENTS // max(1, B * N))
+        open_ = (~chosen)[:, None, :]
+        for start in range(0, N, step):
+            end = min(N, start + step)
+            if self.matrix is not None:
+                rows = self.matrix[:, start:end]
+            else:
+                rows = self.q(self.inputs.similarity_block(start, end))
+            out[:, start:end] = ((rows - base[:, None, :]).clamp_min(0) * open_).sum(-1)
+        return out
+
+
+class _IncrementalRun(ScorerRun):
+    def __init__(self, inputs: SelectionInput) -> None:
+        self.fixed = _Fixed(inputs, hold=True)
+        B, N = inputs.features.shape[:2]
+        device = inputs.features.device
+        self.best: Tensor | None = None  # m_j on the grid
+        self.chosen = torch.zeros(B, N, dtype=torch.bool, device=device)
+        self.gain: Tensor | None = None  # c_i on the grid, None until needed
+        self.rows = torch.arange(B, device=device)
 
     def gains(self) -> Tensor:
-        # c_i = sum over unchosen j of max(0, F[i, j] - m_j); with nothing chosen yet m = 0.
-        baseline = torch.zeros_like(self.sim[:, 0]) if self.best is None else self.best
-        excess = (self.sim - baseline[:, None, :]).clamp_min(0)
-        return (excess * (~self.chosen)[:, None, :]).sum(-1)
+        if self.gain is None:
+            self.gain = self.fixed.coverage(self.best, self.chosen)
+        return self.fixed.to_float(self.gain)
 
     def update(self, picked: Tensor) -> None:
-        self.best = max_similarity_to_set(self.sim, self.best, picked)
+        column = self.fixed.column(picked)  # F[:, p] = F[p, :]
+        if self.best is None or self.gain is None:  # m jumps from 0 everywhere: recompute when next asked
+            self.best = column if self.best is None else torch.maximum(self.best, column)
+            self.chosen[self.rows, picked] = True
+            self.gain = None
+            return
+        new_best = torch.maximum(self.best, column)
+        # j enters the update when m_j grows or j leaves the sum (j = p); chosen j never were in it.
+        changed = (column > self.best) & ~self.chosen
+        changed[self.rows, picked] = True
+        if changed.shape[0] == 1:
+            index = changed[0].nonzero().T  # [1, U]
+            old, new = self.best.gather(1, index), new_best.gather(1, index)
+        else:  # pad every sample to the largest U; a padding term has old = new = 0 and adds nothing
+            counts = changed.sum(-1)
+            index = torch.sort((~changed).to(torch.int8), dim=-1, stable=True).indices[:, : int(counts.max())]
+            valid = torch.arange(index.shape[1], device=index.device)[None, :] < counts[:, None]
+            old = self.best.gather(1, index).masked_fill(~valid, 0)
+            new = new_best.gather(1, index).masked_fill(~valid, 0)
+        new = new.masked_fill(index == picked[:, None], _OUT)  # p leaves the sum: its term becomes 0
+        # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows.
+        rows = self.fixed.rows(index)  # [B, U, N]: F[j, i] = F[i, j]
+        self.gain -= torch.clamp(rows, old[..., None], new[..., None]).sum(1) - old.sum(1, keepdim=True)
+        self.best = new_best
+        self.chosen[self.rows, picked] = True
+
+
+class _NaiveRun(ScorerRun):
+    def __init__(self, inputs: SelectionInput) -> None:
+        self.fixed = _Fixed(inputs, hold=False)
+        self.best: Tensor | None = None
+        self.chosen = torch.zeros(inputs.features.shape[:2], dtype=torch.bool, device=inputs.features.device)
+
+    def gains(self) -> Tensor:
+        return self.fixed.to_float(self.fixed.coverage(self.best, self.chosen))
+
+    def update(self, picked: Tensor) -> None:
+        column = self.fixed.column(picked)
+        self.best = column if self.best is None else torch.maximum(self.best, column)
         self.chosen[torch.arange(picked.shape[0], device=picked.device), picked] = True
 
 
 class FacilityLocationCoverage(Scorer):
-    """``c_i = Σ_{j∉S} max(0, F_ij − m_j)``, ``m_j = max_{s∈S} F_js``: how much new content token ``i`` covers."""
+    """``c_i = Σ_{j∉S} max(0, F_ij − m_j)``, ``m_j = max_{s∈S} F_js``: how much new content token ``i`` covers.
+
+    Exact integer sums, updated incrementally (see the module docstring)."""
 
     name = "facility_location"
 
     def start(self, inputs: SelectionInput) -> ScorerRun:
-        return _FacilityLocationRun(inputs.similarity)
+        return _IncrementalRun(inputs)
+
+
+class NaiveFacilityLocationCoverage(Scorer):
+    """The same gains as ``facility_location``, recomputed from scratch every step (``O(N²)``): the reference."""
+
+    name = "facility_location_naive"
+
+    def start(self, inputs: SelectionInput) -> ScorerRun:
+        return _NaiveRun(inputs)
 
 
 @hookimpl
 def prunekit_register_scorers(register):
     register(FacilityLocationCoverage)
+    register(NaiveFacilityLocationCoverage)

@@ -12,15 +12,19 @@ from prunekit import Scorer, Selector, SelectionInput, hookimpl
 Normalize = Literal["minmax", "mean", "none"]
 
 
-def normalize_over(x: Tensor, candidates: Tensor, how: Normalize) -> Tensor:
-    """Normalise ``x`` ``[B, N]`` using statistics over the candidate tokens only (chosen tokens are ignored)."""
+def normalize_over(x: Tensor, candidates: Tensor, how: Normalize, penalty: Tensor | None = None) -> Tensor:
+    """Normalise ``x`` ``[B, N]`` using statistics over the candidate tokens only (chosen tokens are ignored).
+
+    ``penalty`` (optional, ``[B, N]``): 0 at candidates and +inf elsewhere, to save rebuilding it every call."""
     if how == "none":
         return x
     if how == "minmax":
-        lo = x.masked_fill(~candidates, float("inf")).amin(-1, keepdim=True)
-        hi = x.masked_fill(~candidates, float("-inf")).amax(-1, keepdim=True)
+        if penalty is None:
+            penalty = torch.zeros_like(x).masked_fill(~candidates, float("inf"))
+        lo = (x + penalty.to(x.dtype)).amin(-1, keepdim=True)
+        hi = (x - penalty.to(x.dtype)).amax(-1, keepdim=True)
         span = hi - lo
-        return torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+        return torch.where(span > 0, (x - lo) / span, 0.0)
     if how == "mean":
         mean = (x * candidates).sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True).clamp_min(1)
         return torch.where(mean != 0, x / mean, torch.zeros_like(x))
@@ -53,10 +57,10 @@ class GreedySelector(Selector):
         self.normalize = normalize
         self.seed = seed
 
-    def _score(self, runs, candidates: Tensor) -> Tensor:
+    def _score(self, runs, candidates: Tensor, penalty: Tensor) -> Tensor:
         total = None
         for run, weight in runs:
-            g = normalize_over(run.gains(), candidates, self.normalize)
+            g = normalize_over(run.gains(), candidates, self.normalize, penalty)
             if self.combine == "sum":
                 part = weight * g
                 total = part if total is None else total + part
@@ -74,15 +78,17 @@ class GreedySelector(Selector):
             return torch.arange(N, device=device).expand(B, N).clone()
         runs = [(scorer.start(inputs), weight) for scorer, weight in self.terms]
         candidates = torch.ones(B, N, dtype=torch.bool, device=device)
+        penalty = torch.zeros(B, N, dtype=inputs.features.dtype, device=device)  # +inf at chosen tokens
         rows = torch.arange(B, device=device)
         picks = []
         for step in range(k):
             if step == 0 and self.seed is not None:
                 score = self.seed.start(inputs).gains()
             else:
-                score = self._score(runs, candidates)
-            picked = score.masked_fill(~candidates, float("-inf")).argmax(-1)
+                score = self._score(runs, candidates, penalty)
+            picked = (score - penalty.to(score.dtype)).argmax(-1)
             candidates[rows, picked] = False
+            penalty[rows, picked] = float("inf")
             picks.append(picked)
             if step + 1 < k:
                 for run, _ in runs:
