@@ -1,4 +1,4 @@
-"""``prunekit`` command line: ``prunekit demo`` (the README's main job) and ``prunekit list``."""
+"""``prunekit`` command line: ``prunekit demo`` (the README's main job), ``prunekit bench`` and ``prunekit list``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,29 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from . import bench as bench_module
+
+    if args.quick:  # a smoke run: tiny model and sizes, seconds on a CPU
+        sizes, models, budgets, repeats, new_tokens = ((64, 16), (256, 64)), ("tiny",), (6,), 1, 2
+        dim, prefill = 32, False
+    else:
+        sizes = tuple(zip(args.n, args.k))
+        models, budgets, repeats, new_tokens = args.model, args.budgets, args.repeats, args.new_tokens
+        dim, prefill = args.dim, not args.no_prefill
+    if not args.quick and len(args.n) != len(args.k):
+        raise ValueError(f"--n and --k must have the same length; got {args.n} and {args.k}")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    bench_module.run(
+        args.out, parts=args.parts, models=models, methods=args.methods, budgets=budgets, sizes=sizes, dim=dim,
+        decoder_layers=args.decoder_layers, vision_layers=args.vision_layers, repeats=repeats,
+        new_tokens=new_tokens, device=args.device, dtype=dtypes[args.dtype], prefill=prefill,
+        progress=not args.no_progress,
+    )
+    print(f"\nwrote {args.out}/bench.json, bench.md and plots")
+    return 0
+
+
 def list_plugins(args: argparse.Namespace) -> int:
     import prunekit
 
@@ -93,6 +116,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=8)
     p.set_defaults(func=demo)
+    from .bench import DEFAULT_BUDGETS, DEFAULT_METHODS, SELECTION_SIZES
+
+    p = sub.add_parser("bench", help="selection time, prefill/decode time, memory and FLOPs, unpruned vs pruned")
+    p.add_argument("--parts", nargs="+", default=["selection", "model"], choices=["selection", "model"])
+    p.add_argument("--model", nargs="+", default=["7b", "demo"], choices=["7b", "demo", "tiny"],
+                   help="7b: LLaVA-1.5-7B widths with fewer layers (scaled); demo: the demo model")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--budgets", nargs="+", type=int, default=list(DEFAULT_BUDGETS),
+                   help="layer-averaged visual tokens T")
+    p.add_argument("--n", nargs="+", type=int, default=[n for n, _ in SELECTION_SIZES], help="selection sizes N")
+    p.add_argument("--k", nargs="+", type=int, default=[k for _, k in SELECTION_SIZES], help="kept K per N")
+    p.add_argument("--dim", type=int, default=4096, help="feature width for the selection part")
+    p.add_argument("--decoder-layers", type=int, default=4, help="decoder layers of the 7b model (scaled to 32)")
+    p.add_argument("--vision-layers", type=int, default=2, help="vision layers of the 7b model (scaled to 24)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-prefill", action="store_true", help="skip the 7B-width layer timing next to selection")
+    p.add_argument("--quick", action="store_true", help="smoke run on a tiny model (seconds)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(func=bench)
     p = sub.add_parser("list", help="list registered plugins")
     p.set_defaults(func=list_plugins)
     args = parser.parse_args(argv)

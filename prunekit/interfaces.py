@@ -64,15 +64,20 @@ class SelectionInput:
             raise ValueError(f"query must have shape [B, Q, D] with B = {features.shape[0]}, got {tuple(query.shape)}")
         #: optional query tokens ``[B, Q, D]`` (e.g. the instruction's embeddings) for query-aware scorers
         self.query = None if query is None else query.to(dtype)
-        limit = self.MAX_SIMILARITY_BYTES if max_similarity_bytes is None else max_similarity_bytes
-        if limit < 0:
-            raise ValueError(f"max_similarity_bytes must be >= 0, got {limit}")
-        B, N = features.shape[:2]
-        #: True when rows of F are computed on demand instead of cut from a held matrix
-        self.streamed = B * N * N * self.features.element_size() > limit
         self._similarity: Tensor | None = None
         self._normalized: Tensor | None = None
         self._last_column: tuple[Tensor, Tensor] | None = None
+        #: True when rows of F are computed on demand instead of cut from a held matrix
+        self.streamed = False
+        self.limit_similarity(self.MAX_SIMILARITY_BYTES if max_similarity_bytes is None else max_similarity_bytes)
+
+    def limit_similarity(self, max_bytes: int) -> None:
+        """Hold the whole similarity matrix only when it fits ``max_bytes`` (call before anything reads it)."""
+        if max_bytes < 0:
+            raise ValueError(f"max_similarity_bytes must be >= 0, got {max_bytes}")
+        if self._similarity is None:
+            B, N = self.features.shape[:2]
+            self.streamed = B * N * N * self.features.element_size() > max_bytes
 
     @property
     def batch_size(self) -> int:

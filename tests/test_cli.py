@@ -17,3 +17,37 @@ def test_demo_reports_an_unreachable_budget_without_a_traceback(capsys):
 def test_demo_rejects_an_unknown_method(capsys):
     assert main(["demo", "--method", "nope", "--repeats", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
+    import json
+
+    assert main(["bench", "--quick", "--no-progress", "--methods", "tops", "visionzip", "fastv",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["n"] for r in result["selection"]} == {64, 256}
+    assert all(r["identical"] for r in result["selection"])  # the incremental greedy equals the naive loop
+    rows = {(r["method"], r["keep_tokens"]): r for r in result["model"]}
+    base, tops = rows[("unpruned", None)], rows[("tops", 6)]
+    assert base["flops"] > tops["flops"] > 0 and tops["ideal_speedup"] == base["flops_scaled"] / tops["flops_scaled"]
+    assert tops["tokens_layer_average"] == 6.0 and tops["decode_ms"] > 0
+    assert "out of reach" in rows[("fastv", 6)]["error"]  # an unreachable budget is a row that says why
+    assert any("TOPS prefill <= VisionZip" in t["target"] for t in result["targets"])
+    assert (tmp_path / "selection_time.png").stat().st_size > 0
+    assert list(tmp_path.glob("speedup_*.png"))
+    out = capsys.readouterr().out
+    assert "| model | method |" in out and "selection / prefill" in out
+
+
+def test_bench_rejects_mismatched_sizes(capsys):
+    assert main(["bench", "--parts", "selection", "--n", "64", "128", "--k", "8", "--no-progress"]) == 2
+    assert "--n and --k" in capsys.readouterr().err
+
+
+def test_count_flops_is_exact_for_a_matmul():
+    import torch
+
+    from prunekit.bench import count_flops
+
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    assert count_flops(lambda: a @ b, {})["total"] == 2 * 3 * 5 * 7

@@ -240,3 +240,11 @@ def test_incremental_coverage_on_cuda_equals_cpu(dtype):
     assert torch.equal(_select(H, r, 200, "facility_location", device="cuda"),
                        _select(H, r, 200, "facility_location_naive", device="cuda"))
     assert cpu.shape == (4, 200)
+
+
+def test_tops_max_similarity_mib_streams_rows():
+    H, r = _data(22, B=2, N=150, D=48)
+    held = prunekit.select("tops", H, r, k=30)
+    assert torch.equal(prunekit.select("tops", H, r, k=30, max_similarity_mib=0), held)
+    with pytest.raises(ValidationError, match="max_similarity_mib"):
+        prunekit.select("tops", H, r, k=30, max_similarity_mib=-1)

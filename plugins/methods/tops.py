@@ -51,6 +51,11 @@ class TopsSelection(StrictModel):
     relevance_scorer: str = Field("relevance", description="Registered scorer used for the relevance principle.")
     coverage_scorer: str = Field("facility_location", description="Registered scorer used for coverage.")
     diversity_scorer: str = Field("diversity", description="Registered scorer used for diversity.")
+    max_similarity_mib: float | None = Field(
+        None, ge=0.0,
+        description="Hold the N×N similarity matrix only below this size (MiB, whole batch); above, rows are "
+                    "computed on demand (less memory, slower). None: 1024.",
+    )
 
     @field_validator("principles")
     @classmethod
@@ -76,7 +81,8 @@ class TopsSelection(StrictModel):
             terms.append((scorer("diversity_scorer"), alpha))
         if "coverage" in self.principles:
             terms.append((scorer("coverage_scorer"), lam))
-        return GreedySelector(terms, combine="sum", normalize=self.normalize, seed=seed)
+        limit = None if self.max_similarity_mib is None else int(self.max_similarity_mib * 2**20)
+        return GreedySelector(terms, combine="sum", normalize=self.normalize, seed=seed, max_similarity_bytes=limit)
 
     @property
     def needs_relevance(self) -> bool:

@@ -36,7 +36,8 @@ class GreedySelector(Selector):
 
     ``combine="sum"``: ``Σ w·N(g)`` (TOPS); ``combine="product"``: ``Π max(g, 0)^w`` (SCOPE). ``seed``: a scorer
     whose initial gains choose the first token (TOPS: relevance); without one the first token maximises the
-    combined gain against the empty set. Ties go to the lowest index.
+    combined gain against the empty set. Ties go to the lowest index. ``max_similarity_bytes``: above it, scorers
+    read rows of the similarity matrix computed on demand instead of a held matrix (see SelectionInput).
     """
 
     name = "greedy"
@@ -47,6 +48,7 @@ class GreedySelector(Selector):
         combine: Literal["sum", "product"] = "sum",
         normalize: Normalize = "minmax",
         seed: Scorer | None = None,
+        max_similarity_bytes: int | None = None,
     ) -> None:
         if not terms:
             raise ValueError("GreedySelector needs at least one (scorer, weight) term")
@@ -56,6 +58,7 @@ class GreedySelector(Selector):
         self.combine = combine
         self.normalize = normalize
         self.seed = seed
+        self.max_similarity_bytes = max_similarity_bytes
 
     def _score(self, runs, candidates: Tensor, penalty: Tensor) -> Tensor:
         total = None
@@ -76,6 +79,8 @@ class GreedySelector(Selector):
             raise ValueError(f"k must be positive, got {k}")
         if k >= N:
             return torch.arange(N, device=device).expand(B, N).clone()
+        if self.max_similarity_bytes is not None:
+            inputs.limit_similarity(self.max_similarity_bytes)
         runs = [(scorer.start(inputs), weight) for scorer, weight in self.terms]
         candidates = torch.ones(B, N, dtype=torch.bool, device=device)
         penalty = torch.zeros(B, N, dtype=inputs.features.dtype, device=device)  # +inf at chosen tokens
