@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from .ops import take_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MethodConfig
@@ -106,11 +107,10 @@ class SelectionInput:
 
     def similarity_rows(self, index: Tensor) -> Tensor:
         """Rows ``F[b, index[b, u], :]`` as ``[B, U, N]`` (equal to the columns, F being symmetric)."""
-        batch = torch.arange(index.shape[0], device=index.device)[:, None]
         if not self.streamed:
-            return self.similarity[batch, index]
+            return take_rows(self.similarity, index)
         x = self.normalized
-        return x[batch, index] @ x.transpose(-1, -2)
+        return take_rows(x, index) @ x.transpose(-1, -2)
 
     def similarity_block(self, start: int, end: int) -> Tensor:
         """Rows ``start:end`` of F for every sample, ``[B, end - start, N]``."""

@@ -25,3 +25,10 @@ def minmax(x: Tensor) -> Tensor:
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     span = hi - lo
     return torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(x))
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, u]]`` for ``x`` ``[B, N, ...]`` and ``index`` ``[B, U]``: ``[B, U, ...]`` (one index_select)."""
+    B, N = x.shape[:2]
+    flat = index + torch.arange(0, B * N, N, device=index.device)[:, None] if B > 1 else index
+    return x.reshape(B * N, *x.shape[2:]).index_select(0, flat.reshape(-1)).reshape(*index.shape, *x.shape[2:])

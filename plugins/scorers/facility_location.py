@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.ops import take_rows
 
 #: elements of F processed at once when the full gains are (re)computed block by block
 _BLOCK_ELEMENTS = 1 << 24
@@ -58,12 +59,12 @@ class _Fixed:
     def rows(self, index: Tensor) -> Tensor:
         """Grid rows ``[B, U, N]`` of the tokens ``index`` ``[B, U]``."""
         if self.matrix is not None:
-            return self.matrix[torch.arange(index.shape[0], device=index.device)[:, None], index]
+            return take_rows(self.matrix, index)
         return self.q(self.inputs.similarity_rows(index))
 
     def column(self, picked: Tensor) -> Tensor:
         if self.matrix is not None:
-            return self.matrix[torch.arange(picked.shape[0], device=picked.device), picked]
+            return take_rows(self.matrix, picked[:, None]).squeeze(1)
         return self.q(self.inputs.similarity_to(picked))  # shared with the other scorers of this pick
 
     def coverage(self, best: Tensor | None, chosen: Tensor) -> Tensor:

@@ -13,9 +13,10 @@ Normalize = Literal["minmax", "mean", "none"]
 
 
 def normalize_over(x: Tensor, candidates: Tensor, how: Normalize, penalty: Tensor | None = None) -> Tensor:
-    """Normalise ``x`` ``[B, N]`` using statistics over the candidate tokens only (chosen tokens are ignored).
+    """Normalise ``x`` ``[..., B, N]`` over the candidate tokens only (chosen tokens are ignored).
 
-    ``penalty`` (optional, ``[B, N]``): 0 at candidates and +inf elsewhere, to save rebuilding it every call."""
+    ``candidates``: ``[B, N]`` bool. ``penalty`` (optional, ``[B, N]``): 0 at candidates and +inf elsewhere, to
+    save rebuilding it every call."""
     if how == "none":
         return x
     if how == "minmax":
@@ -61,14 +62,16 @@ class GreedySelector(Selector):
         self.max_similarity_bytes = max_similarity_bytes
 
     def _score(self, runs, candidates: Tensor, penalty: Tensor) -> Tensor:
+        # All terms at once ([T, B, N], float64): one pass of normalisation ops per step instead of one per term.
+        gains = torch.stack([run.gains().to(torch.float64) for run, _ in runs])
+        g = normalize_over(gains, candidates, self.normalize, penalty)
         total = None
-        for run, weight in runs:
-            g = normalize_over(run.gains(), candidates, self.normalize, penalty)
+        for t, (_, weight) in enumerate(runs):  # term by term, in order: the sums round as the spec's would
             if self.combine == "sum":
-                part = weight * g
+                part = weight * g[t]
                 total = part if total is None else total + part
             else:
-                part = g.clamp_min(0) ** weight
+                part = g[t].clamp_min(0) ** weight
                 total = part if total is None else total * part
         return total  # type: ignore[return-value]
 
@@ -83,7 +86,7 @@ class GreedySelector(Selector):
             inputs.limit_similarity(self.max_similarity_bytes)
         runs = [(scorer.start(inputs), weight) for scorer, weight in self.terms]
         candidates = torch.ones(B, N, dtype=torch.bool, device=device)
-        penalty = torch.zeros(B, N, dtype=inputs.features.dtype, device=device)  # +inf at chosen tokens
+        penalty = torch.zeros(B, N, dtype=torch.float64, device=device)  # +inf at chosen tokens
         rows = torch.arange(B, device=device)
         picks = []
         for step in range(k):
