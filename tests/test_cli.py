@@ -32,6 +32,8 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
     assert base["flops"] > tops["flops"] > 0 and tops["ideal_speedup"] == base["flops_scaled"] / tops["flops_scaled"]
     assert tops["tokens_layer_average"] == 6.0 and tops["decode_ms"] > 0
     assert "out of reach" in rows[("fastv", 6)]["error"]  # an unreachable budget is a row that says why
+    oracle = rows[("oracle", 6)]  # the unpatched model on 6 visual tokens: the hardware's best at that budget
+    assert base["flops"] > oracle["flops"] and oracle["speedup"] > 0
     assert any("TOPS prefill <= VisionZip" in t["target"] for t in result["targets"])
     assert (tmp_path / "selection_time.png").stat().st_size > 0
     assert list(tmp_path.glob("speedup_*.png"))
