@@ -54,59 +54,32 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def _mmap_large_blocks() -> None:
-    """Make glibc serve blocks >= 128 KiB with mmap and give them back on free (a fixed threshold switches off
-    its dynamic one), so the resident-set peak follows tensor allocations. No-op elsewhere."""
-    try:
-        import ctypes
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory that ``fn`` allocates above what was allocated before it (MiB).
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    CUDA: the caching allocator's peak. CPU: the profiler's memory timeline (every tensor allocation and free,
+    in order), so the figure does not depend on what the C allocator keeps or returns to the system."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
 
-
-class PeakMemory:
-    """Peak memory above the level at entry (MiB): CUDA allocator peak, or on Linux CPU the resident-set peak
-    (``/proc/self/clear_refs`` resets VmHWM). ``None`` where neither is available."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mib: float | None = None
-
-    @staticmethod
-    def _status(key: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self) -> "PeakMemory":
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            _mmap_large_blocks()
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self._base = self._status("VmRSS:")
-            except OSError:
-                self._base = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        elif self._base is not None:
-            peak = self._status("VmHWM:")
-            self.mib = None if peak is None else (peak - self._base) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 class LayerClock:
@@ -248,8 +221,8 @@ def selection_benchmark(
     """Time TOPS's selection (default config) against the naive loop.
 
     The naive loop is run in full up to ``full_naive_up_to`` tokens (and checked to select the same tokens);
-    above, its per-step cost is constant (every step recomputes all N² terms), so it is timed for 4 and 12 steps
-    and extrapolated linearly to K steps (``naive_extrapolated``)."""
+    above, its per-step cost is constant (every step recomputes all N² terms), so it is timed for 4 and 44 steps
+    (12 where that would take long) and extrapolated linearly to K steps (``naive_extrapolated``)."""
     import prunekit
 
     device = torch.device(device)
@@ -272,11 +245,17 @@ def selection_benchmark(
             _sync(device)
             naive, extrapolated = (time.perf_counter() - start) * 1000.0, False
             identical = bool(torch.equal(naive_kept, kept))
-        else:
-            a, b = 4, 12
+        else:  # a short and a longer prefix of the naive loop; their difference is the per-step cost
+            a = 4
             ta = _timed(lambda: select(a, "facility_location_naive"), device)
+            b = a + 8
             tb = _timed(lambda: select(b, "facility_location_naive"), device)
-            naive, extrapolated, identical = ta + (k - a) * (tb - ta) / (b - a), True, None
+            per_step = max(tb - ta, 0.0) / (b - a)
+            if per_step * 32 < 30_000:  # cheap enough: a longer prefix for a steadier estimate
+                b = a + 40
+                tb = _timed(lambda: select(b, "facility_location_naive"), device)
+                per_step = max(tb - ta, 0.0) / (b - a)
+            naive, extrapolated, identical = ta + (k - a) * per_step, True, None
         del feats, rel
         gc.collect()
         prefill_ms = None
@@ -424,8 +403,7 @@ def _measure(model, inputs, setting: ModelSetting, *, repeats: int, new_tokens: 
                 # decoder-layer time of the decode steps: generate(n)'s minus one prefill's
                 decode_layers = max(0.0, dec_clock.total - statistics.median(in_layers)) / (new_tokens - 1)
                 decode_scaled = decode + dec_scale * decode_layers
-            with PeakMemory(torch.device(device)) as peak:
-                prefill()
+            peak = peak_memory_mib(prefill, torch.device(device))
             flops = count_flops(prefill, _flop_groups(dec_layers, vis_layers))
     finally:
         dec_clock.remove()
@@ -436,7 +414,7 @@ def _measure(model, inputs, setting: ModelSetting, *, repeats: int, new_tokens: 
         "baseline_ms_scaled": statistics.median(baseline),
         "decode_ms": decode,
         "decode_ms_scaled": decode_scaled,
-        "peak_mib": peak.mib,
+        "peak_mib": peak,
         "flops": flops["total"],
         "flops_scaled": int(flops["total"] + dec_scale * flops["decoder_layers"]
                             + vis_scale * flops["vision_layers"]),
@@ -622,7 +600,7 @@ def tables(selection: Sequence[SelectionRow], models: Sequence[ModelRow], target
             lines.append(
                 f"| {r.model} | {r.method} | {_fmt(r.keep_tokens, 'd')} | {_fmt(r.tokens_layer_average)} | "
                 f"{_fmt(r.prefill_ms, '.0f')} ({r.prefill_ms_scaled:.0f}) | {_fmt(r.decode_ms)} ({_fmt(r.decode_ms_scaled)}) | "
-                f"{_fmt(r.peak_mib, '.0f')} | {r.flops / 1e12:.3f} ({r.flops_scaled / 1e12:.2f}) | "
+                f"{_fmt(r.peak_mib)} | {r.flops / 1e12:.3f} ({r.flops_scaled / 1e12:.2f}) | "
                 f"{_fmt(r.speedup, '.2f')} | {_fmt(r.ideal_speedup, '.2f')} | {_fmt(r.efficiency, '.2f')} |")
         lines.append("")
     if targets:

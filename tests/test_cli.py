@@ -53,3 +53,17 @@ def test_count_flops_is_exact_for_a_matmul():
 
     a, b = torch.randn(3, 5), torch.randn(5, 7)
     assert count_flops(lambda: a @ b, {})["total"] == 2 * 3 * 5 * 7
+
+
+def test_peak_memory_follows_tensor_allocations():
+    import torch
+
+    from prunekit.bench import peak_memory_mib
+
+    def work():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 4 MiB more while a is alive
+        del a
+        return b.sum()
+
+    assert abs(peak_memory_mib(work, torch.device("cpu")) - 8.0) < 0.1
