@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -231,20 +229,12 @@ def selection_benchmark(
         feats, rel = clustered_features(n, dim, batch=batch, device=device)
         select = lambda kk, scorer: prunekit.select("tops", feats, rel, k=kk, coverage_scorer=scorer)  # noqa: E731
         select(min(k, 4), "facility_location")  # warm-up
-        times, kept = [], None
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            kept = select(k, "facility_location")
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1000.0)
-        fast = statistics.median(times)
+        kept: dict[str, torch.Tensor] = {}
+        keep = lambda scorer: kept.__setitem__(scorer, select(k, scorer))  # noqa: E731
+        fast = statistics.median(_timed(lambda: keep("facility_location"), device) for _ in range(repeats))
         if n <= full_naive_up_to:
-            start = time.perf_counter()
-            naive_kept = select(k, "facility_location_naive")
-            _sync(device)
-            naive, extrapolated = (time.perf_counter() - start) * 1000.0, False
-            identical = bool(torch.equal(naive_kept, kept))
+            naive, extrapolated = _timed(lambda: keep("facility_location_naive"), device), False
+            identical = bool(torch.equal(kept["facility_location_naive"], kept["facility_location"]))
         else:  # a short and a longer prefix of the naive loop; their difference is the per-step cost
             a = 4
             ta = _timed(lambda: select(a, "facility_location_naive"), device)
@@ -367,47 +357,69 @@ def _unpatched(model):
     return prunekit.disabled(model) if prunekit.is_patched(model) else contextlib.nullcontext()
 
 
+class _DepthScaler:
+    """Times calls and counts their FLOPs, scaling what runs inside decoder and vision-encoder layers from the
+    layers the model has to the real depth: ``scaled = measured + (real/used - 1) * inside layers``."""
+
+    def __init__(self, model, setting: ModelSetting, device) -> None:
+        dec_layers, vis_layers = _layers(model)
+        self.device = device
+        self.dec, self.vis = LayerClock(dec_layers, device), LayerClock(vis_layers, device)
+        self.dec_scale = setting.real_decoder_layers / setting.decoder_layers - 1
+        self.vis_scale = setting.real_vision_layers / setting.vision_layers - 1
+        # the flop counter names modules by path; match the layers by their path suffix
+        dec_names = tuple(f"language_model.layers.{i}" for i in range(len(dec_layers)))
+        vis_names = tuple(f"encoder.layers.{i}" for i in range(len(vis_layers)))
+        self.groups = {"decoder_layers": lambda m: m.endswith(dec_names),
+                       "vision_layers": lambda m: m.endswith(vis_names)}
+
+    def __enter__(self) -> "_DepthScaler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.dec.remove()
+        self.vis.remove()
+
+    def time(self, *fns: Callable[[], Any]) -> tuple[float, float, float]:
+        """Milliseconds of ``fns`` run one after the other: measured, scaled, and inside decoder layers."""
+        self.dec.reset(), self.vis.reset()
+        t = sum(_timed(fn, self.device) for fn in fns)
+        return t, t + self.dec_scale * self.dec.total + self.vis_scale * self.vis.total, self.dec.total
+
+    def flops(self, *fns: Callable[[], Any]) -> tuple[int, int]:
+        """Exact FLOPs of ``fns`` together: measured and scaled."""
+        counts = [count_flops(fn, self.groups) for fn in fns]
+        total = sum(c["total"] for c in counts)
+        inside = sum(self.dec_scale * c["decoder_layers"] + self.vis_scale * c["vision_layers"] for c in counts)
+        return total, int(total + inside)
+
+
 def _measure(model, inputs, setting: ModelSetting, *, repeats: int, new_tokens: int, device) -> dict:
     """Prefill (alternating with the unpruned model, so that drift of the machine cancels in their ratio),
     decode, peak memory and FLOPs of the model as it is patched now."""
-    dec_layers, vis_layers = _layers(model)
-    dec_clock, vis_clock = LayerClock(dec_layers, device), LayerClock(vis_layers, device)
-    dec_scale = setting.real_decoder_layers / setting.decoder_layers - 1
-    vis_scale = setting.real_vision_layers / setting.vision_layers - 1
-
-    def scaled_prefill(fn) -> tuple[float, float, float]:
-        dec_clock.reset(), vis_clock.reset()
-        t = _timed(fn, device)
-        return t, t + dec_scale * dec_clock.total + vis_scale * vis_clock.total, dec_clock.total
-
-    try:
-        with torch.no_grad():
-            prefill = lambda: model(**inputs, logits_to_keep=1)  # noqa: E731
-            prefill()  # warm-up
-            times, scaled, in_layers, baseline = [], [], [], []
-            for _ in range(repeats):
-                with _unpatched(model):
-                    baseline.append(scaled_prefill(prefill)[1])
-                t, ts, layers = scaled_prefill(prefill)
-                times.append(t)
-                scaled.append(ts)
-                in_layers.append(layers)
-            decode = decode_scaled = None
-            if new_tokens > 1:
-                generate = lambda n: model.generate(  # noqa: E731
-                    **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-                t1 = _timed(lambda: generate(1), device)
-                dec_clock.reset()
-                tn = _timed(lambda: generate(new_tokens), device)
-                decode = (tn - t1) / (new_tokens - 1)
-                # decoder-layer time of the decode steps: generate(n)'s minus one prefill's
-                decode_layers = max(0.0, dec_clock.total - statistics.median(in_layers)) / (new_tokens - 1)
-                decode_scaled = decode + dec_scale * decode_layers
-            peak = peak_memory_mib(prefill, torch.device(device))
-            flops = count_flops(prefill, _flop_groups(dec_layers, vis_layers))
-    finally:
-        dec_clock.remove()
-        vis_clock.remove()
+    with _DepthScaler(model, setting, device) as depth, torch.no_grad():
+        prefill = lambda: model(**inputs, logits_to_keep=1)  # noqa: E731
+        prefill()  # warm-up
+        times, scaled, in_layers, baseline = [], [], [], []
+        for _ in range(repeats):
+            with _unpatched(model):
+                baseline.append(depth.time(prefill)[1])
+            t, ts, layers = depth.time(prefill)
+            times.append(t)
+            scaled.append(ts)
+            in_layers.append(layers)
+        decode = decode_scaled = None
+        if new_tokens > 1:
+            generate = lambda n: model.generate(  # noqa: E731
+                **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            t1 = _timed(lambda: generate(1), device)
+            tn, _, layers = depth.time(lambda: generate(new_tokens))
+            decode = (tn - t1) / (new_tokens - 1)
+            # decoder-layer time of the decode steps: generate(n)'s minus one prefill's
+            decode_layers = max(0.0, layers - statistics.median(in_layers)) / (new_tokens - 1)
+            decode_scaled = decode + depth.dec_scale * decode_layers
+        peak = peak_memory_mib(prefill, torch.device(device))
+        flops, flops_scaled = depth.flops(prefill)
     return {
         "prefill_ms": statistics.median(times),
         "prefill_ms_scaled": statistics.median(scaled),
@@ -415,56 +427,32 @@ def _measure(model, inputs, setting: ModelSetting, *, repeats: int, new_tokens: 
         "decode_ms": decode,
         "decode_ms_scaled": decode_scaled,
         "peak_mib": peak,
-        "flops": flops["total"],
-        "flops_scaled": int(flops["total"] + dec_scale * flops["decoder_layers"]
-                            + vis_scale * flops["vision_layers"]),
+        "flops": flops,
+        "flops_scaled": flops_scaled,
     }
-
-
-def _flop_groups(dec_layers, vis_layers) -> dict[str, Callable[[str], bool]]:
-    """Module-name matchers of the decoder and vision-encoder layers in the flop counter's names."""
-    dec_names = tuple(f"language_model.layers.{i}" for i in range(len(dec_layers)))
-    vis_names = tuple(f"encoder.layers.{i}" for i in range(len(vis_layers)))
-    return {"decoder_layers": lambda m: m.endswith(dec_names), "vision_layers": lambda m: m.endswith(vis_names)}
 
 
 def _oracle(model, inputs, setting: ModelSetting, keep: int, *, repeats: int, device) -> dict:
     """The unpatched model with only ``keep`` visual tokens in every layer: the vision tower and projector on
     the whole image, then the language model on a prompt whose image part is ``keep`` tokens long. The best a
     pruning method that keeps ``keep`` tokens from the first layer can do on this hardware."""
-    dec_layers, vis_layers = _layers(model)
-    dec_clock, vis_clock = LayerClock(dec_layers, device), LayerClock(vis_layers, device)
-    dec_scale = setting.real_decoder_layers / setting.decoder_layers - 1
-    vis_scale = setting.real_vision_layers / setting.vision_layers - 1
     length = int(inputs["input_ids"].shape[1]) - setting.visual_tokens + keep
     width = model.config.text_config.hidden_size
     dtype = next(model.parameters()).dtype
     embeds = torch.randn(1, length, width, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     mask = torch.ones(1, length, dtype=torch.long, device=device)
+    prefill = lambda: model(**inputs, logits_to_keep=1)  # noqa: E731
     image = lambda: model.model.get_image_features(inputs["pixel_values"])  # noqa: E731
     text = lambda: model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1)  # noqa: E731
-    try:
-        with torch.no_grad():
-            image(), text()  # warm-up
-            scaled, baseline = [], []
-            for _ in range(repeats):
-                dec_clock.reset(), vis_clock.reset()
-                t = _timed(lambda: model(**inputs, logits_to_keep=1), device)
-                baseline.append(t + dec_scale * dec_clock.total + vis_scale * vis_clock.total)
-                dec_clock.reset(), vis_clock.reset()
-                t = _timed(image, device) + _timed(text, device)
-                scaled.append(t + dec_scale * dec_clock.total + vis_scale * vis_clock.total)
-            groups = _flop_groups(dec_layers, vis_layers)
-            flops = {part: count_flops(fn, groups) for part, fn in (("image", image), ("text", text))}
-    finally:
-        dec_clock.remove()
-        vis_clock.remove()
-    total = sum(f["total"] for f in flops.values())
-    dec = sum(f["decoder_layers"] for f in flops.values())
-    vis = sum(f["vision_layers"] for f in flops.values())
+    with _DepthScaler(model, setting, device) as depth, torch.no_grad():
+        image(), text()  # warm-up
+        scaled, baseline = [], []
+        for _ in range(repeats):
+            baseline.append(depth.time(prefill)[1])
+            scaled.append(depth.time(image, text)[1])
+        flops, flops_scaled = depth.flops(image, text)
     return {"prefill_ms_scaled": statistics.median(scaled), "baseline_ms_scaled": statistics.median(baseline),
-            "flops": total,
-            "flops_scaled": int(total + dec_scale * dec + vis_scale * vis)}
+            "flops": flops, "flops_scaled": flops_scaled}
 
 
 def model_benchmark(
@@ -721,25 +709,9 @@ def run(
         "model": [asdict(r) for r in model_rows],
         "targets": targets,
     }
-    write(result, selection, model_rows, out)
-    return result
-
-
-def write(result: dict, selection: Sequence[SelectionRow], model_rows: Sequence[ModelRow], out: Path) -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=1))
-    text = tables(selection, model_rows, result["targets"])
+    text = tables(selection, model_rows, targets)
     (out / "bench.md").write_text(text + "\n")
     plots(selection, model_rows, out)
     print(text)
-
-
-def rerender(out: str | Path) -> dict:
-    """Recompute targets, table and plots from a written ``bench.json`` (same measurements)."""
-    out = Path(out)
-    result = json.loads((out / "bench.json").read_text())
-    computed = ("speedup", "fraction_of_prefill")
-    selection = [SelectionRow(**{k: v for k, v in r.items() if k not in computed}) for r in result["selection"]]
-    model_rows = [ModelRow(**r) for r in result["model"]]
-    result["targets"] = check_targets(selection, model_rows)
-    write(result, selection, model_rows, out)
     return result
