@@ -84,15 +84,42 @@ class _Fixed:
         return out
 
 
-class _IncrementalRun(ScorerRun):
+class _NaiveRun(ScorerRun):
+    """Recomputes every gain from scratch when asked; keeps only the set and ``m``."""
+
+    hold = False  # whether to hold the grid matrix (only worth it when rows are read every step)
+
     def __init__(self, inputs: SelectionInput) -> None:
-        self.fixed = _Fixed(inputs, hold=True)
+        self.fixed = _Fixed(inputs, hold=self.hold)
         B, N = inputs.features.shape[:2]
         device = inputs.features.device
         self.best: Tensor | None = None  # m_j on the grid
         self.chosen = torch.zeros(B, N, dtype=torch.bool, device=device)
-        self.gain: Tensor | None = None  # c_i on the grid, None until needed
         self.rows = torch.arange(B, device=device)
+
+    def gains(self) -> Tensor:
+        return self.fixed.to_float(self.fixed.coverage(self.best, self.chosen))
+
+    def _grown(self, column: Tensor) -> Tensor:
+        """``m`` once the token with similarities ``column`` joins the set."""
+        return column if self.best is None else torch.maximum(self.best, column)
+
+    def _add(self, picked: Tensor, best: Tensor) -> None:
+        self.best = best
+        self.chosen[self.rows, picked] = True
+
+    def update(self, picked: Tensor) -> None:
+        self._add(picked, self._grown(self.fixed.column(picked)))
+
+
+class _IncrementalRun(_NaiveRun):
+    """Keeps the gains and updates only the rows whose ``m`` changed (see the module docstring)."""
+
+    hold = True
+
+    def __init__(self, inputs: SelectionInput) -> None:
+        super().__init__(inputs)
+        self.gain: Tensor | None = None  # c_i on the grid, None until needed
 
     def gains(self) -> Tensor:
         if self.gain is None:
@@ -101,12 +128,11 @@ class _IncrementalRun(ScorerRun):
 
     def update(self, picked: Tensor) -> None:
         column = self.fixed.column(picked)  # F[:, p] = F[p, :]
+        new_best = self._grown(column)
         if self.best is None or self.gain is None:  # m jumps from 0 everywhere: recompute when next asked
-            self.best = column if self.best is None else torch.maximum(self.best, column)
-            self.chosen[self.rows, picked] = True
+            self._add(picked, new_best)
             self.gain = None
             return
-        new_best = torch.maximum(self.best, column)
         # j enters the update when m_j grows or j leaves the sum (j = p); chosen j never were in it.
         changed = (column > self.best) & ~self.chosen
         changed[self.rows, picked] = True
@@ -123,23 +149,7 @@ class _IncrementalRun(ScorerRun):
         # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows.
         rows = self.fixed.rows(index)  # [B, U, N]: F[j, i] = F[i, j]
         self.gain -= torch.clamp(rows, old[..., None], new[..., None]).sum(1) - old.sum(1, keepdim=True)
-        self.best = new_best
-        self.chosen[self.rows, picked] = True
-
-
-class _NaiveRun(ScorerRun):
-    def __init__(self, inputs: SelectionInput) -> None:
-        self.fixed = _Fixed(inputs, hold=False)
-        self.best: Tensor | None = None
-        self.chosen = torch.zeros(inputs.features.shape[:2], dtype=torch.bool, device=inputs.features.device)
-
-    def gains(self) -> Tensor:
-        return self.fixed.to_float(self.fixed.coverage(self.best, self.chosen))
-
-    def update(self, picked: Tensor) -> None:
-        column = self.fixed.column(picked)
-        self.best = column if self.best is None else torch.maximum(self.best, column)
-        self.chosen[torch.arange(picked.shape[0], device=picked.device), picked] = True
+        self._add(picked, new_best)
 
 
 class FacilityLocationCoverage(Scorer):

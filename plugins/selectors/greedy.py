@@ -12,21 +12,19 @@ from prunekit import Scorer, Selector, SelectionInput, hookimpl
 Normalize = Literal["minmax", "mean", "none"]
 
 
-def normalize_over(x: Tensor, candidates: Tensor, how: Normalize, penalty: Tensor | None = None) -> Tensor:
+def normalize_over(x: Tensor, penalty: Tensor, how: Normalize) -> Tensor:
     """Normalise ``x`` ``[..., B, N]`` over the candidate tokens only (chosen tokens are ignored).
 
-    ``candidates``: ``[B, N]`` bool. ``penalty`` (optional, ``[B, N]``): 0 at candidates and +inf elsewhere, to
-    save rebuilding it every call."""
+    ``penalty`` (``[B, N]``, ``x``'s dtype): 0 at candidates and +inf at chosen tokens."""
     if how == "none":
         return x
     if how == "minmax":
-        if penalty is None:
-            penalty = torch.zeros_like(x).masked_fill(~candidates, float("inf"))
-        lo = (x + penalty.to(x.dtype)).amin(-1, keepdim=True)
-        hi = (x - penalty.to(x.dtype)).amax(-1, keepdim=True)
+        lo = (x + penalty).amin(-1, keepdim=True)
+        hi = (x - penalty).amax(-1, keepdim=True)
         span = hi - lo
         return torch.where(span > 0, (x - lo) / span, 0.0)
     if how == "mean":
+        candidates = penalty == 0
         mean = (x * candidates).sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True).clamp_min(1)
         return torch.where(mean != 0, x / mean, torch.zeros_like(x))
     raise ValueError(f"normalize must be one of 'minmax', 'mean', 'none'; got {how!r}")
@@ -61,10 +59,10 @@ class GreedySelector(Selector):
         self.seed = seed
         self.max_similarity_bytes = max_similarity_bytes
 
-    def _score(self, runs, candidates: Tensor, penalty: Tensor) -> Tensor:
+    def _score(self, runs, penalty: Tensor) -> Tensor:
         # All terms at once ([T, B, N], float64): one pass of normalisation ops per step instead of one per term.
         gains = torch.stack([run.gains().to(torch.float64) for run, _ in runs])
-        g = normalize_over(gains, candidates, self.normalize, penalty)
+        g = normalize_over(gains, penalty, self.normalize)
         total = None
         for t, (_, weight) in enumerate(runs):  # term by term, in order: the sums round as the spec's would
             if self.combine == "sum":
@@ -85,7 +83,6 @@ class GreedySelector(Selector):
         if self.max_similarity_bytes is not None:
             inputs.limit_similarity(self.max_similarity_bytes)
         runs = [(scorer.start(inputs), weight) for scorer, weight in self.terms]
-        candidates = torch.ones(B, N, dtype=torch.bool, device=device)
         penalty = torch.zeros(B, N, dtype=torch.float64, device=device)  # +inf at chosen tokens
         rows = torch.arange(B, device=device)
         picks = []
@@ -93,9 +90,8 @@ class GreedySelector(Selector):
             if step == 0 and self.seed is not None:
                 score = self.seed.start(inputs).gains()
             else:
-                score = self._score(runs, candidates, penalty)
+                score = self._score(runs, penalty)
             picked = (score - penalty.to(score.dtype)).argmax(-1)
-            candidates[rows, picked] = False
             penalty[rows, picked] = float("inf")
             picks.append(picked)
             if step + 1 < k:
