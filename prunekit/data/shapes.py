@@ -106,17 +106,14 @@ def render_scene(objects: list[Obj], size: int, seed: int) -> Image.Image:
 
 def make_question(objects: list[Obj], kind: str, rng: random.Random) -> tuple[str, str] | None:
     """A ``(question, answer)`` of type ``kind`` about ``objects``, or None when the scene cannot support one."""
-    if kind == "color":
-        unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+    if kind in ("color", "shape"):  # name the object by its other attribute, which must be unique in the scene
+        named_by = "shape" if kind == "color" else "color"
+        unique = [o for o in objects if sum(getattr(p, named_by) == getattr(o, named_by) for p in objects) == 1]
         if not unique:
             return None
         o = rng.choice(unique)
-        return f"what color is the {o.shape}?", o.color
-    if kind == "shape":
-        unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
-        if not unique:
-            return None
-        o = rng.choice(unique)
+        if kind == "color":
+            return f"what color is the {o.shape}?", o.color
         return f"what shape is the {o.color} object?", o.shape
     if kind == "exist":
         present = {(o.color, o.shape) for o in objects}
