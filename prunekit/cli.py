@@ -1,4 +1,5 @@
-"""``prunekit`` command line: ``prunekit demo`` (the README's main job), ``prunekit bench`` and ``prunekit list``."""
+"""``prunekit`` command line: ``prunekit demo`` (the README's main job), ``prunekit eval``, ``prunekit bench`` and
+``prunekit list``."""
 
 from __future__ import annotations
 
@@ -42,6 +43,80 @@ def _grid(kept: torch.Tensor, side: int) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
+    if args.model == "random":
+        args.keep_tokens = args.keep_tokens or 64
+        return _random_demo(args)
+    args.keep_tokens = args.keep_tokens or 16
+    return _bundled_demo(args)
+
+
+def _highlight(image, kept: torch.Tensor, grid: int, path: str) -> None:
+    """Save ``image`` with every patch that was not kept dimmed and the kept ones outlined."""
+    from PIL import Image, ImageDraw
+
+    image = image.convert("RGB")
+    cell = image.width // grid
+    dim = Image.blend(image, Image.new("RGB", image.size, (255, 255, 255)), 0.75)
+    out = dim.copy()
+    draw = ImageDraw.Draw(out)
+    for i in kept.tolist():
+        r, c = divmod(i, grid)
+        box = (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
+        out.paste(image.crop(box), box[:2])
+        draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 0, 0))
+    scale = max(1, 384 // image.width)
+    side_by_side = Image.new("RGB", (2 * image.width * scale + 8, image.height * scale), (255, 255, 255))
+    side_by_side.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST), (0, 0))
+    side_by_side.paste(out.resize((image.width * scale, image.height * scale), Image.NEAREST),
+                       (image.width * scale + 8, 0))
+    side_by_side.save(path)
+
+
+def _bundled_demo(args: argparse.Namespace) -> int:
+    import prunekit
+    from . import bundled
+    from .data import ShapesVQA
+
+    model, processor = bundled.load()
+    sample = ShapesVQA("test", args.sample + 1, seed=0)[args.sample]
+    question = args.question or sample.question
+    grid = bundled.GRID
+    print(f"prunekit demo — the bundled shapes LLaVA ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          f"parameters, trained from scratch; {grid * grid} visual tokens), test sample {args.sample}.")
+    inputs = processor(images=sample.image, text=bundled.prompt(question), return_tensors="pt")
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+
+    def ask() -> str:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    base_answer, base_ms = ask(), _prefill_ms(model, inputs, args.repeats)
+    prunekit.build(args.method, model, keep_tokens=args.keep_tokens)
+    pruned_answer = ask()
+    report = prunekit.inspect(model)
+    pruned_ms = _prefill_ms(model, inputs, args.repeats)
+    prunekit.remove(model)
+    first = report.stages[0]
+    print(f"\n  question: {question}")
+    if not args.question:
+        print(f"  reference answer: {sample.answer}")
+    print(f"  answer unpruned ({n} visual tokens): {base_answer}")
+    print(f"  answer with {args.method} keep_tokens={args.keep_tokens}: {pruned_answer}\n")
+    print(report.summary())
+    print(f"\n  kept patches of the {grid}x{grid} grid after {first.label or first.point} ({first.counts[0]} of {n}):")
+    print(_grid(first.kept[0], grid))
+    print(f"  visual tokens per decoder layer: {report.layer_counts[0]}")
+    print(f"  prefill (median of {args.repeats}, {torch.get_num_threads()} threads): unpruned {base_ms:.2f} ms, "
+          f"{args.method}: {pruned_ms:.2f} ms (a model this small is dominated by fixed costs; "
+          f"see docs/performance.md for timings at 7B widths)")
+    if args.picture:
+        _highlight(sample.image, first.kept[0], grid, args.picture)
+        print(f"  picture of the kept patches (right; left: the image): {args.picture}")
+    return 0
+
+
+def _random_demo(args: argparse.Namespace) -> int:
     import prunekit
 
     print("prunekit demo — RANDOM-WEIGHT LLaVA (CLIP ViT 336/14 -> 576 visual tokens, 8-layer Llama decoder).")
@@ -99,6 +174,57 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(spec: str):
+    """``bundled`` (the shipped shapes LLaVA) or a local folder saved with ``save_pretrained``: (model, processor)."""
+    from . import bundled
+
+    if spec == "bundled":
+        return bundled.load()
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not Path(spec, "config.json").is_file():
+        raise ValueError(f"--model must be 'bundled' or a local model folder with config.json; got {spec!r}")
+    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), AutoProcessor.from_pretrained(spec)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from . import evaluation as ev
+    from .data import ShapesVQA, load_jsonl
+
+    if args.quick:  # the CI smoke version: a few samples, three methods, two budgets
+        args.size, args.budgets = min(args.size, 24), [0.333, 0.111]
+        args.methods = args.methods or ["tops", "random", "visionzip"]
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model)
+    if args.data == "shapes":
+        ds = ShapesVQA(args.split, args.size, seed=args.seed)
+        samples, data = list(ds), f"ShapesVQA({args.split!r}, {args.size}, seed={args.seed})"
+    else:
+        samples, data = load_jsonl(args.data), args.data
+        samples = samples[: args.size] if args.size else samples
+    variants = [] if args.ablations and not args.methods else ev.method_variants(args.methods or _default_methods())
+    if args.ablations:
+        variants += ev.tops_ablations()
+    results = ev.evaluate(model, processor, samples, variants, budgets=args.budgets, positions=args.positions,
+                          batch_size=args.batch_size, progress=not args.no_progress)
+    meta = {"command": "prunekit eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "",
+            "model": args.model, "data": data, "samples": len(samples), "budgets": args.budgets,
+            "positions": args.positions, "torch": torch.__version__, "threads": args.threads}
+    files = ev.write(results, args.out, meta)
+    print(ev.table(results))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _default_methods() -> list[str]:
+    import prunekit
+
+    return prunekit.list_methods()
+
+
 def list_plugins(args: argparse.Namespace) -> int:
     import prunekit
 
@@ -110,9 +236,15 @@ def list_plugins(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="prune a bundled demo model and show what was kept and the prefill time")
+    p = sub.add_parser("demo", help="answer a question with and without pruning on the bundled model; show what was kept")
+    p.add_argument("--model", default="bundled", choices=["bundled", "random"],
+                   help="bundled: the trained shapes LLaVA (144 tokens); random: a random-weight LLaVA with 576 tokens")
     p.add_argument("--method", default="tops", help="any registered method (prunekit list)")
-    p.add_argument("--keep-tokens", type=int, default=64, help="layer-averaged visual tokens kept (default 64)")
+    p.add_argument("--keep-tokens", type=int, default=None,
+                   help="layer-averaged visual tokens kept (default: 16 of 144 bundled, 64 of 576 random)")
+    p.add_argument("--sample", type=int, default=0, help="which test image of the shapes benchmark (bundled)")
+    p.add_argument("--question", default=None, help="ask your own question about that image (bundled)")
+    p.add_argument("--picture", default="prunekit-demo.png", help="where to save the kept-patch picture ('' = none)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=8)
     p.set_defaults(func=demo)
@@ -139,12 +271,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=bench)
+    from .evaluation import DEFAULT_BUDGETS as EVAL_BUDGETS, POSITION_MODES
+
+    p = sub.add_parser("eval", help="accuracy of methods x budgets on the bundled model and data (or your own)")
+    p.add_argument("--model", default="bundled", help="'bundled' or a local folder saved with save_pretrained")
+    p.add_argument("--data", default="shapes", help="'shapes' (the procedural benchmark) or a JSONL file")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--size", type=int, default=3000, help="samples (shapes: generated; JSONL: the first N, 0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all)")
+    p.add_argument("--ablations", action="store_true", help="add TOPS with each of its 7 principle subsets")
+    p.add_argument("--budgets", nargs="+", type=float, default=list(EVAL_BUDGETS),
+                   help="layer-averaged fractions of the visual tokens kept")
+    p.add_argument("--positions", nargs="+", default=list(POSITION_MODES), choices=POSITION_MODES)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="smoke run: 24 samples, 3 methods, 2 budgets")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="eval-results")
+    p.set_defaults(func=evaluate)
     p = sub.add_parser("list", help="list registered plugins")
     p.set_defaults(func=list_plugins)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, KeyError) as err:  # bad method, config or budget: say why, no traceback
+    except (ValueError, RuntimeError, KeyError, FileNotFoundError) as err:  # bad input: say why, no traceback
         print(f"prunekit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

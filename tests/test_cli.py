@@ -9,13 +9,13 @@ def test_list_shows_every_method(capsys):
 
 
 def test_demo_reports_an_unreachable_budget_without_a_traceback(capsys):
-    assert main(["demo", "--method", "fastv", "--keep-tokens", "64", "--repeats", "1", "--new-tokens", "1"]) == 2
+    assert main(["demo", "--model", "random", "--method", "fastv", "--keep-tokens", "64", "--repeats", "1", "--new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "out of reach" in err and "Traceback" not in err
 
 
 def test_demo_rejects_an_unknown_method(capsys):
-    assert main(["demo", "--method", "nope", "--repeats", "1"]) == 2
+    assert main(["demo", "--model", "random", "--method", "nope", "--repeats", "1"]) == 2
     assert "nope" in capsys.readouterr().err
 
 

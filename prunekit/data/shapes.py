@@ -89,19 +89,23 @@ def render_scene(objects: list[Obj], size: int, seed: int) -> Image.Image:
     image = Image.frombytes("RGB", (size, size), pixels.numpy().tobytes())
     draw = ImageDraw.Draw(image)
     for o in objects:
-        cx, cy, r = o.x * size, o.y * size, SIZES[o.size] * size
         jitter = torch.randint(-15, 16, (3,), generator=g).tolist()
-        fill = tuple(max(0, min(255, c + j)) for c, j in zip(COLORS[o.color], jitter))
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "square":
-            s = r * 0.9
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-        else:  # diamond
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        draw_object(draw, o, size, tuple(max(0, min(255, c + j)) for c, j in zip(COLORS[o.color], jitter)))
     return image
+
+
+def draw_object(draw: ImageDraw.ImageDraw, o: Obj, size: int, fill) -> None:
+    """Draw one shape on an image ``size`` pixels wide (also used to draw label maps with integer fills)."""
+    cx, cy, r = o.x * size, o.y * size, SIZES[o.size] * size
+    if o.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "square":
+        s = r * 0.9
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
 
 
 def make_question(objects: list[Obj], kind: str, rng: random.Random) -> tuple[str, str] | None:

@@ -1,0 +1,306 @@
+"""``prunekit eval``: accuracy of every method × budget on a VQA set, against the same model unpruned.
+
+Each sample is answered by greedy ``generate`` (the answer's token count, taken from the longest reference answer),
+so pruning runs exactly where it runs for users: inside ``generate``, with the KV cache and left-padded batches.
+For every method, budget (a layer-averaged fraction of each sample's visual tokens) and position mode it reports:
+
+* accuracy with its 95% Wilson interval, and per question type;
+* relative accuracy (% of the unpruned model's accuracy);
+* agreement: the share of samples whose answer equals the unpruned model's answer;
+* KL(unpruned ‖ pruned) of the first answer token's distribution over the whole vocabulary (mean over samples);
+* the layer-averaged visual-token count actually used (from ``prunekit.inspect``).
+
+A method that cannot reach a budget on the model (for instance a method that starts pruning inside the language model
+when the budget is below what the layers before it already see) is reported as not run, with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .api import build, inspect, is_patched, list_methods, remove
+from .data.shapes import VQASample
+
+#: 33 / 22 / 11 / 5.6 % of the visual tokens: LLaVA-1.5's 192 / 128 / 64 / 32 of 576
+DEFAULT_BUDGETS = (0.333, 0.222, 0.111, 0.056)
+POSITION_MODES = ("renumber", "original")
+PRINCIPLES = ("relevance", "coverage", "diversity")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pruning setting to evaluate: a registered method plus config overrides, under a display label."""
+
+    label: str
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+
+def method_variants(methods: Sequence[str]) -> list[Variant]:
+    known = list_methods()
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise ValueError(f"methods must be registered methods ({', '.join(known)}); unknown: {', '.join(bad)}")
+    return [Variant(m, m) for m in methods]
+
+
+def tops_ablations() -> list[Variant]:
+    """TOPS with each of the seven non-empty subsets of its principles (the paper's Table 5)."""
+    out = []
+    for r in range(1, 4):
+        for subset in itertools.combinations(PRINCIPLES, r):
+            label = "tops[" + "+".join(p[0].upper() for p in subset) + "]"
+            out.append(Variant(label, "tops", {"principles": list(subset)}))
+    return out
+
+
+@dataclass
+class Result:
+    label: str
+    method: str
+    budget: float | None  # None: unpruned
+    positions: str | None
+    status: str = "ok"  # "ok" or "not run: <reason>"
+    n: int = 0
+    accuracy: float = math.nan
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    relative: float = math.nan  # % of the unpruned accuracy
+    agreement: float = math.nan
+    kl: float = math.nan
+    tokens: float = math.nan  # layer-averaged visual tokens actually used (mean over samples)
+    visual_tokens: float = math.nan  # before pruning (mean over samples)
+    per_type: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    overrides: dict = field(default_factory=dict)
+
+
+def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return math.nan, math.nan
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def normalize_answer(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text).strip().lower()
+
+
+@dataclass
+class Prepared:
+    batches: list[dict]
+    answers: list[str]
+    types: list[str]
+    new_tokens: int
+
+
+def prepare(samples: Sequence[VQASample], processor, prompt, batch_size: int) -> Prepared:
+    """Processor outputs for every sample, in left-padded batches (computed once, reused by every run)."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batches.append(dict(processor(images=[s.image for s in chunk], text=[prompt(s.question) for s in chunk],
+                                      padding=True, return_tensors="pt")))
+    longest = max((len(tokenizer(s.answer, add_special_tokens=False).input_ids) for s in samples), default=1)
+    return Prepared(batches, [s.answer for s in samples], [s.type for s in samples], max(1, longest))
+
+
+@torch.no_grad()
+def answer(model, prepared: Prepared, tokenizer, *, progress=None) -> tuple[list[str], torch.Tensor, list[float], list[float]]:
+    """Greedy answers, first-token log-probabilities, layer-averaged and original visual-token counts per sample."""
+    texts, logps, used, before = [], [], [], []
+    for batch in prepared.batches:
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        out = model.generate(**batch, max_new_tokens=prepared.new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        new = out.sequences[:, batch["input_ids"].shape[1]:]
+        texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+        logps.append(torch.log_softmax(out.logits[0].float(), -1).cpu())
+        report = inspect(model) if is_patched(model) else None
+        rows = len(new)
+        if report is not None:
+            used += report.layer_average
+            before += [float(n) for n in report.visual_tokens]
+        else:
+            image = model.config.image_token_id
+            counts = (batch["input_ids"] == image).sum(1).float().tolist()
+            used += counts
+            before += counts
+        if progress is not None:
+            progress.update(rows)
+    return texts, torch.cat(logps), used, before
+
+
+def _summarise(res: Result, texts, logp, used, before, prepared: Prepared, base: Result | None,
+               base_texts=None, base_logp=None) -> Result:
+    hits = [int(normalize_answer(t) == normalize_answer(a)) for t, a in zip(texts, prepared.answers)]
+    res.n = len(hits)
+    res.accuracy = sum(hits) / len(hits)
+    res.ci_low, res.ci_high = wilson(sum(hits), len(hits))
+    by_type: dict[str, list[int]] = {}
+    for t, h in zip(prepared.types, hits):
+        by_type.setdefault(t, []).append(h)
+    res.per_type = {t: sum(v) / len(v) for t, v in by_type.items()}
+    res.tokens = sum(used) / len(used)
+    res.visual_tokens = sum(before) / len(before)
+    if base is None:
+        res.relative, res.agreement, res.kl = 100.0, 1.0, 0.0
+    else:
+        res.relative = 100.0 * res.accuracy / base.accuracy if base.accuracy > 0 else math.nan
+        res.agreement = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(texts, base_texts)) / len(texts)
+        p = base_logp.exp()
+        res.kl = float((p * (base_logp - logp)).sum(-1).clamp(min=0).mean())
+    return res
+
+
+def evaluate(model, processor, samples: Sequence[VQASample], variants: Sequence[Variant], *,
+             budgets: Sequence[float] = DEFAULT_BUDGETS, positions: Sequence[str] = POSITION_MODES, prompt=None,
+             batch_size: int = 50, progress: bool = True) -> list[Result]:
+    """The unpruned model first, then every variant × budget × position mode, on ``samples``."""
+    from tqdm.auto import tqdm
+
+    bad = [p for p in positions if p not in POSITION_MODES]
+    if bad:
+        raise ValueError(f"positions must be among {', '.join(POSITION_MODES)}; got {', '.join(bad)}")
+    bad_b = [b for b in budgets if not 0 < b <= 1]
+    if bad_b:
+        raise ValueError(f"budgets are fractions of the visual tokens in (0, 1]; got {bad_b}")
+    if not samples:
+        raise ValueError("samples is empty")
+    prompt = prompt or default_prompt(processor)
+    remove(model)
+    prepared = prepare(samples, processor, prompt, batch_size)
+    tok = processor.tokenizer
+    runs = [(v, b, p) for v in variants for b in budgets for p in positions]
+    bar = tqdm(total=len(samples) * (1 + len(runs)), desc="eval", unit="answer", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    base_texts, base_logp, used, before = answer(model, prepared, tok, progress=bar)
+    base = _summarise(Result("unpruned", "none", None, None), base_texts, base_logp, used, before, prepared, None)
+    base.seconds = time.perf_counter() - t0
+    results = [base]
+    for variant, budget, pos in runs:
+        bar.set_postfix_str(f"{variant.label} {budget:g} {pos}")
+        res = Result(variant.label, variant.method, budget, pos, overrides=dict(variant.overrides))
+        t0 = time.perf_counter()
+        try:
+            build(variant.method, model, keep_ratio=budget, positions=pos, **variant.overrides)
+            texts, logp, used, before = answer(model, prepared, tok, progress=bar)
+        except ValueError as err:  # budget out of reach, or a method that cannot run on this model
+            res.status = f"not run: {err}"
+            bar.update(len(samples))
+        else:
+            _summarise(res, texts, logp, used, before, prepared, base, base_texts, base_logp)
+        finally:
+            remove(model)
+        res.seconds = time.perf_counter() - t0
+        results.append(res)
+    bar.close()
+    return results
+
+
+def default_prompt(processor):
+    """The bundled model's prompt when the processor is the bundled one, else the processor's chat template (or
+    ``<image>\\n{question}`` when it has none)."""
+    from . import bundled
+
+    image_token = getattr(processor, "image_token", "<image>")
+    if getattr(processor.tokenizer, "vocab_size", None) == len(bundled.vocabulary()):
+        return bundled.prompt
+    if getattr(processor, "chat_template", None):
+        def chat(question: str) -> str:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True)
+        return chat
+    return lambda question: f"{image_token}\n{question}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------------------
+def table(results: Sequence[Result]) -> str:
+    types = sorted({t for r in results for t in r.per_type})
+    head = ["method", "budget", "positions", "tokens", "accuracy (95% CI)", "relative %", "agreement", "KL", *types]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        budget = "—" if r.budget is None else f"{100 * r.budget:.1f}%"
+        if r.status != "ok":
+            lines.append(f"| {r.label} | {budget} | {r.positions} | — | {r.status} |" + " |" * (len(head) - 5))
+            continue
+        cells = [r.label, budget, r.positions or "—", f"{r.tokens:.1f}",
+                 f"{100 * r.accuracy:.1f} ({100 * r.ci_low:.1f}–{100 * r.ci_high:.1f})", f"{r.relative:.1f}",
+                 f"{100 * r.agreement:.1f}", f"{r.kl:.3f}", *(f"{100 * r.per_type.get(t, math.nan):.1f}" for t in types)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(results: Sequence[Result], out: str | Path, meta: dict | None = None) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in results]
+    (out / "results.json").write_text(json.dumps({"meta": meta or {}, "results": rows}, indent=1) + "\n")
+    types = sorted({t for r in results for t in r.per_type})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        cols = ["label", "method", "budget", "positions", "status", "n", "tokens", "visual_tokens", "accuracy",
+                "ci_low", "ci_high", "relative", "agreement", "kl", "seconds"]
+        w.writerow(cols + [f"acc_{t}" for t in types])
+        for r in rows:
+            w.writerow([r[c] for c in cols] + [r["per_type"].get(t, "") for t in types])
+    (out / "results.md").write_text(table(results) + "\n")
+    return [out / "results.json", out / "results.csv", out / "results.md", plot(results, out / "accuracy.png")]
+
+
+def plot(results: Sequence[Result], path: str | Path) -> Path:
+    """Accuracy vs. layer-averaged visual tokens, one line per method, one panel per position mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    base = next((r for r in results if r.budget is None), None)
+    modes = [m for m in POSITION_MODES if any(r.positions == m for r in results)] or ["renumber"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.6), squeeze=False, sharey=True)
+    labels = list(dict.fromkeys(r.label for r in results if r.budget is not None))
+    cmap = plt.get_cmap("tab20")
+    for ax, mode in zip(axes[0], modes):
+        for i, label in enumerate(labels):
+            rows = sorted((r for r in results if r.label == label and r.positions == mode and r.status == "ok"),
+                          key=lambda r: r.tokens)
+            if not rows:
+                continue
+            x = [r.tokens for r in rows]
+            y = [100 * r.accuracy for r in rows]
+            err = [[100 * (r.accuracy - r.ci_low) for r in rows], [100 * (r.ci_high - r.accuracy) for r in rows]]
+            style = dict(lw=2.4, color="black") if label == "tops" else dict(lw=1.2, color=cmap(i % 20))
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=label, **style)
+        if base is not None:
+            ax.axhline(100 * base.accuracy, ls="--", color="grey", lw=1, label="unpruned")
+        ax.set_xscale("log")
+        ax.set_xlabel("layer-averaged visual tokens kept")
+        ax.set_title(f"positions: {mode}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%) with 95% CI")
+    axes[0][-1].legend(fontsize=7, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
