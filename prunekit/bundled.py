@@ -42,6 +42,12 @@ def vocabulary() -> list[str]:
     return vocab
 
 
+#: the processor's chat template: a user turn of one image and a question becomes the prompt below
+CHAT_TEMPLATE = ("{% for message in messages %}{% for part in message['content'] %}"
+                 "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% elif part['type'] == 'text' %}{{ part['text'] }}"
+                 "{% endif %}{% endfor %}{% endfor %}")
+
+
 def prompt(question: str) -> str:
     """The bundled model's prompt: the image first, then the question; the next word is the answer."""
     return f"{IMAGE_TOKEN}\n{question}"
@@ -68,7 +74,8 @@ def build_processor(tokenizer=None):
 
     images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
 
 
 def build_config(*, vision_layers: int = 4, vision_width: int = 128, text_layers: int = 8, text_width: int = 192,

@@ -76,6 +76,9 @@ class Result:
     ci_low: float = math.nan
     ci_high: float = math.nan
     relative: float = math.nan  # % of the unpruned accuracy
+    delta: float = math.nan  # accuracy minus the unpruned accuracy, on the same samples
+    delta_low: float = math.nan  # its paired 95% interval
+    delta_high: float = math.nan
     agreement: float = math.nan
     kl: float = math.nan
     tokens: float = math.nan  # layer-averaged visual tokens actually used (mean over samples)
@@ -83,6 +86,7 @@ class Result:
     per_type: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     overrides: dict = field(default_factory=dict)
+    hits: list[int] = field(default_factory=list, repr=False)  # per sample: 1 where the answer was right
 
 
 def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -93,6 +97,17 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(hits: Sequence[int], base_hits: Sequence[int], z: float = 1.959964) -> tuple[float, float, float]:
+    """Mean of per-sample differences and its 95% interval (normal approximation): on the same questions this is much
+    tighter than comparing two independent intervals, because most answers do not change."""
+    n = len(hits)
+    d = [a - b for a, b in zip(hits, base_hits)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half
 
 
 def normalize_answer(text: str) -> str:
@@ -158,12 +173,15 @@ def _summarise(res: Result, texts, logp, used, before, prepared: Prepared, base:
     for t, h in zip(prepared.types, hits):
         by_type.setdefault(t, []).append(h)
     res.per_type = {t: sum(v) / len(v) for t, v in by_type.items()}
+    res.hits = hits
     res.tokens = sum(used) / len(used)
     res.visual_tokens = sum(before) / len(before)
     if base is None:
         res.relative, res.agreement, res.kl = 100.0, 1.0, 0.0
+        res.delta = res.delta_low = res.delta_high = 0.0
     else:
         res.relative = 100.0 * res.accuracy / base.accuracy if base.accuracy > 0 else math.nan
+        res.delta, res.delta_low, res.delta_high = paired_difference(hits, base.hits)
         res.agreement = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(texts, base_texts)) / len(texts)
         p = base_logp.exp()
         res.kl = float((p * (base_logp - logp)).sum(-1).clamp(min=0).mean())
@@ -217,17 +235,13 @@ def evaluate(model, processor, samples: Sequence[VQASample], variants: Sequence[
 
 
 def default_prompt(processor):
-    """The bundled model's prompt when the processor is the bundled one, else the processor's chat template (or
-    ``<image>\\n{question}`` when it has none)."""
-    from . import bundled
-
+    """The processor's chat template applied to one user turn (image, then question), or ``<image>\n{question}``
+    when the processor has no template. The bundled model's template gives exactly ``bundled.prompt``."""
     image_token = getattr(processor, "image_token", "<image>")
-    if getattr(processor.tokenizer, "vocab_size", None) == len(bundled.vocabulary()):
-        return bundled.prompt
     if getattr(processor, "chat_template", None):
         def chat(question: str) -> str:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return processor.apply_chat_template(messages, add_generation_prompt=True)
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return chat
     return lambda question: f"{image_token}\n{question}"
 
@@ -237,7 +251,8 @@ def default_prompt(processor):
 # ---------------------------------------------------------------------------------------------------------------
 def table(results: Sequence[Result]) -> str:
     types = sorted({t for r in results for t in r.per_type})
-    head = ["method", "budget", "positions", "tokens", "accuracy (95% CI)", "relative %", "agreement", "KL", *types]
+    head = ["method", "budget", "positions", "tokens", "accuracy (95% CI)", "Δ vs unpruned (paired 95% CI)",
+            "relative %", "agreement", "KL", *types]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         budget = "—" if r.budget is None else f"{100 * r.budget:.1f}%"
@@ -245,7 +260,8 @@ def table(results: Sequence[Result]) -> str:
             lines.append(f"| {r.label} | {budget} | {r.positions} | — | {r.status} |" + " |" * (len(head) - 5))
             continue
         cells = [r.label, budget, r.positions or "—", f"{r.tokens:.1f}",
-                 f"{100 * r.accuracy:.1f} ({100 * r.ci_low:.1f}–{100 * r.ci_high:.1f})", f"{r.relative:.1f}",
+                 f"{100 * r.accuracy:.1f} ({100 * r.ci_low:.1f}–{100 * r.ci_high:.1f})",
+                 f"{100 * r.delta:+.1f} ({100 * r.delta_low:+.1f}…{100 * r.delta_high:+.1f})", f"{r.relative:.1f}",
                  f"{100 * r.agreement:.1f}", f"{r.kl:.3f}", *(f"{100 * r.per_type.get(t, math.nan):.1f}" for t in types)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -254,13 +270,13 @@ def table(results: Sequence[Result]) -> str:
 def write(results: Sequence[Result], out: str | Path, meta: dict | None = None) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(r) for r in results]
+    rows = [{k: v for k, v in asdict(r).items() if k != "hits"} for r in results]
     (out / "results.json").write_text(json.dumps({"meta": meta or {}, "results": rows}, indent=1) + "\n")
     types = sorted({t for r in results for t in r.per_type})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = ["label", "method", "budget", "positions", "status", "n", "tokens", "visual_tokens", "accuracy",
-                "ci_low", "ci_high", "relative", "agreement", "kl", "seconds"]
+                "ci_low", "ci_high", "delta", "delta_low", "delta_high", "relative", "agreement", "kl", "seconds"]
         w.writerow(cols + [f"acc_{t}" for t in types])
         for r in rows:
             w.writerow([r[c] for c in cols] + [r["per_type"].get(t, "") for t in types])

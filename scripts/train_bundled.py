@@ -82,10 +82,17 @@ class VisionHeads(nn.Module):
         p = self.patch(hidden[:, 1:])
         parts = torch.split(p, [nc, ns, 2, 4], dim=-1)
         losses, acc = [], {}
+        obj = labels["color"] > 0
         for name, logits in zip(("color", "shape", "center", "quadrant"), parts):
             y = labels[name]
-            losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+            if name == "shape":  # only object patches: background is already told apart by the colour head, and
+                # most patches are background, which would drown the one label that needs context to learn
+                losses.append(2 * F.cross_entropy(logits[obj][:, 1:], y[obj] - 1))
+            else:
+                losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
             hit = logits.argmax(-1) == y
+            if name == "shape":
+                hit = logits[..., 1:].argmax(-1) + 1 == y
             if name in ("color", "shape"):  # accuracy on object patches, where it is hard
                 hit = hit[y > 0]
             acc[name] = hit.float().mean().item()
@@ -137,6 +144,17 @@ class Trainer:
             torch.set_rng_state(saved["torch_rng"])
             random.setstate(saved["py_rng"])
             log(f"resumed at stage {self.state['stage']} step {self.state['step']}")
+            if args.restart_stage == "language" and self.state["stage"] in ("language", "done"):
+                torch.manual_seed(args.seed)  # the same initialisation as a run that never had a language stage
+                fresh = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+                lm_state = {k: v for k, v in fresh.state_dict().items() if ".language_model." in k and "embed_tokens" not in k}
+                self.model.load_state_dict(lm_state, strict=False)
+                aborted = {k: self.state.pop(k) for k in ("level", "level_steps", "levels", "final_start") if k in self.state}
+                self.state.setdefault("restarts", []).append(
+                    {"stage": "language", "after_steps": self.state["step"], "seconds": self.state["elapsed"].pop("language", 0.0), **aborted})
+                self.state.update(stage="language", step=0, level=0)
+                self._opt_state = None
+                log("language stage restarted from its initialisation")
         else:
             self._opt_state = None
         log(f"building the training pool: {args.pool} scenes (seed {args.seed})")
@@ -238,31 +256,44 @@ class Trainer:
         self.state["record"]["align_relative_mse"] = round(loss.item(), 5)
         self.next_stage("language")
 
-    def batch_text(self, idx: torch.Tensor, keep_bg: float, rng: random.Random):
-        """Sequences [<s>, kept patches, question] left-padded, with original position ids, and answer ids."""
+    def batch_text(self, idx: torch.Tensor, keep_bg: float, rng: random.Random, turns: int):
+        """Sequences [<s>, kept patches, q1, a1, q2, a2, ..., q_n] left-padded, with original position ids; the
+        answer of every turn is a target (the last one at the final position, as at inference). Several questions
+        per image is how LLaVA's own conversation data look, and it gives each image forward several answers."""
         emb = self.model.get_input_embeddings()
         g = bundled.GRID ** 2
         rows, answers, types = [], [], []
         for i in idx.tolist():
             objs = self.pool.objects[i]
-            while True:
-                kind = rng.choice(QUESTION_TYPES)
-                qa = make_question(objs, kind, rng)
-                if qa is not None:
+            asked: set[str] = set()
+            text: list[int] = []
+            targets: list[int] = []
+            for t in range(turns):
+                for _ in range(50):
+                    kind = rng.choice(QUESTION_TYPES)
+                    qa = make_question(objs, kind, rng)
+                    if qa is not None and qa[0] not in asked:
+                        break
+                else:
                     break
-            q_ids = self.tokenizer(qa[0], add_special_tokens=False).input_ids
+                asked.add(qa[0])
+                if text:
+                    text.append(answers[-1])  # the previous turn's answer, teacher-forced
+                text += self.tokenizer(qa[0], add_special_tokens=False).input_ids
+                targets.append(len(text) - 1)
+                answers.append(self.tokenizer.convert_tokens_to_ids(qa[1]))
+                types.append(kind)
             obj_patch = (self.pool.labels["color"][i] > 0) | (self.pool.labels["center"][i] > 0)
             keep = obj_patch | (torch.rand(g) < keep_bg)
-            rows.append((i, keep.nonzero().squeeze(1), torch.tensor(q_ids)))
-            answers.append(self.tokenizer.convert_tokens_to_ids(qa[1]))
-            types.append(kind)
-        L = max(1 + len(k) + len(q) for _, k, q in rows)
+            rows.append((i, keep.nonzero().squeeze(1), torch.tensor(text), targets))
+        L = max(1 + len(k) + len(q) for _, k, q, _ in rows)
         d = emb.weight.shape[1]
         x = torch.zeros(len(rows), L, d)
         pos = torch.zeros(len(rows), L, dtype=torch.long)
         mask = torch.zeros(len(rows), L, dtype=torch.long)
+        where = []
         bos = emb.weight[self.tokenizer.bos_token_id]
-        for b, (i, keep, q) in enumerate(rows):
+        for b, (i, keep, q, targets) in enumerate(rows):
             n = 1 + len(keep) + len(q)
             s = L - n
             x[b, s] = bos
@@ -270,7 +301,8 @@ class Trainer:
             x[b, s + 1 + len(keep):] = emb.weight[q]
             pos[b, s:] = torch.cat([torch.tensor([0]), keep + 1, g + 1 + torch.arange(len(q))])
             mask[b, s:] = 1
-        return x, pos, mask, torch.tensor(answers), types
+            where += [(b, s + 1 + len(keep) + t) for t in targets]
+        return x, pos, mask, torch.tensor(answers), types, torch.tensor(where)
 
     def train_language(self) -> None:
         a, m = self.args, self.model
@@ -283,6 +315,8 @@ class Trainer:
         params = [p for n, p in lm.named_parameters() if "embed_tokens" not in n]
         for p in params:
             p.requires_grad_(True)
+        if self.state["step"] == 0:  # the stage's own seed: a restarted stage replays a clean run exactly
+            torch.manual_seed(a.seed * 1000 + 3)
         opt = self.optimizer(params, a.text_lr)
         rng = random.Random(a.seed * 1000 + self.state["step"])
         ema: dict[str, float] = {}
@@ -292,8 +326,8 @@ class Trainer:
             lo, hi, keep_bg = CURRICULUM[self.state["level"]]
             allowed = ((self.pool.n_objects >= lo) & (self.pool.n_objects <= hi)).nonzero().squeeze(1)
             idx = allowed[torch.randint(len(allowed), (a.batch,))]
-            x, pos, mask, y, types = self.batch_text(idx, keep_bg, rng)
-            h = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
+            x, pos, mask, y, types, where = self.batch_text(idx, keep_bg, rng, a.turns)
+            h = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state[where[:, 0], where[:, 1]]
             logits = m.lm_head(h)
             loss = F.cross_entropy(logits, y)
             step = self.state["step"]
@@ -378,17 +412,20 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, default=30000, help="training scenes (train split, 1-8 objects)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--vision-steps", type=int, default=1500)
+    ap.add_argument("--vision-steps", type=int, default=2000)
     ap.add_argument("--vision-lr", type=float, default=1e-3)
     ap.add_argument("--align-steps", type=int, default=300)
     ap.add_argument("--align-lr", type=float, default=2e-3)
-    ap.add_argument("--text-steps", type=int, default=6000)
+    ap.add_argument("--text-steps", type=int, default=4400)
     ap.add_argument("--text-lr", type=float, default=1e-3)
     ap.add_argument("--text-layers", type=int, default=8)
     ap.add_argument("--text-width", type=int, default=192)
     ap.add_argument("--text-heads", type=int, default=6)
+    ap.add_argument("--turns", type=int, default=4, help="questions (with answers) per image in a training sequence")
+    ap.add_argument("--restart-stage", choices=["language"], default=None,
+                    help="start this stage again from its seeded initialisation, keeping the earlier stages")
     ap.add_argument("--level-up", type=float, default=0.9, help="lookup accuracy (EMA) that opens the next level")
-    ap.add_argument("--max-level-steps", type=int, default=1500)
+    ap.add_argument("--max-level-steps", type=int, default=800)
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--test-size", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
@@ -415,7 +452,7 @@ def main(argv=None) -> int:
         "seed": args.seed, "arguments": vars(args),
         "data": {"train": f"ShapesVQA('train', seed={args.seed}, min_objects=1, max_objects=8), first {args.pool} "
                           f"scenes, a fresh random question per use", "test": f"ShapesVQA('test', {args.test_size}, seed=0)"},
-        "curriculum": CURRICULUM, "levels": state.get("levels", []),
+        "curriculum": CURRICULUM, "levels": state.get("levels", []), "restarts": state.get("restarts", []),
         "train_seconds": {k: round(v, 1) for k, v in state["elapsed"].items()},
         "train_minutes_total": round(sum(state["elapsed"].values()) / 60, 1),
         "stage_records": state["record"],

@@ -44,6 +44,15 @@ def test_wilson_interval_known_values():
     assert all(math.isnan(x) for x in ev.wilson(0, 0))
 
 
+def test_paired_difference_is_tighter_than_independent_intervals():
+    base = [1] * 90 + [0] * 10
+    hits = [1] * 88 + [0] * 12  # two answers flipped, the rest unchanged
+    mean, lo, hi = ev.paired_difference(hits, base)
+    assert mean == pytest.approx(-0.02) and lo < -0.02 < hi
+    assert hi - lo < (ev.wilson(90, 100)[1] - ev.wilson(90, 100)[0]) / 2
+    assert ev.paired_difference(base, base) == (0.0, 0.0, 0.0)
+
+
 def test_tops_ablations_are_the_seven_principle_subsets():
     variants = ev.tops_ablations()
     subsets = {frozenset(v.overrides["principles"]) for v in variants}
@@ -73,6 +82,7 @@ def test_every_method_runs_through_eval(method, tiny, samples):
     assert base.label == "unpruned" and base.tokens == 144 and base.n == len(samples)
     assert full.status == "ok", full.status
     assert full.agreement == 1.0 and full.kl == 0.0 and full.accuracy == base.accuracy and full.tokens == 144
+    assert full.delta == full.delta_low == full.delta_high == 0.0
     assert not prunekit.is_patched(model)
     if third.status != "ok":
         assert "out of reach" in third.status or "cannot" in third.status, third.status
