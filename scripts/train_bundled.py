@@ -377,32 +377,13 @@ class Trainer:
         return self.state
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, size: int, split: str, seed: int = 0, batch: int = 50) -> dict:
-    """Accuracy per question type through the real path: processor-equivalent pixels, the model's own forward."""
-    model.eval()
-    ds = ShapesVQA(split, size, seed=seed)
-    hits: dict[str, list[int]] = {}
-    for start in range(0, size, batch):
-        samples = [ds[i] for i in range(start, min(size, start + batch))]
-        texts = [bundled.prompt(s.question) for s in samples]
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
-        ids = enc.input_ids
-        # expand the single <image> word to the 144 image tokens, as the processor does
-        img = tokenizer.convert_tokens_to_ids(bundled.IMAGE_TOKEN)
-        rows = [sum(([t] * (bundled.GRID ** 2) if t == img else [t] for t in r.tolist()), []) for r in ids]
-        L = max(len(r) for r in rows)
-        ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-        mask = (ids != 0).long()
-        images = torch.stack([torch.frombuffer(bytearray(s.image.tobytes()), dtype=torch.uint8) for s in samples])
-        pv = pixels(images.view(len(samples), bundled.IMAGE_SIZE, bundled.IMAGE_SIZE, 3))
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits[:, -1]
-        pred = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        for s, p in zip(samples, pred):
-            hits.setdefault(s.type, []).append(int(p == s.answer))
-    out = {t: round(sum(v) / len(v), 4) for t, v in hits.items()}
-    out["all"] = round(sum(sum(v) for v in hits.values()) / size, 4)
-    return out
+def evaluate(model, tokenizer, size: int, split: str, seed: int = 0) -> dict:
+    """Accuracy per question type, through the processor and ``generate`` exactly as ``prunekit eval`` answers."""
+    from prunekit.evaluation import evaluate as run_eval
+
+    base = run_eval(model.eval(), bundled.build_processor(tokenizer), list(ShapesVQA(split, size, seed=seed)), [],
+                    progress=False)[0]
+    return {**{t: round(v, 4) for t, v in base.per_type.items()}, "all": round(base.accuracy, 4)}
 
 
 def main(argv=None) -> int:
