@@ -267,6 +267,28 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: Sequence[Result]) -> str:
+    """One row per method, one column per budget: accuracy in each position mode (renumber / original), with the
+    unpruned accuracy in the header; '—' where the method could not reach the budget."""
+    base = next((r for r in results if r.budget is None), None)
+    budgets = sorted({r.budget for r in results if r.budget is not None}, reverse=True)
+    modes = [m for m in POSITION_MODES if any(r.positions == m for r in results)]
+    labels = list(dict.fromkeys(r.label for r in results if r.budget is not None))
+    cells = {(r.label, r.budget, r.positions): r for r in results if r.budget is not None}
+    unpruned = f"unpruned {100 * base.accuracy:.1f}" if base is not None else ""
+    head = [f"method ({' / '.join(modes)}); {unpruned}"] + [
+        f"{100 * b:.1f}% ({next((r.tokens for r in results if r.budget == b and r.status == 'ok'), math.nan):.0f} tokens)"
+        for b in budgets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        row = [label]
+        for b in budgets:
+            vals = [cells.get((label, b, m)) for m in modes]
+            row.append(" / ".join("—" if r is None or r.status != "ok" else f"{100 * r.accuracy:.1f}" for r in vals))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def write(results: Sequence[Result], out: str | Path, meta: dict | None = None) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +302,7 @@ def write(results: Sequence[Result], out: str | Path, meta: dict | None = None) 
         w.writerow(cols + [f"acc_{t}" for t in types])
         for r in rows:
             w.writerow([r[c] for c in cols] + [r["per_type"].get(t, "") for t in types])
-    (out / "results.md").write_text(table(results) + "\n")
+    (out / "results.md").write_text(table(results) + "\n\n" + summary(results) + "\n")
     return [out / "results.json", out / "results.csv", out / "results.md", plot(results, out / "accuracy.png")]
 
 

@@ -104,6 +104,10 @@ def test_both_position_modes_and_outputs(tiny, samples, tmp_path):
     assert data["meta"] == {"note": "test"} and len(data["results"]) == len(results)
     assert (tmp_path / "results.csv").read_text().count("\n") == len(results) + 1
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    summary = ev.summary(results).splitlines()
+    assert summary[0].startswith("| method (renumber / original); unpruned") and "11.1% (16 tokens)" in summary[0]
+    assert [line.split(" | ")[0] for line in summary[2:]] == ["| tops[R]", "| tops[C]"]
+    assert ev.summary(results) in (tmp_path / "results.md").read_text()
 
 
 def test_cli_eval_on_a_saved_model_and_a_jsonl_file(tiny_saved, samples, tmp_path, capsys):
