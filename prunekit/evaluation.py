@@ -312,6 +312,7 @@ def plot(results: Sequence[Result], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     base = next((r for r in results if r.budget is None), None)
@@ -333,6 +334,9 @@ def plot(results: Sequence[Result], path: str | Path) -> Path:
         if base is not None:
             ax.axhline(100 * base.accuracy, ls="--", color="grey", lw=1, label="unpruned")
         ax.set_xscale("log")
+        ticks = sorted({round(r.tokens) for r in results if r.positions == mode and r.status == "ok"})
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("layer-averaged visual tokens kept")
         ax.set_title(f"positions: {mode}")
         ax.grid(alpha=0.3)
