@@ -42,6 +42,15 @@ def _grid(kept: torch.Tensor, side: int) -> str:
     return "\n".join("    " + "".join(row) for row in cells)
 
 
+def _show_kept(report, side: int, n: int) -> None:
+    """The pruning report, the first stage's kept patches on the image grid, and the per-layer counts."""
+    first = report.stages[0]
+    print(report.summary())
+    print(f"\n  kept patches of the {side}x{side} grid after {first.label or first.point} ({first.counts[0]} of {n}):")
+    print(_grid(first.kept[0], side))
+    print(f"  visual tokens per decoder layer: {report.layer_counts[0]}")
+
+
 def demo(args: argparse.Namespace) -> int:
     if args.model == "random":
         args.keep_tokens = args.keep_tokens or 64
@@ -103,10 +112,7 @@ def _bundled_demo(args: argparse.Namespace) -> int:
         print(f"  reference answer: {sample.answer}")
     print(f"  answer unpruned ({n} visual tokens): {base_answer}")
     print(f"  answer with {args.method} keep_tokens={args.keep_tokens}: {pruned_answer}\n")
-    print(report.summary())
-    print(f"\n  kept patches of the {grid}x{grid} grid after {first.label or first.point} ({first.counts[0]} of {n}):")
-    print(_grid(first.kept[0], grid))
-    print(f"  visual tokens per decoder layer: {report.layer_counts[0]}")
+    _show_kept(report, grid, n)
     print(f"  prefill (median of {args.repeats}, {torch.get_num_threads()} threads): unpruned {base_ms:.2f} ms, "
           f"{args.method} keep_tokens={args.keep_tokens}: {pruned_ms:.2f} ms ({base_ms / pruned_ms:.2f}x)")
     if args.picture:
@@ -137,11 +143,7 @@ def _random_demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)[0, len(prompt):]
     report = prunekit.inspect(model)
-    print(report.summary())
-    first = report.stages[0]
-    print(f"\n  kept patches of the 24x24 grid after {first.label or first.point} ({first.counts[0]} of {n}):")
-    print(_grid(first.kept[0], 24))
-    print(f"\n  visual tokens per decoder layer: {report.layer_counts[0]}")
+    _show_kept(report, 24, n)
     print(f"  prefill (median of {args.repeats}, {torch.get_num_threads()} threads): unpruned {base_ms:.1f} ms, "
           f"{args.method} keep_tokens={args.keep_tokens}: {pruned_ms:.1f} ms ({base_ms / pruned_ms:.2f}x)")
     print(f"  generated ids unpruned: {base_tokens.tolist()}")
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bundled", help="'bundled' or a local folder saved with save_pretrained")
     p.add_argument("--data", default="shapes", help="'shapes' (the procedural benchmark) or a JSONL file")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--size", type=int, default=3000, help="samples (shapes: generated; JSONL: the first N, 0 = all)")
+    p.add_argument("--size", type=int, default=1000, help="samples (shapes: generated; JSONL: the first N, 0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all)")
     p.add_argument("--ablations", action="store_true", help="add TOPS with each of its 7 principle subsets")
