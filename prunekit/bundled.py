@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data.shapes import COLORS, NUMBERS, QUADRANTS, SHAPES, SIZES, Obj, draw_object
+from .data.shapes import COLORS, NUMBERS, QUADRANTS, SHAPES, Obj, draw_object
 
 #: where the trained weights, tokenizer and processor live inside the package
 MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
@@ -152,4 +152,4 @@ def load(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, 
 
 
 __all__ = ["MODEL_DIR", "ANSWERS", "IMAGE_SIZE", "PATCH_SIZE", "GRID", "vocabulary", "prompt", "build_tokenizer",
-           "build_processor", "build_config", "patch_labels", "patch_targets", "load", "SIZES"]
+           "build_processor", "build_config", "patch_labels", "patch_targets", "load"]

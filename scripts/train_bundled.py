@@ -182,6 +182,15 @@ class Trainer:
             self._opt_state = None
         return self.opt
 
+    def train_only(self, params) -> list:
+        """Freeze the whole model except ``params`` (each stage trains one part)."""
+        params = list(params)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
     def next_stage(self, stage: str) -> None:
         self.state.update(stage=stage, step=0)
         self.opt, self._opt_state = None, None
@@ -190,12 +199,8 @@ class Trainer:
     # -- stages --------------------------------------------------------------------------------------------------
     def train_vision(self) -> None:
         a, m = self.args, self.model
-        for p in m.parameters():
-            p.requires_grad_(False)
         vt = m.model.vision_tower
-        for p in vt.parameters():
-            p.requires_grad_(True)
-        opt = self.optimizer(list(vt.parameters()) + list(self.heads.parameters()), a.vision_lr)
+        opt = self.optimizer(self.train_only(vt.parameters()) + list(self.heads.parameters()), a.vision_lr)
         ema = {}
         vt.train()
         while self.state["step"] < a.vision_steps:
@@ -231,12 +236,8 @@ class Trainer:
 
     def train_align(self) -> None:
         a, m = self.args, self.model
-        for p in m.parameters():
-            p.requires_grad_(False)
         proj = m.model.multi_modal_projector
-        for p in proj.parameters():
-            p.requires_grad_(True)
-        opt = self.optimizer(proj.parameters(), a.align_lr)
+        opt = self.optimizer(self.train_only(proj.parameters()), a.align_lr)
         emb = m.get_input_embeddings().weight.detach()
         while self.state["step"] < a.align_steps:
             t0 = time.time()
@@ -309,12 +310,8 @@ class Trainer:
         if self.pool.features is None:
             log("caching projected features of the pool")
             self.cache_features()
-        for p in m.parameters():
-            p.requires_grad_(False)
         lm = m.model.language_model
-        params = [p for n, p in lm.named_parameters() if "embed_tokens" not in n]
-        for p in params:
-            p.requires_grad_(True)
+        params = self.train_only(p for n, p in lm.named_parameters() if "embed_tokens" not in n)
         if self.state["step"] == 0:  # the stage's own seed: a restarted stage replays a clean run exactly
             torch.manual_seed(a.seed * 1000 + 3)
         opt = self.optimizer(params, a.text_lr)
