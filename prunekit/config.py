@@ -36,10 +36,11 @@ class BudgetConfig(StrictModel):
     schedule: list[PositiveInt] | None = Field(
         None, min_length=1, description="Explicit visual-token count kept at each stage, in stage order."
     )
-    positions: Literal["renumber", "original"] = Field(
-        "renumber",
+    positions: Literal["auto", "renumber", "original"] = Field(
+        "auto",
         description="'renumber': kept tokens get contiguous position ids (the papers' choice); "
-        "'original': kept tokens keep the position ids they had before pruning.",
+        "'original': kept tokens keep the position ids they had before pruning; 'auto': renumber on 1-D rotary "
+        "positions, original on M-RoPE (Qwen-VL), where renumbering is not defined.",
     )
 
     @model_validator(mode="after")

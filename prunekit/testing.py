@@ -75,3 +75,46 @@ class registered:
         from .registry import registry
 
         registry.unregister(self.name)
+
+
+#: per-token inputs that a batch pads on the left, and the value they are padded with (input_ids: the model's pad id)
+_PER_TOKEN = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+def collate(rows: list[dict], pad_token_id: int = 0) -> dict:
+    """Left-pad single-prompt inputs into one batch, as a processor with ``padding_side="left"`` would.
+
+    Per-token tensors (``[1, L]``) are padded on the left; everything else (pixel values, image sizes, grids) is
+    concatenated along its first axis, zero-padding later axes to the largest row (LLaVA-NeXT's crops).
+    """
+    L = max(r["input_ids"].shape[1] for r in rows)
+    out: dict = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if not values:
+            continue
+        if key == "input_ids" or key in _PER_TOKEN:
+            fill = pad_token_id if key == "input_ids" else _PER_TOKEN[key]
+            out[key] = torch.cat([
+                torch.cat([v.new_full((1, L - v.shape[1]), fill), v], 1) for v in values
+            ])
+            continue
+        shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+        padded = []
+        for v in values:
+            if list(v.shape[1:]) != shape[1:]:
+                p = v.new_zeros((v.shape[0], *shape[1:]))
+                p[tuple(slice(0, s) for s in v.shape)] = v
+                v = p
+            padded.append(v)
+        out[key] = torch.cat(padded)
+    return out
+
+
+def prompt_ids(model, counts: list[int], token_id: int | list[int], question=(5, 6, 7), prefix=(3, 4)) -> torch.Tensor:
+    """``[1, L]`` ids: prefix, then for each image its ``counts[i]`` placeholder tokens, then the question."""
+    ids = list(prefix)
+    tokens = token_id if isinstance(token_id, list) else [token_id] * len(counts)
+    for n, t in zip(counts, tokens):
+        ids += [t] * n
+    return torch.tensor([ids + list(question)])

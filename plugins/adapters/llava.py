@@ -11,8 +11,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from prunekit import ModelAdapter, ModelSpec, Stage, hookimpl
+from prunekit import ModelSpec, Stage, hookimpl
 from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError
+from prunekit_plugins.adapters.common import MultimodalAdapter
 
 
 def _feature_layer_index(feature_layer, num_layers: int) -> int:
@@ -121,14 +122,11 @@ class _LlavaHooks(ModelHooks):
         return DynamicCache(config=self.config.text_config)
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(MultimodalAdapter):
     name = "llava"
+    family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
-
-    @property
-    def inner(self):
-        return self.model.model if type(self.model).__name__ == "LlavaForConditionalGeneration" else self.model
 
     def describe(self) -> ModelSpec:
         cfg = self.model.config
@@ -148,6 +146,7 @@ class LlavaAdapter(ModelAdapter):
 
     def patch(self, stages: Sequence[Stage], config, method: str) -> DecoderPruner:
         inner = self.inner
+        positions = self.resolve_positions(config.positions)
         if not self.describe().has_cls and any("cls_attention" in s.signals for s in stages):
             raise PruningError("this LLaVA's vision encoder has no [CLS] token, so 'cls_attention' is unavailable")
         pre = [s for s in stages if s.layer is None]
@@ -163,10 +162,27 @@ class LlavaAdapter(ModelAdapter):
             layers=lm.layers,
             rotary=lambda hidden, pos: lm.rotary_emb(hidden, position_ids=pos),
             stages=stages,
-            positions=config.positions,
+            positions=positions,
             hooks=hooks,
             extra_handles=hooks.handles,
         )
+
+    @classmethod
+    def tiny(cls, seed: int = 0, num_layers: int = 4):
+        from prunekit.testing import tiny_llava
+
+        return tiny_llava(seed=seed, num_layers=num_layers)
+
+    @classmethod
+    def tiny_rows(cls, model) -> list[dict]:
+        from prunekit.testing import tiny_llava_inputs
+
+        rows = []
+        for b, images in enumerate((1, 2)):
+            x = tiny_llava_inputs(model, batch=1, left_pad=(0,), images_per_row=images, seed=b + 1)
+            x["input_ids"][:, -3:] += b
+            rows.append(x)
+        return rows
 
 
 @hookimpl

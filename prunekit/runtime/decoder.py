@@ -69,8 +69,9 @@ class _Segment:
 
     first_layer: int
     cols: Tensor  # [B, n]: indices into the LLM-input sequence (after any pruning before the LLM)
-    shift: int  # tokens dropped inside the LLM up to here (subtracted from decode positions when renumbering)
-    pos: Tensor  # [B, n] prefill position ids
+    shift: Tensor  # [B] tokens dropped inside the LLM up to here (subtracted from decode positions when renumbering)
+    pos: Tensor  # [B, n, P] prefill position ids
+    pad: Tensor | None = None  # [B, n] True where a row was left-padded because rows kept different counts
 
 
 @dataclass
@@ -88,7 +89,9 @@ class _Generation:
 @dataclass
 class _Call:
     mode: str  # "prefill" | "decode"
-    pos: Tensor | None  # model-level position ids of this call [B, q]
+    pos: Tensor | None  # model-level position ids of this call, [B, q, P] (P = 1, or 3/4 rows of M-RoPE)
+    style: int = 0  # how the model passed position ids: 0 = [B, q] (or none), P = [P, B, q]
+    past: int = 0  # decode: tokens in the cache before this call (in the first layer's coordinates)
     valid: Tensor | None = None  # [B, L] prefill: non-pad tokens of the current segment
     vis_pos: list[Tensor] = field(default_factory=list)  # per sample: positions of its visual tokens
     vis_orig: list[Tensor] = field(default_factory=list)  # per sample: original visual index of each
@@ -96,6 +99,46 @@ class _Call:
     captured: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden_in, mask, position_embeddings)
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
     report: PruningReport | None = None
+
+
+def _positions_in(pos: Tensor | None, B: int, L: int, device) -> tuple[Tensor, int]:
+    """Position ids as ``[B, L, P]`` and the style to give them back in (0: ``[B, L]``, P: ``[P, B, L]``)."""
+    if pos is None:
+        return torch.arange(L, device=device)[None, :, None].expand(B, L, 1), 0
+    if pos.dim() == 2:
+        return pos.expand(B, L)[..., None], 0
+    if pos.dim() == 3:
+        return pos.expand(pos.shape[0], B, L).permute(1, 2, 0), pos.shape[0]
+    raise PruningError(f"position_ids of shape {tuple(pos.shape)} are not supported")
+
+
+def _positions_out(pos: Tensor, style: int) -> Tensor:
+    return pos[..., 0] if style == 0 else pos.permute(2, 0, 1)
+
+
+def _causal_pad_mask(pad_keys: Tensor, q: int, dtype) -> Tensor:
+    """A ``[B, 1, q, Lk]`` mask for the last ``q`` queries: causal, padding keys hidden, padding queries see themselves."""
+    B, Lk = pad_keys.shape
+    qi = torch.arange(Lk - q, Lk, device=pad_keys.device)[:, None]
+    kj = torch.arange(Lk, device=pad_keys.device)[None]
+    allowed = (kj <= qi)[None] & ~pad_keys[:, None, :]
+    allowed = allowed | ((kj == qi)[None] & pad_keys[:, Lk - q :, None])
+    allowed = allowed[:, None]
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _hide_pads(mask: Tensor, pad_keys: Tensor) -> Tensor:
+    """``mask`` (``[B, H, q, Lk]``, bool or additive) with padding keys hidden; padding queries see themselves."""
+    B, _, q, Lk = mask.shape
+    own = torch.zeros(B, 1, q, Lk, dtype=torch.bool, device=mask.device)
+    qi = torch.arange(Lk - q, Lk, device=mask.device)
+    own[:, 0, torch.arange(q, device=mask.device), qi] = pad_keys[:, Lk - q :]
+    hide = pad_keys[:, None, None, :] & ~own
+    if mask.dtype == torch.bool:
+        return (mask & ~hide) | own
+    return mask.masked_fill(hide, torch.finfo(mask.dtype).min).masked_fill(own, 0.0)
 
 
 def _pad_left(rows: list[Tensor], length: int, value) -> Tensor:
@@ -197,19 +240,18 @@ class DecoderPruner(Patch):
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and mask2d.dim() != 2:
             raise PruningError("prunekit needs a 2D attention mask (or none) at the language model's input")
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(L, device=device)[None]
-        if pos.dim() != 2:
-            raise PruningError(f"position_ids of shape {tuple(pos.shape)} are not supported by this adapter")
-        pos = pos.expand(B, L)
+        pos, style = _positions_in(kwargs.get("position_ids"), B, L, device)
+        if style > 1 and self.positions == "renumber":
+            raise PruningError(
+                "positions='renumber' is not defined for multi-row (M-RoPE) position ids; use positions='original'"
+            )
         visual = visual.to(device)
         n_visual = visual.sum(1).tolist()
         report = PruningReport(self.method, len(self.layers), n_visual)
         self._report = report
         vis_pos = [visual[b].nonzero().squeeze(1) for b in range(B)]
         call = _Call(
-            mode="prefill", pos=pos, report=report,
+            mode="prefill", pos=pos, style=style, report=report,
             valid=torch.ones(B, L, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool(),
             vis_pos=vis_pos, vis_orig=[torch.arange(n, device=device) for n in n_visual],
         )
@@ -247,14 +289,14 @@ class DecoderPruner(Patch):
                 new_embeds = _pad_left([embeds[b, keep_rows[b]] for b in range(B)], L1, 0.0)
                 new_valid = _pad_left([valid[b, keep_rows[b]] for b in range(B)], L1, False)
                 if self.positions == "renumber":  # close the gaps: subtract the tokens dropped before each one
-                    src = pos - drop.long().cumsum(1)
+                    src = pos - drop.long().cumsum(1)[..., None]
                 else:
                     src = pos
                 new_pos = _pad_left([src[b, keep_rows[b]] for b in range(B)], L1, 1)
                 new_mask = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
                 kwargs["inputs_embeds"] = new_embeds
                 kwargs["attention_mask"] = new_mask
-                kwargs["position_ids"] = new_pos
+                kwargs["position_ids"] = _positions_out(new_pos, style)
                 cache = self._ensure_cache(kwargs)
                 pad = [L1 - r.numel() for r in keep_rows]
                 call.vis_pos = [
@@ -297,9 +339,10 @@ class DecoderPruner(Patch):
         if pos is None:  # unpruned coordinates, as generate would have sent them
             base = past + gen.dropped[:, None]
             pos = base + torch.arange(q, device=gen.dropped.device)[None]
-        pos = pos - gen.shift[:, None]
-        kwargs["position_ids"] = pos
-        self._call = _Call(mode="decode", pos=pos, segments=gen.segments)
+        pos, style = _positions_in(pos, gen.dropped.shape[0], q, gen.dropped.device)
+        pos = pos - gen.shift[:, None, None]
+        kwargs["position_ids"] = _positions_out(pos, style)
+        self._call = _Call(mode="decode", pos=pos, style=style, past=past, segments=gen.segments)
 
     # -- decoder layers ---------------------------------------------------------------------------------
     def _segment_for(self, call: _Call, j: int) -> int | None:
@@ -318,27 +361,49 @@ class DecoderPruner(Patch):
         B = seg.cols.shape[0]
         if call.mode == "prefill":
             cols = seg.cols
+            n = cols.shape[1]
             if mask is not None:
                 m = mask.expand(B, *mask.shape[1:])
-                H, n, Lk = m.shape[1], cols.shape[1], m.shape[3]
+                H, Lk = m.shape[1], m.shape[3]
                 m = m.gather(2, cols[:, None, :, None].expand(B, H, n, Lk))
                 mask = m.gather(3, cols[:, None, None, :].expand(B, H, n, n))
+                if seg.pad is not None:
+                    mask = _hide_pads(mask, seg.pad)
+            elif seg.pad is not None:
+                mask = _causal_pad_mask(seg.pad, n, torch.bool)
             pos = seg.pos
             if self.positions == "renumber":
-                emb = self.rotary(hidden, pos)
-            else:
-                idx3 = cols[:, :, None].expand(B, cols.shape[1], cos.shape[-1])
-                emb = (cos.expand(B, *cos.shape[1:]).gather(1, idx3), sin.expand(B, *sin.shape[1:]).gather(1, idx3))
+                emb = self.rotary(hidden, _positions_out(pos, call.style))
+            else:  # gather the rows of (cos, sin) along their sequence axis (-2), whatever leads it (M-RoPE: 3 rows)
+                def take(t: Tensor) -> Tensor:
+                    t = t.expand(*t.shape[:-3], B, *t.shape[-2:])
+                    idx3 = cols[:, :, None].expand(B, n, t.shape[-1])
+                    return t.gather(-2, idx3.expand(*t.shape[:-3], B, n, t.shape[-1]))
+
+                emb = (take(cos), take(sin))
         else:
-            if mask is not None:
-                m = mask.expand(B, *mask.shape[1:])
-                L1 = self._prefill_len(call)
-                extra = torch.arange(L1, m.shape[3], device=m.device)[None].expand(B, -1)
+            L1 = self._prefill_len(call)
+            if mask is not None or seg.pad is not None:
+                if mask is not None:
+                    m = mask.expand(B, *mask.shape[1:])
+                    Lk = m.shape[3]
+                else:
+                    Lk = call.past + hidden.shape[1]
+                extra = torch.arange(L1, Lk, device=seg.cols.device)[None].expand(B, -1)
                 keys = torch.cat([seg.cols, extra], 1)
-                mask = m.gather(3, keys[:, None, None, :].expand(B, m.shape[1], m.shape[2], keys.shape[1]))
-            pos = call.pos - seg.shift
-            emb = self.rotary(hidden, pos) if (self.positions == "renumber" and seg.shift) else (cos, sin)
-        out = {"attention_mask": mask, "position_embeddings": emb, "position_ids": pos}
+                pad_keys = None if seg.pad is None else torch.cat([seg.pad, torch.zeros_like(extra, dtype=torch.bool)], 1)
+                if mask is not None:
+                    mask = m.gather(3, keys[:, None, None, :].expand(B, m.shape[1], m.shape[2], keys.shape[1]))
+                    if pad_keys is not None:
+                        mask = _hide_pads(mask, pad_keys)
+                else:
+                    mask = _causal_pad_mask(pad_keys, hidden.shape[1], torch.bool)
+            pos = call.pos - seg.shift[:, None, None]
+            shifted = self.positions == "renumber" and bool(seg.shift.any())
+            emb = self.rotary(hidden, _positions_out(pos, call.style)) if shifted else (cos, sin)
+        out = {"attention_mask": mask, "position_embeddings": emb}
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = pos[..., 0]
         call.remapped[idx] = out
         return out
 
@@ -394,34 +459,39 @@ class DecoderPruner(Patch):
             elif all(k.numel() == n for k, n in zip(kept, n_now)):
                 return None
             Lc = hidden.shape[1]
+            prev = call.segments[-1] if call.segments else None
             keep_mask = torch.ones(B, Lc, dtype=torch.bool, device=hidden.device)
+            drop = torch.zeros(B, Lc, dtype=torch.bool, device=hidden.device)
+            if prev is not None and prev.pad is not None:
+                keep_mask &= ~prev.pad
             for b in range(B):
                 keep_mask[b, call.vis_pos[b]] = False
                 keep_mask[b, call.vis_pos[b][kept[b]]] = True
-            counts = keep_mask.sum(1)
-            if bool((counts != counts[0]).any()):
-                raise PruningError(
-                    f"{stage.label or stage.point} at decoder layer {stage.layer} keeps different sequence lengths "
-                    f"per sample ({counts.tolist()}); in-LLM pruning of a batch needs equal visual-token counts"
-                )
-            rows = keep_mask.nonzero()[:, 1].view(B, -1)
-            prev = call.segments[-1] if call.segments else None
+                drop[b, call.vis_pos[b]] = True
+                drop[b, call.vis_pos[b][kept[b]]] = False
+            rows_b = [keep_mask[b].nonzero().squeeze(1) for b in range(B)]
+            n = max(r.numel() for r in rows_b)
+            lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
+            rows = _pad_left(rows_b, n, 0)
+            pad = None
+            if any(lead):
+                pad = _pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
             cols = rows if prev is None else prev.cols.gather(1, rows)
             base_pos = call.pos if prev is None else prev.pos
+            if self.positions == "renumber":  # subtract the visual tokens dropped before each kept token
+                base_pos = base_pos - drop.long().cumsum(1)[..., None]
+            new_pos = base_pos.gather(1, rows[:, :, None].expand(B, n, base_pos.shape[2]))
+            shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
             if self.positions == "renumber":
-                drop_before = (~keep_mask).long().cumsum(1)
-                new_pos = (base_pos - drop_before).gather(1, rows)
-            else:
-                new_pos = base_pos.gather(1, rows)
-            shift = (0 if prev is None else prev.shift) + (Lc - rows.shape[1]) if self.positions == "renumber" else 0
-            seg = _Segment(stage.layer, cols, shift, new_pos)
+                shift = shift + drop.sum(1)
+            seg = _Segment(stage.layer, cols, shift, new_pos, pad)
             call.segments.append(seg)
             if self._gen is not None:
                 self._gen.segments.append(seg)
-            call.vis_pos = [torch.searchsorted(rows[b], call.vis_pos[b][kept[b]]) for b in range(B)]
+            call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b]]) for b in range(B)]
             call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
-            call.valid = call.valid.gather(1, rows)
-            new_hidden = hidden.gather(1, rows[:, :, None].expand(B, rows.shape[1], hidden.shape[2]))
+            call.valid = _pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
+            new_hidden = _pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
             return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
         return post

@@ -1,0 +1,250 @@
+"""What the multimodal adapters share: finding the visual tokens, recording how images were encoded, reading a
+vision encoder's [CLS] attention, and wiring everything to :class:`~prunekit.runtime.decoder.DecoderPruner`.
+
+Not a plugin itself: each architecture's module subclasses :class:`MultimodalAdapter` and registers through its
+own entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from prunekit import ModelAdapter, ModelSpec, Stage
+from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError
+
+#: Signals read from the vision encoder (the rest come from the language model's input or its layers).
+VISION_SIGNALS = frozenset({"cls_attention", "keys"})
+
+
+class MethodHook:
+    """Records the arguments of every call of ``obj.name`` (a bound method) while installed; removable.
+
+    ``generate`` encodes images by calling ``get_image_features`` itself and drops the arguments it used (image
+    sizes, grids) from what the forward later receives, so this is the one place those arguments can be seen.
+    The wrapper calls the original method unchanged; removing it deletes the instance attribute.
+    """
+
+    def __init__(self, obj: Any, name: str, record: Callable[[str, dict], None]) -> None:
+        self.obj, self.name = obj, name
+        original = getattr(obj, name)
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            record(name, dict(bound.arguments))
+            return original(*args, **kwargs)
+
+        obj.__dict__[name] = wrapper
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.name, None)
+
+
+class VisualHooks(ModelHooks):
+    """Generic :class:`ModelHooks`: the adapter says where things are, this class records them per call."""
+
+    def __init__(self, adapter: "MultimodalAdapter", signals: set[str]) -> None:
+        self.adapter = adapter
+        self.inner = adapter.inner
+        self._visual: Tensor | None = None
+        self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
+        self.cls: list[Tensor] = []  # per encoder call: [crops, patches] [CLS] attention
+        self.keys: list[Tensor] = []  # per encoder call: [crops, patches, head_dim]
+        self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
+        for name in adapter.encoder_methods:
+            if hasattr(self.inner, name):
+                self.handles.append(MethodHook(self.inner, name, self._record))
+        if signals & VISION_SIGNALS:
+            attn = adapter.cls_attention_module()
+            if attn is None:
+                raise PruningError(
+                    f"{sorted(signals & VISION_SIGNALS)} need a vision encoder with a [CLS] token; "
+                    f"{type(adapter.model).__name__}'s encoder has none (use 'text_similarity' for relevance)"
+                )
+            self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
+
+    def _record(self, name: str, arguments: dict) -> None:
+        self.records.append((name, arguments))
+
+    def _capture_inputs(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = torch.tensor(self.adapter.visual_token_ids())
+        if input_ids is not None:
+            self._visual = torch.isin(input_ids, ids.to(input_ids.device))
+        elif kwargs.get("inputs_embeds") is not None:
+            embeds = kwargs["inputs_embeds"]
+            refs = module.get_input_embeddings()(ids.to(embeds.device))
+            self._visual = (embeds[:, :, None, :] == refs[None, None]).all(-1).any(-1)
+        return None
+
+    def _capture_attention(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        n, L, _ = hidden.shape
+        heads, hd = self.adapter.attention_heads(module)
+        q = module.q_proj(hidden[:, :1]).view(n, 1, heads, hd).transpose(1, 2)
+        k = module.k_proj(hidden).view(n, L, heads, hd).transpose(1, 2)
+        probs = ((q.float() @ k.float().transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
+        self.cls.append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
+        self.keys.append(k.mean(1)[:, 1:])
+        return None
+
+    def take_visual_mask(self) -> Tensor | None:
+        visual, self._visual = self._visual, None
+        return visual
+
+    def projector_signal(self, name: str, options: dict, visual_counts: list[int]) -> list[Tensor]:
+        if name not in VISION_SIGNALS:
+            raise PruningError(
+                f"signal {name!r} is not available before the language model of {type(self.adapter.model).__name__}"
+            )
+        captured = self.cls if name == "cls_attention" else self.keys
+        if not captured:
+            raise PruningError(
+                f"no {name} was recorded: the images must be encoded by the patched model in this call"
+            )
+        per_patch = torch.cat([c.reshape(-1, *c.shape[2:]) for c in captured])
+        sources = self.adapter.token_sources(self, visual_counts, per_patch.shape[0])
+        out = []
+        for src in sources:  # [n, g] indices into per_patch (-1: a token made by the model, e.g. a row break)
+            src = src.to(per_patch.device)
+            vals = per_patch[src.clamp_min(0)]
+            valid = (src >= 0).to(vals.dtype).view(*src.shape, *([1] * (vals.dim() - 2)))
+            vals = (vals * valid).sum(1) / valid.sum(1).clamp_min(1)
+            out.append(vals)
+        return out
+
+    def grids(self, visual_counts: list[int]):
+        return self.adapter.grids(self, visual_counts)
+
+    def end_of_prefill(self) -> None:
+        self.records, self.cls, self.keys = [], [], []
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.adapter.text_config())
+
+
+class MultimodalAdapter(ModelAdapter):
+    """Base of the adapters of decoder-only multimodal models whose language model is a HF decoder.
+
+    Subclasses name their classes, visual placeholder tokens and where the language model lives; optional
+    overrides add a [CLS] signal (:meth:`cls_attention_module`, :meth:`token_sources`) and image grids.
+    """
+
+    family: ClassVar[str]
+    insertion_points = frozenset({"after_projector", "decoder_layer"})
+    #: methods of the inner model that encode images or videos (their arguments are recorded per call)
+    encoder_methods: ClassVar[tuple[str, ...]] = ("get_image_features", "get_video_features")
+    #: "1d" rotary positions, or "mrope" (multi-row position ids; kept tokens keep their original positions)
+    rope: ClassVar[str] = "1d"
+    #: reason in-LLM pruning cannot work on this architecture (None: it can)
+    no_decoder_pruning: ClassVar[str | None] = None
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def inner(self):
+        model = self.model
+        return model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
+
+    def language_model(self):
+        return self.inner.language_model
+
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    def visual_token_ids(self) -> list[int]:
+        cfg = self.model.config
+        ids = [getattr(cfg, name, None) for name in ("image_token_id", "video_token_id")]
+        return [i for i in ids if i is not None]
+
+    def has_cls(self) -> bool:
+        return False
+
+    def visual_tokens_per_image(self) -> int | None:
+        return None
+
+    def cls_attention_module(self):
+        """The vision attention module whose input gives the [CLS] attention at the feature layer (or None)."""
+        return None
+
+    @staticmethod
+    def attention_heads(module) -> tuple[int, int]:
+        return module.num_heads, module.head_dim
+
+    def token_sources(self, hooks: VisualHooks, visual_counts: list[int], num_patches: int) -> list[Tensor]:
+        """Per sample, ``[n, g]`` indices of the encoder patches each visual token comes from (-1: none)."""
+        if num_patches != sum(visual_counts):
+            raise PruningError(f"the encoder saw {num_patches} patches but the prompt holds {sum(visual_counts)} "
+                               "visual tokens, and this adapter does not map one to the other")
+        return [idx[:, None] for idx in torch.arange(num_patches).split(visual_counts)]
+
+    def grids(self, hooks: VisualHooks, visual_counts: list[int]):
+        return None
+
+    def describe(self) -> ModelSpec:
+        text = self.text_config()
+        return ModelSpec(
+            family=self.family,
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            visual_tokens_per_image=self.visual_tokens_per_image(),
+            has_cls=self.has_cls(),
+            name_or_path=getattr(self.model.config, "_name_or_path", ""),
+            extra={"rope": self.rope},
+        )
+
+    def resolve_positions(self, positions: str) -> str:
+        if self.rope == "mrope":
+            if positions == "renumber":
+                raise ValueError(
+                    f"positions='renumber' is not defined for {type(self.model).__name__}: its M-RoPE position ids "
+                    "carry each token's place in the image grid; use positions='original' (or 'auto')"
+                )
+            return "original"
+        return "renumber" if positions == "auto" else positions
+
+    def check(self, stages: Sequence[Stage]) -> None:
+        """Raise for stages this model cannot run, naming the reason (called before anything is installed)."""
+        if self.no_decoder_pruning and any(s.layer is not None for s in stages):
+            raise ValueError(self.no_decoder_pruning)
+
+    def patch(self, stages: Sequence[Stage], config, method: str) -> DecoderPruner:
+        self.check(stages)
+        positions = self.resolve_positions(config.positions)
+        pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
+        hooks = VisualHooks(self, pre_signals)
+        lm = self.language_model()
+        try:
+            return DecoderPruner(
+                method=method,
+                language_model=lm,
+                layers=lm.layers,
+                rotary=lambda hidden, pos: lm.rotary_emb(hidden, position_ids=pos),
+                stages=stages,
+                positions=positions,
+                hooks=hooks,
+                extra_handles=hooks.handles,
+            )
+        except Exception:
+            for h in hooks.handles:
+                h.remove()
+            raise
+
+    # -- tiny random models for tests and docs ------------------------------------------------------------
+    @classmethod
+    def tiny(cls, seed: int = 0, num_layers: int = 4):
+        """A random-weight model of this architecture built from a small config (nothing is downloaded)."""
+        raise NotImplementedError(f"adapter {cls.name!r} has no tiny model for the conformance tests")
+
+    @classmethod
+    def tiny_rows(cls, model) -> list[dict]:
+        """Single-prompt inputs for ``model`` (from :meth:`tiny`), unpadded, with different visual-token counts;
+        the last one holds several images (or a video) when the architecture allows it."""
+        raise NotImplementedError(f"adapter {cls.name!r} has no tiny inputs for the conformance tests")

@@ -1,0 +1,118 @@
+"""Conformance of every registered adapter, on the tiny random model it builds from a config.
+
+A new adapter is tested here the moment it registers: it must build a tiny model (``tiny``) and single-prompt
+inputs with different visual-token counts (``tiny_rows``).
+"""
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.registry import registry
+from prunekit.testing import collate
+
+GEN = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+ADAPTERS = registry.names("adapters")
+_models: dict = {}
+
+
+def tiny(name):
+    if name not in _models:
+        cls = registry.get("adapters", name)
+        model = cls.tiny(num_layers=4)
+        _models[name] = (model, cls.tiny_rows(model))
+    model, rows = _models[name]
+    prunekit.remove(model)
+    return model, rows
+
+
+def points_of(name):
+    points = registry.get("adapters", name).insertion_points & {"after_projector", "decoder_layer"}
+    if getattr(registry.get("adapters", name), "no_decoder_pruning", None):
+        points = points - {"decoder_layer"}
+    return sorted(points)
+
+
+def combos(name):
+    pts = points_of(name)
+    return [[p] for p in pts] + ([pts] if len(pts) > 1 else [])
+
+
+def ratio(points):
+    """A budget every point set can reach on 4 decoder layers (in-LLM pruning alone cannot go low)."""
+    return 0.3 if "after_projector" in points else 0.7
+
+
+def batch_of(model, rows):
+    return collate(rows, pad_token_id=model.config.get_text_config().pad_token_id or 0)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_rows_differ_in_visual_tokens(name):
+    model, rows = tiny(name)
+    adapter = prunekit.adapter_for(model)
+    ids = adapter.visual_token_ids()
+    counts = [int(torch.isin(r["input_ids"], torch.tensor(ids)).sum()) for r in rows]
+    assert len(rows) >= 2 and len(set(counts)) == len(counts), counts
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_keep_all_is_bit_exact_and_remove_restores(name):
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    ref = model(**inputs).logits
+    for points in combos(name):
+        prunekit.build("tops", model, keep_ratio=1.0, insertion_points=points)
+        assert torch.equal(model(**inputs).logits, ref), points
+        prunekit.build("tops", model, keep_ratio=ratio(points), insertion_points=points)
+        pruned = model(**inputs).logits
+        assert not torch.equal(pruned[:, -1], ref[:, -1]), points
+        report = prunekit.inspect(model)
+        assert all(a < n for a, n in zip(report.layer_average, report.visual_tokens))
+        prunekit.remove(model)
+        assert torch.equal(model(**inputs).logits, ref), points
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_generate_keep_all_matches_unpatched(name):
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    ref = model.generate(**inputs, **GEN)
+    prunekit.build("tops", model, keep_ratio=1.0, insertion_points=points_of(name))
+    out = model.generate(**inputs, **GEN)
+    prunekit.remove(model)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_padded_batch_equals_rows_alone(name):
+    """Rows with different visual-token counts (and several images in the last) give what they give alone."""
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    prunekit.build("tops", model, keep_ratio=ratio(points_of(name)), insertion_points=points_of(name))
+    batch = model.generate(**inputs, **GEN)
+    kept = [s.kept for s in prunekit.inspect(model).stages]
+    counts = [s.counts for s in prunekit.inspect(model).stages]
+    assert all(len(set(c)) > 1 for c in counts), counts  # the rows really keep different numbers
+    for b, row in enumerate(rows):
+        alone = model.generate(**row, **GEN)
+        assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
+        for step_batch, step_alone in zip(batch.scores, alone.scores):
+            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+        for stage_kept, stage in zip(kept, prunekit.inspect(model).stages):
+            assert stage_kept[b].tolist() == stage.kept[0].tolist()
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_pruned_forward_then_decode_equals_generate(name):
+    """A plain forward's returned cache continues correctly: the decode step maps positions and masks."""
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    prunekit.build("tops", model, keep_ratio=ratio(points_of(name)), insertion_points=points_of(name))
+    gen = model.generate(**inputs, **GEN)
+    first = gen.scores[0]
+    out = model(**inputs)
+    torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-4, atol=1e-4)
