@@ -11,9 +11,11 @@ class VisionFeatures(InsertionPoint):
         "On the vision encoder's output, before the projector: features are the vision features the projector "
         "reads; merged values are projected by the model's own projector; dropped tokens leave the LLM's input. "
         "Signals: cls_attention ([CLS] to each patch at the feature layer, mean over heads), keys (that layer's "
-        "keys, mean over heads), text_embeddings (the LLM input embeddings of the text after the image)."
+        "keys, mean over heads), text_embeddings (the LLM input embeddings of the text after the image), "
+        "text_similarity (each visual token's mean cosine similarity to those text embeddings, at the LLM input; "
+        "needs no [CLS])."
     )
-    signals = frozenset({"cls_attention", "keys", "text_embeddings"})
+    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity"})
 
 
 class AfterProjector(InsertionPoint):
@@ -22,7 +24,7 @@ class AfterProjector(InsertionPoint):
         "After the multimodal projector, before the language model: visual tokens are removed from the LLM's input "
         "sequence. Features: projected visual tokens. Signals as at vision_features."
     )
-    signals = frozenset({"cls_attention", "keys", "text_embeddings"})
+    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity"})
 
 
 class DecoderLayer(InsertionPoint):

@@ -89,11 +89,14 @@ def collate(rows: list[dict], pad_token_id: int = 0) -> dict:
     """
     L = max(r["input_ids"].shape[1] for r in rows)
     out: dict = {}
-    for key in rows[0]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    for key in keys:
         values = [r[key] for r in rows if r.get(key) is not None]
         if not values:
             continue
         if key == "input_ids" or key in _PER_TOKEN:
+            if len(values) != len(rows):
+                raise ValueError(f"{key} is missing from some rows")
             fill = pad_token_id if key == "input_ids" else _PER_TOKEN[key]
             out[key] = torch.cat([
                 torch.cat([v.new_full((1, L - v.shape[1]), fill), v], 1) for v in values

@@ -56,17 +56,17 @@ class VisualHooks(ModelHooks):
         self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
         self.cls: list[Tensor] = []  # per encoder call: [crops, patches] [CLS] attention
         self.keys: list[Tensor] = []  # per encoder call: [crops, patches, head_dim]
+        attn = adapter.cls_attention_module() if signals & VISION_SIGNALS else None
+        if signals & VISION_SIGNALS and attn is None:
+            raise PruningError(
+                f"{sorted(signals & VISION_SIGNALS)} need a vision encoder with a [CLS] token; "
+                f"{type(adapter.model).__name__}'s encoder has none (relevance without it: 'text_similarity')"
+            )
         self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
         for name in adapter.encoder_methods:
             if hasattr(self.inner, name):
                 self.handles.append(MethodHook(self.inner, name, self._record))
-        if signals & VISION_SIGNALS:
-            attn = adapter.cls_attention_module()
-            if attn is None:
-                raise PruningError(
-                    f"{sorted(signals & VISION_SIGNALS)} need a vision encoder with a [CLS] token; "
-                    f"{type(adapter.model).__name__}'s encoder has none (use 'text_similarity' for relevance)"
-                )
+        if attn is not None:
             self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
 
     def _record(self, name: str, arguments: dict) -> None:

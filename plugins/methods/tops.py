@@ -108,8 +108,11 @@ class TopsConfig(TopsSelection, MethodConfig):
     raters: Literal["sparsevlm", "last_token", "all_text"] = Field(
         "sparsevlm", description="Text tokens whose attention rates visual tokens at stage II."
     )
-    projector_relevance: Literal["cls_attention"] = Field(
-        "cls_attention", description="Relevance signal at stage I."
+    projector_relevance: Literal["auto", "cls_attention", "text_similarity"] = Field(
+        "auto",
+        description="Relevance signal at stage I: the encoder's [CLS] attention (the paper), or each token's mean "
+        "cosine similarity to the instruction's input embeddings (for encoders without [CLS]). 'auto': "
+        "cls_attention when the encoder has [CLS], else text_similarity.",
     )
 
     @field_validator("preset")
@@ -212,6 +215,8 @@ class Tops(Method):
             if point == "after_projector":
                 selector = cfg.selector()
                 signal = cfg.projector_relevance
+                if signal == "auto":
+                    signal = "cls_attention" if spec.has_cls else "text_similarity"
                 options: dict = {}
             else:
                 selector = cfg.selector(*decoder_weights)

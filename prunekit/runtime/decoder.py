@@ -503,9 +503,26 @@ class DecoderPruner(Patch):
         last = int(vis.max()) if vis.numel() else -1
         return positions[(positions > last) & valid]
 
+    @classmethod
+    def _text_similarity(cls, embeds: Tensor, vis: Tensor, valid: Tensor) -> Tensor:
+        """Mean cosine similarity of each visual token's LLM-input embedding to the instruction's embeddings
+        (the text after the last visual token; all text when there is none after it)."""
+        text = cls._text_after(vis, valid)
+        if text.numel() == 0:
+            other = valid.clone()
+            other[vis] = False
+            text = other.nonzero().squeeze(1)
+        if text.numel() == 0:
+            raise PruningError("'text_similarity' needs text tokens in the prompt")
+        v = torch.nn.functional.normalize(embeds[vis].float(), dim=-1)
+        t = torch.nn.functional.normalize(embeds[text].float(), dim=-1)
+        return (v @ t.T).mean(1)
+
     def _pre_signal(self, name, options, n_visual, embeds, vis_pos, valid) -> list[Tensor]:
         if name == "text_embeddings":
             return [embeds[b, self._text_after(vis_pos[b], valid[b])] for b in range(embeds.shape[0])]
+        if name == "text_similarity":
+            return [self._text_similarity(embeds[b], vis_pos[b], valid[b]) for b in range(embeds.shape[0])]
         return self.hooks.projector_signal(name, options, n_visual)
 
     def _layer_signal(self, call: _Call, layer, j: int, name: str, options: dict, hidden_out: Tensor) -> list[Tensor]:

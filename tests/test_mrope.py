@@ -1,0 +1,45 @@
+"""Qwen-VL: pruned tokens keep their M-RoPE positions, in the prefill and in decode steps."""
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.registry import registry
+
+GEN = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_pruned_prefill_and_decode_keep_original_mrope_positions(name):
+    cls = registry.get("adapters", name)
+    model = cls.tiny()
+    row = cls.tiny_rows(model)[1]  # two images
+    prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"])
+    out = model.generate(**row, **GEN)
+    kept = prunekit.inspect(model).stages[0].kept[0]
+    prunekit.remove(model)
+
+    inner = model.model
+    ids = row["input_ids"]
+    pos, _ = inner.get_rope_index(ids, image_grid_thw=row["image_grid_thw"], attention_mask=row["attention_mask"],
+                                  mm_token_type_ids=row["mm_token_type_ids"])
+    embeds = inner.get_input_embeddings()(ids)
+    feats = torch.cat(inner.get_image_features(row["pixel_values"], row["image_grid_thw"]).pooler_output)
+    visual = ids[0] == model.config.image_token_id
+    embeds[0, visual] = feats
+    keep = ~visual
+    keep[visual.nonzero().squeeze(1)[kept]] = True
+    embeds, pos = embeds[:, keep], pos[:, :, keep]
+    cache = None
+    seq = []
+    step_embeds, step_pos = embeds, pos
+    for step in range(3):  # greedy decode by hand: the next token sits one past the unpruned sequence's end
+        o = inner.language_model(inputs_embeds=step_embeds, position_ids=step_pos, past_key_values=cache, use_cache=True)
+        cache = o.past_key_values
+        logits = model.lm_head(o.last_hidden_state[:, -1])
+        torch.testing.assert_close(logits, out.scores[step], rtol=1e-4, atol=1e-5)
+        token = logits.argmax(-1)
+        seq.append(int(token))
+        step_embeds = inner.get_input_embeddings()(token)[:, None]
+        step_pos = torch.full((3, 1, 1), int(pos.max()) + 1 + step)
+    assert out.sequences[0, -3:].tolist() == seq
