@@ -206,9 +206,12 @@ def evaluate(args: argparse.Namespace) -> int:
     else:
         samples, data = load_jsonl(args.data), args.data
         samples = samples[: args.size] if args.size else samples
-    variants = [] if args.ablations and not args.methods else ev.method_variants(args.methods or _default_methods())
+    extra = args.ablations or args.relevance
+    variants = [] if extra and not args.methods else ev.method_variants(args.methods or _default_methods())
     if args.ablations:
         variants += ev.tops_ablations()
+    if args.relevance:
+        variants += ev.tops_relevance_variants()
     results = ev.evaluate(model, processor, samples, variants, budgets=args.budgets, positions=args.positions,
                           batch_size=args.batch_size, progress=not args.no_progress)
     meta = {"command": "prunekit eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "",
@@ -282,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all)")
     p.add_argument("--ablations", action="store_true", help="add TOPS with each of its 7 principle subsets")
+    p.add_argument("--relevance", action="store_true",
+                   help="add TOPS with each stage-I relevance signal (cls_attention, text_similarity)")
     p.add_argument("--budgets", nargs="+", type=float, default=list(EVAL_BUDGETS),
                    help="layer-averaged fractions of the visual tokens kept")
     p.add_argument("--positions", nargs="+", default=list(POSITION_MODES), choices=POSITION_MODES)

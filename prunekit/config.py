@@ -43,6 +43,12 @@ class BudgetConfig(StrictModel):
         "positions, original on M-RoPE (Qwen-VL), where renumbering is not defined.",
     )
 
+    budget_per: Literal["prompt", "image"] = Field(
+        "prompt",
+        description="'prompt': the budget covers all visual tokens of a prompt; 'image': it applies to each image "
+        "or video frame separately (LLaVA-Video's per-frame budgets; keep_tokens is then per frame).",
+    )
+
     @model_validator(mode="after")
     def _one_budget(self):
         given = [n for n in ("keep_tokens", "keep_ratio", "schedule") if getattr(self, n) is not None]

@@ -64,6 +64,15 @@ def tops_ablations() -> list[Variant]:
     return out
 
 
+def tops_relevance_variants() -> list[Variant]:
+    """TOPS with each stage-I relevance signal: [CLS] attention (the paper) and the substitute for encoders
+    without [CLS] (text similarity)."""
+    return [
+        Variant("tops[cls_attention]", "tops", {"projector_relevance": "cls_attention"}),
+        Variant("tops[text_similarity]", "tops", {"projector_relevance": "text_similarity"}),
+    ]
+
+
 @dataclass
 class Result:
     label: str

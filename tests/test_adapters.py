@@ -116,3 +116,27 @@ def test_pruned_forward_then_decode_equals_generate(name):
     first = gen.scores[0]
     out = model(**inputs)
     torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_onevision"])
+def test_budget_per_image_keeps_the_count_in_every_image_and_frame(name):
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    hooks_units = []
+    prunekit.build("tops", model, schedule=[3], insertion_points=["after_projector"], budget_per="image")
+    patch = model.__dict__["_prunekit_patch"]
+    original = patch.hooks.units
+    patch.hooks.units = lambda counts: hooks_units.append(original(counts)) or hooks_units[-1]
+    batched = model.generate(**inputs, **GEN)
+    report = prunekit.inspect(model)
+    units = hooks_units[0]
+    assert any(len(u) > 1 for u in units)  # several images, or a video's frames
+    for b, sizes in enumerate(units):
+        assert sum(sizes) == report.visual_tokens[b]
+        starts = torch.tensor([0] + sizes).cumsum(0)
+        kept = report.stages[0].kept[b]
+        per_unit = [int(((kept >= lo) & (kept < hi)).sum()) for lo, hi in zip(starts[:-1], starts[1:])]
+        assert per_unit == [min(3, s) for s in sizes]
+    for b, row in enumerate(rows):  # still batch-invariant
+        alone = model.generate(**row, **GEN)
+        assert batched.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()

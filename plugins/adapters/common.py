@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from prunekit import ModelAdapter, ModelSpec, Stage
-from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError
+from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
 
 #: Signals read from the vision encoder (the rest come from the language model's input or its layers).
 VISION_SIGNALS = frozenset({"cls_attention", "keys"})
@@ -29,7 +29,7 @@ class MethodHook:
     The wrapper calls the original method unchanged; removing it deletes the instance attribute.
     """
 
-    def __init__(self, obj: Any, name: str, record: Callable[[str, dict], None]) -> None:
+    def __init__(self, obj: Any, name: str, record: Callable[[str, dict, Any], None]) -> None:
         self.obj, self.name = obj, name
         original = getattr(obj, name)
         signature = inspect.signature(original)
@@ -37,8 +37,9 @@ class MethodHook:
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
             bound = signature.bind_partial(*args, **kwargs)
-            record(name, dict(bound.arguments))
-            return original(*args, **kwargs)
+            output = original(*args, **kwargs)
+            record(name, dict(bound.arguments), output)
+            return output
 
         obj.__dict__[name] = wrapper
 
@@ -53,7 +54,10 @@ class VisualHooks(ModelHooks):
         self.adapter = adapter
         self.inner = adapter.inner
         self._visual: Tensor | None = None
+        self._brings = False
+        self._ids: Tensor | None = None
         self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
+        self.outputs: list[Any] = []  # what each of those calls returned
         self.cls: list[Tensor] = []  # per encoder call: [crops, patches] [CLS] attention
         self.keys: list[Tensor] = []  # per encoder call: [crops, patches, head_dim]
         attn = adapter.cls_attention_module() if signals & VISION_SIGNALS else None
@@ -69,12 +73,15 @@ class VisualHooks(ModelHooks):
         if attn is not None:
             self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
 
-    def _record(self, name: str, arguments: dict) -> None:
+    def _record(self, name: str, arguments: dict, output: Any) -> None:
         self.records.append((name, arguments))
+        self.outputs.append(output)
 
     def _capture_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._brings = brings_images(kwargs)
         ids = torch.tensor(self.adapter.visual_token_ids())
+        self._ids = input_ids
         if input_ids is not None:
             self._visual = torch.isin(input_ids, ids.to(input_ids.device))
         elif kwargs.get("inputs_embeds") is not None:
@@ -87,12 +94,18 @@ class VisualHooks(ModelHooks):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         n, L, _ = hidden.shape
         heads, hd = self.adapter.attention_heads(module)
-        q = module.q_proj(hidden[:, :1]).view(n, 1, heads, hd).transpose(1, 2)
-        k = module.k_proj(hidden).view(n, L, heads, hd).transpose(1, 2)
+        q, k = module.q_proj(hidden[:, :1]), module.k_proj(hidden)
+        if getattr(module, "q_norm", None) is not None:  # InternViT normalises q and k before the heads split
+            q, k = module.q_norm(q), module.k_norm(k)
+        q = q.view(n, 1, heads, hd).transpose(1, 2)
+        k = k.view(n, L, heads, hd).transpose(1, 2)
         probs = ((q.float() @ k.float().transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
         self.cls.append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
         self.keys.append(k.mean(1)[:, 1:])
         return None
+
+    def images_in_call(self) -> bool:
+        return self._brings
 
     def take_visual_mask(self) -> Tensor | None:
         visual, self._visual = self._visual, None
@@ -122,8 +135,33 @@ class VisualHooks(ModelHooks):
     def grids(self, visual_counts: list[int]):
         return self.adapter.grids(self, visual_counts)
 
+    def units(self, visual_counts: list[int]) -> list[list[int]]:
+        """Per sample, the token counts of its images and video frames, in sequence order."""
+        sizes: dict[int, list[int]] = {}  # placeholder id -> unit sizes, in encoding order
+        for (name, args), output in zip(self.records, self.outputs):
+            token = self.adapter.placeholder_of(name)
+            sizes.setdefault(token, []).extend(self.adapter.unit_sizes(name, args, output))
+        if self._ids is None or not sizes:
+            return [[n] if n else [] for n in visual_counts]
+        queues = {t: iter(v) for t, v in sizes.items()}
+        out = []
+        for row in self._ids:
+            units, left, kind = [], 0, None
+            for t in row[torch.isin(row, torch.tensor(list(sizes), device=row.device))].tolist():
+                if left == 0 or t != kind:
+                    size = next(queues[t], None)
+                    if size is None:
+                        raise PruningError("the prompt holds more visual tokens than the encoded images and videos")
+                    units.append(size)
+                    left, kind = size, t
+                left -= 1
+            out.append(units)
+        if [sum(u) for u in out] != list(visual_counts):
+            raise PruningError(f"images and frames of {[sum(u) for u in out]} tokens do not match {visual_counts}")
+        return out
+
     def end_of_prefill(self) -> None:
-        self.records, self.cls, self.keys = [], [], []
+        self.records, self.outputs, self.cls, self.keys, self._ids = [], [], [], [], None
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -160,9 +198,22 @@ class MultimodalAdapter(ModelAdapter):
         return self.model.config.get_text_config()
 
     def visual_token_ids(self) -> list[int]:
+        return [i for i in (self.placeholder_of("get_image_features"), self.placeholder_of("get_video_features"))
+                if i is not None]
+
+    def placeholder_of(self, encoder_method: str) -> int | None:
+        """The placeholder token id of what ``encoder_method`` encodes (images or videos)."""
         cfg = self.model.config
-        ids = [getattr(cfg, name, None) for name in ("image_token_id", "video_token_id")]
-        return [i for i in ids if i is not None]
+        kind = "video" if "video" in encoder_method else "image"
+        for name in (f"{kind}_token_id", f"{kind}_token_index"):
+            if getattr(cfg, name, None) is not None:
+                return getattr(cfg, name)
+        return None
+
+    def unit_sizes(self, encoder_method: str, arguments: dict, output) -> list[int]:
+        """Token counts of the budget units (images, video frames) one encoder call produced, in order.
+        Default: one unit per item of ``pooler_output`` (a video is one unit unless the adapter splits it)."""
+        return [int(x.shape[0]) for x in output.pooler_output]
 
     def has_cls(self) -> bool:
         return False
@@ -231,6 +282,7 @@ class MultimodalAdapter(ModelAdapter):
                 positions=positions,
                 hooks=hooks,
                 extra_handles=hooks.handles,
+                budget_per=config.budget_per,
             )
         except Exception:
             for h in hooks.handles:

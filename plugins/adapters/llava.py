@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from prunekit import ModelSpec, Stage, hookimpl
-from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError
+from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
 
@@ -28,6 +28,7 @@ class _LlavaHooks(ModelHooks):
         self.inner = inner
         self.config = inner.config
         self._visual: Tensor | None = None
+        self._brings = False
         self._cls: list[Tensor] = []
         self._keys: list[Tensor] = []
         self._features: list[Tensor] = []
@@ -45,6 +46,7 @@ class _LlavaHooks(ModelHooks):
     # the outer forward sees input_ids; the language model only sees embeddings
     def _capture_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._brings = brings_images(kwargs)
         image_id = self.config.image_token_id
         if input_ids is not None:
             self._visual = input_ids == image_id
@@ -70,6 +72,9 @@ class _LlavaHooks(ModelHooks):
     def _capture_features(self, module, args):
         self._features.append(args[0])
         return None
+
+    def images_in_call(self) -> bool:
+        return self._brings
 
     def take_visual_mask(self) -> Tensor | None:
         visual, self._visual = self._visual, None
@@ -112,6 +117,15 @@ class _LlavaHooks(ModelHooks):
         if self.config.vision_feature_select_strategy != "default":
             return None  # the [CLS] token sits in front of each grid
         return [[(side, side)] * (n // (side * side)) if n % (side * side) == 0 else None for n in visual_counts]
+
+    def units(self, visual_counts: list[int]) -> list[list[int]]:
+        vision = self.config.vision_config
+        per_image = (vision.image_size // vision.patch_size) ** 2
+        if self.config.vision_feature_select_strategy != "default":
+            per_image += 1
+        if any(n % per_image for n in visual_counts):
+            raise PruningError(f"visual-token counts {visual_counts} are not whole images of {per_image} tokens")
+        return [[per_image] * (n // per_image) for n in visual_counts]
 
     def end_of_prefill(self) -> None:
         self._cls, self._keys, self._features = [], [], []
@@ -165,6 +179,7 @@ class LlavaAdapter(MultimodalAdapter):
             positions=positions,
             hooks=hooks,
             extra_handles=hooks.handles,
+            budget_per=config.budget_per,
         )
 
     @classmethod

@@ -62,6 +62,22 @@ class ModelHooks:
         """A fresh KV cache for a plain forward that did not pass one (so its returned cache can be continued)."""
         return None
 
+    def images_in_call(self) -> bool:
+        """Whether the current call brought images or videos (a decode step's sampled token may merely equal a
+        placeholder id, which the model then treats as text)."""
+        return True
+
+    def units(self, visual_counts: list[int]) -> list[list[int]]:
+        """Per sample, the token counts of its images and video frames in sequence order (``budget_per="image"``)."""
+        raise PruningError("this model's adapter cannot tell its images or video frames apart (budget_per='image')")
+
+
+def brings_images(kwargs: dict) -> bool:
+    """Whether a multimodal model's forward kwargs carry images or videos (raw or already encoded)."""
+    if kwargs.get("mm_encoder_outputs"):
+        return True
+    return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "pixel_values_images"))
+
 
 @dataclass
 class _Segment:
@@ -99,6 +115,7 @@ class _Call:
     captured: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden_in, mask, position_embeddings)
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
     report: PruningReport | None = None
+    units: list[list[int]] | None = None  # budget_per="image": per sample, token counts of its images / frames
 
 
 def _positions_in(pos: Tensor | None, B: int, L: int, device) -> tuple[Tensor, int]:
@@ -163,7 +180,11 @@ class DecoderPruner(Patch):
         positions: str,
         hooks: ModelHooks,
         extra_handles: Sequence[Any] = (),
+        budget_per: str = "prompt",
     ) -> None:
+        if budget_per not in ("prompt", "image"):
+            raise ValueError(f"budget_per must be 'prompt' or 'image', got {budget_per!r}")
+        self.budget_per = budget_per
         self.method = method
         self.lm = language_model
         self.layers = list(layers)
@@ -224,7 +245,7 @@ class DecoderPruner(Patch):
         past = cache.get_seq_length() if cache is not None else 0
         if visual is not None and embeds is not None and past == 0:
             return (args, kwargs) if self._prefill(kwargs, visual) else None
-        if visual is not None and bool(visual.any()):
+        if visual is not None and bool(visual.any()) and self.hooks.images_in_call():
             raise PruningError(
                 "visual tokens arrived after cached tokens; prunekit prunes images in the prefill only"
             )
@@ -250,10 +271,11 @@ class DecoderPruner(Patch):
         report = PruningReport(self.method, len(self.layers), n_visual)
         self._report = report
         vis_pos = [visual[b].nonzero().squeeze(1) for b in range(B)]
+        units = self.hooks.units(n_visual) if self.budget_per == "image" and sum(n_visual) else None
         call = _Call(
             mode="prefill", pos=pos, style=style, report=report,
             valid=torch.ones(B, L, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool(),
-            vis_pos=vis_pos, vis_orig=[torch.arange(n, device=device) for n in n_visual],
+            vis_pos=vis_pos, vis_orig=[torch.arange(n, device=device) for n in n_visual], units=units,
         )
         self._gen = None
         changed = False
@@ -264,12 +286,11 @@ class DecoderPruner(Patch):
                 feats = self.hooks.vision_features(n_visual)
             else:
                 feats = [embeds[b, vis_pos[b]] for b in range(B)]
-            ctx = StageContext(
-                stage, feats, self._budgets(stage, n_visual),
+            kept, values, merged = self._stage(
+                stage, call, feats, n_visual,
                 lambda name, opts: self._pre_signal(name, opts, n_visual, embeds, vis_pos, call.valid),
-                grids=self.hooks.grids(n_visual),
+                self.hooks.grids(n_visual),
             )
-            kept, values, merged = self._choose(stage, ctx)
             report.stages.append(StageRecord(
                 stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
@@ -446,9 +467,9 @@ class DecoderPruner(Patch):
             if not sum(n_orig):
                 return None
             feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
-            ctx = StageContext(stage, feats, self._budgets(stage, n_orig, current=[f.shape[0] for f in feats]),
-                               lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden))
-            kept, values, merged = self._choose(stage, ctx)
+            kept, values, merged = self._stage(
+                stage, call, feats, n_orig, lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden)
+            )
             call.report.stages.append(StageRecord(
                 stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
@@ -555,6 +576,53 @@ class DecoderPruner(Patch):
         return out
 
     # -- shared ---------------------------------------------------------------------------------------------
+    #: signals with one row per visual token of the stage (split per image / frame); others describe the prompt
+    PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_similarity"})
+
+    def _stage(self, stage: Stage, call: _Call, feats: list[Tensor], n_orig: list[int], signal, grids=None):
+        """Run ``stage`` on every sample (``budget_per="prompt"``) or on every image / frame of every sample."""
+        current = [f.shape[0] for f in feats]
+        if call.units is None:
+            ctx = StageContext(stage, feats, self._budgets(stage, n_orig, current), signal, grids=grids)
+            return self._choose(stage, ctx)
+        pieces = []  # (sample, indices into its current visual tokens, original unit size, grid)
+        for b, sizes in enumerate(call.units):
+            unit_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+            unit = unit_of.to(call.vis_orig[b].device)[call.vis_orig[b]]
+            sample_grids = grids[b] if grids is not None and grids[b] is not None else None
+            for u, size in enumerate(sizes):
+                grid = sample_grids[u] if sample_grids is not None and len(sample_grids) == len(sizes) else None
+                pieces.append((b, (unit == u).nonzero().squeeze(1), size, grid))
+        piece_feats = [feats[b][idx] for b, idx, _, _ in pieces]
+        keep = [min(f.shape[0], stage.keep(n)) for f, (_, _, n, _) in zip(piece_feats, pieces)]
+
+        def piece_signal(name: str, opts: dict) -> list[Tensor]:
+            whole = signal(name, opts)
+            per_token = name in self.PER_TOKEN_SIGNALS and opts.get("tokens", "visual") == "visual"
+            return [whole[b][idx] if per_token else whole[b] for b, idx, _, _ in pieces]
+
+        ctx = StageContext(stage, piece_feats, keep, piece_signal,
+                           grids=[[g] if g is not None else None for *_, g in pieces])
+        p_kept, p_values, p_merged = self._choose(stage, ctx)
+        kept, values, merged = [], [], []
+        for b, f in enumerate(feats):
+            mine = [i for i, p in enumerate(pieces) if p[0] == b]
+            if not mine:
+                kept.append(torch.zeros(0, dtype=torch.long, device=f.device))
+                values.append(None)
+                merged.append(torch.zeros(0, dtype=torch.bool, device=f.device))
+                continue
+            k = torch.cat([pieces[i][1][p_kept[i]] for i in mine])
+            order = k.argsort()
+            kept.append(k[order])
+            merged.append(torch.cat([p_merged[i] for i in mine])[order])
+            if all(p_values[i] is None for i in mine):
+                values.append(None)
+            else:
+                v = [p_values[i] if p_values[i] is not None else f[pieces[i][1][p_kept[i]]] for i in mine]
+                values.append(torch.cat(v)[order])
+        return kept, values, merged
+
     @staticmethod
     def _budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -> list[int]:
         current = n_orig if current is None else current

@@ -1,0 +1,77 @@
+"""Adapter for ``LlavaOnevisionForConditionalGeneration``: LLaVA-OneVision (images) and LLaVA-Video-7B (video,
+``llava-hf/LLaVA-Video-7B-Qwen2-hf``), the TOPS paper's video backbone.
+
+SigLIP encoder (no [CLS]), Qwen2 decoder. Images: AnyRes crops with newline tokens, as LLaVA-NeXT. Videos: every
+frame's 27×27 patches are pooled 2×2 to 14×14 = 196 tokens (LLaVA-Video's 169 = 13×13 at 384 px / 14 px with its
+own pooling; the count follows the config), then one newline token ends the video. With ``budget_per="image"``
+each frame is its own budget unit (the newline joins the last frame), which is the paper's per-frame setting.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit import hookimpl
+from prunekit_plugins.adapters.common import MultimodalAdapter
+
+
+class LlavaOnevisionAdapter(MultimodalAdapter):
+    name = "llava_onevision"
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+
+    def unit_sizes(self, encoder_method: str, arguments: dict, output) -> list[int]:
+        if encoder_method != "get_video_features":
+            return super().unit_sizes(encoder_method, arguments, output)
+        frames = arguments["pixel_values_videos"].shape[1]
+        sizes = []
+        for video in output.pooler_output:
+            per_frame = (video.shape[0] - 1) // frames
+            sizes += [per_frame] * (frames - 1) + [video.shape[0] - per_frame * (frames - 1)]
+        return sizes
+
+    @classmethod
+    def tiny(cls, seed: int = 0, num_layers: int = 4):
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+        config = LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4),
+            text_config=dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=2048),
+            image_token_index=120, video_token_index=121, image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+            vision_feature_layer=-1,
+        )
+        torch.manual_seed(seed)
+        return LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+    @classmethod
+    def tiny_rows(cls, model) -> list[dict]:
+        """Row 0: one image; row 1: a 3-frame video; row 2: an image and a 3-frame video (a batch's videos share
+        their frame count, as the model needs)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        cfg = model.config
+        g = torch.Generator().manual_seed(1)
+        rows = []
+        for b, (size, frames) in enumerate((((16, 30), 0), (None, 3), ((32, 32), 3))):
+            ids, row = [3, 4], {}
+            if size is not None:
+                crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, 16)
+                row["pixel_values"] = torch.randn(1, crops, 3, 16, 16, generator=g)
+                row["image_sizes"] = torch.tensor([size])
+                feats = model.model.get_image_features(pixel_values=row["pixel_values"], image_sizes=row["image_sizes"])
+                ids += [cfg.image_token_index] * feats.pooler_output[0].shape[0]
+            if frames:
+                row["pixel_values_videos"] = torch.randn(1, frames, 3, 16, 16, generator=g)
+                n = model.model.get_video_features(pixel_values_videos=row["pixel_values_videos"]).pooler_output.shape[1]
+                ids += [cfg.video_token_index] * n
+            ids = torch.tensor([ids + [5 + b, 6, 7]])
+            rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), **row})
+        return rows
+
+
+@hookimpl
+def prunekit_register_adapters(register):
+    register(LlavaOnevisionAdapter)
