@@ -140,3 +140,12 @@ def test_budget_per_image_keeps_the_count_in_every_image_and_frame(name):
     for b, row in enumerate(rows):  # still batch-invariant
         alone = model.generate(**row, **GEN)
         assert batched.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
+
+
+def test_an_encoding_call_outside_the_forward_is_not_taken_for_the_prompts():
+    model, rows = tiny("llava_next")
+    prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"])
+    ref = model(**rows[0]).logits
+    other = rows[1]
+    model.model.get_image_features(pixel_values=other["pixel_values"], image_sizes=other["image_sizes"])
+    assert torch.equal(model(**rows[0]).logits, ref)

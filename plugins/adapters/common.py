@@ -56,10 +56,13 @@ class VisualHooks(ModelHooks):
         self._visual: Tensor | None = None
         self._brings = False
         self._ids: Tensor | None = None
+        self._calls: list[dict] = []  # every recorded encoder call since the last prefill
+        self._pending: dict[str, list[Tensor]] = {"cls": [], "keys": []}  # vision signals of the running call
+        # the encoder calls that produced the current prompt's visual tokens (set by _sync)
         self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
         self.outputs: list[Any] = []  # what each of those calls returned
-        self.cls: list[Tensor] = []  # per encoder call: [crops, patches] [CLS] attention
-        self.keys: list[Tensor] = []  # per encoder call: [crops, patches, head_dim]
+        self.cls: list[Tensor] = []  # per tower pass: [crops, patches] [CLS] attention
+        self.keys: list[Tensor] = []  # per tower pass: [crops, patches, head_dim]
         attn = adapter.cls_attention_module() if signals & VISION_SIGNALS else None
         if signals & VISION_SIGNALS and attn is None:
             raise PruningError(
@@ -74,8 +77,24 @@ class VisualHooks(ModelHooks):
             self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
 
     def _record(self, name: str, arguments: dict, output: Any) -> None:
-        self.records.append((name, arguments))
-        self.outputs.append(output)
+        self._calls.append({"name": name, "args": arguments, "output": output, **self._pending})
+        self._pending = {"cls": [], "keys": []}
+
+    def _sync(self, visual_counts: list[int]) -> None:
+        """Pick the latest encoder calls whose tokens add up to the prompt's visual tokens (earlier calls, e.g. a
+        user's own ``get_image_features`` outside a forward, are not this prompt's)."""
+        total, chosen = sum(visual_counts), []
+        for call in reversed(self._calls):
+            if sum(c["tokens"] for c in chosen) >= total:
+                break
+            call.setdefault("tokens", sum(int(x.shape[0]) for x in call["output"].pooler_output))
+            chosen.insert(0, call)
+        if sum(c["tokens"] for c in chosen) != total:
+            chosen = []
+        self.records = [(c["name"], c["args"]) for c in chosen]
+        self.outputs = [c["output"] for c in chosen]
+        self.cls = [t for c in chosen for t in c["cls"]]
+        self.keys = [t for c in chosen for t in c["keys"]]
 
     def _capture_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -100,8 +119,8 @@ class VisualHooks(ModelHooks):
         q = q.view(n, 1, heads, hd).transpose(1, 2)
         k = k.view(n, L, heads, hd).transpose(1, 2)
         probs = ((q.float() @ k.float().transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
-        self.cls.append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
-        self.keys.append(k.mean(1)[:, 1:])
+        self._pending["cls"].append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
+        self._pending["keys"].append(k.mean(1)[:, 1:])
         return None
 
     def images_in_call(self) -> bool:
@@ -116,6 +135,7 @@ class VisualHooks(ModelHooks):
             raise PruningError(
                 f"signal {name!r} is not available before the language model of {type(self.adapter.model).__name__}"
             )
+        self._sync(visual_counts)
         captured = self.cls if name == "cls_attention" else self.keys
         if not captured:
             raise PruningError(
@@ -133,10 +153,12 @@ class VisualHooks(ModelHooks):
         return out
 
     def grids(self, visual_counts: list[int]):
+        self._sync(visual_counts)
         return self.adapter.grids(self, visual_counts)
 
     def units(self, visual_counts: list[int]) -> list[list[int]]:
         """Per sample, the token counts of its images and video frames, in sequence order."""
+        self._sync(visual_counts)
         sizes: dict[int, list[int]] = {}  # placeholder id -> unit sizes, in encoding order
         for (name, args), output in zip(self.records, self.outputs):
             token = self.adapter.placeholder_of(name)
@@ -162,6 +184,7 @@ class VisualHooks(ModelHooks):
 
     def end_of_prefill(self) -> None:
         self.records, self.outputs, self.cls, self.keys, self._ids = [], [], [], [], None
+        self._calls, self._pending = [], {"cls": [], "keys": []}
 
     def new_cache(self):
         from transformers import DynamicCache

@@ -28,10 +28,23 @@ Point = Literal["after_projector", "decoder_layer"]
 
 #: (α, λ) at the decoder stages per layer-averaged budget T (lowest T first), and the decoder layers.
 PRESETS: dict[str, dict] = {
-    "llava-1.5-7b": {"family": "llava", "num_layers": 32, "layers": (12, 24),
+    "llava-1.5-7b": {"family": "llava", "num_layers": 32, "layers": (12, 24), "model_id": "llava-hf/llava-1.5-7b-hf",
                      "decoder_weights": [(64, (0.5, 1.0)), (128, (0.5, 0.5))]},
-    "llava-1.5-13b": {"family": "llava", "num_layers": 40, "layers": (15, 30),
+    "llava-1.5-13b": {"family": "llava", "num_layers": 40, "layers": (15, 30), "model_id": "llava-hf/llava-1.5-13b-hf",
                       "decoder_weights": [(10**9, (0.5, 0.4))]},
+    "llava-next-7b": {"family": "llava_next", "num_layers": 32, "layers": (12, 24),
+                      "model_id": "llava-hf/llava-v1.6-vicuna-7b-hf",
+                      "decoder_weights": [(240, (0.5, 0.5)), (480, (0.5, 0.4)), (10**9, (0.5, 0.5))]},
+    "llava-next-13b": {"family": "llava_next", "num_layers": 40, "layers": (15, 30),
+                       "model_id": "llava-hf/llava-v1.6-vicuna-13b-hf", "decoder_weights": [(10**9, (0.5, 0.5))]},
+    "qwen2.5-vl-7b": {"family": "qwen2_5_vl", "num_layers": 28, "layers": (12, 16),
+                      "model_id": "Qwen/Qwen2.5-VL-7B-Instruct", "decoder_weights": [(10**9, (0.5, 0.4))]},
+    "internvl3-8b": {"family": "internvl", "num_layers": 28, "layers": (12, 16), "model_id": "OpenGVLab/InternVL3-8B-hf",
+                     "decoder_weights": [(192, (0.3, 0.2)), (10**9, (0.2, 0.2))]},
+    # Pre-LLM only with per-frame budgets; named only (LLaVA-OneVision-7B images share the class and depth).
+    "llava-video-7b": {"family": "llava_onevision", "num_layers": 28, "layers": None, "auto": False,
+                       "model_id": "llava-hf/LLaVA-Video-7B-Qwen2-hf", "decoder_weights": [(10**9, (0.5, 0.5))],
+                       "insertion_points": ["after_projector"], "budget_per": "image"},
 }
 STAGE_SHAPE = {"after_projector": 2.0, "p1": 0.5, "p2": 0.25}
 
@@ -146,14 +159,14 @@ class Tops(Method):
         if self.config.preset is not None:
             return PRESETS[self.config.preset]
         for preset in PRESETS.values():
-            if preset["family"] == spec.family and preset["num_layers"] == spec.num_layers:
+            if preset.get("auto", True) and (preset["family"], preset["num_layers"]) == (spec.family, spec.num_layers):
                 return preset
         return None
 
     def _layers(self, spec: ModelSpec, preset: dict | None) -> tuple[int, int]:
         if self.config.layers is not None:
             layers = self.config.layers
-        elif preset is not None:
+        elif preset is not None and preset["layers"] is not None:
             layers = preset["layers"]
         else:  # the paper's 12/32 and 24/32 of depth
             layers = (max(1, int(spec.num_layers * 12 / 32 + 0.5)), int(spec.num_layers * 24 / 32 + 0.5))
@@ -183,10 +196,16 @@ class Tops(Method):
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
         preset = self._preset(spec)
+        insertion_points = cfg.insertion_points
+        if preset is not None:  # a preset's stages and budget unit apply unless the user set them
+            if "insertion_points" in preset and "insertion_points" not in cfg.model_fields_set:
+                insertion_points = preset["insertion_points"]
+            if "budget_per" in preset and "budget_per" not in cfg.model_fields_set:
+                cfg.budget_per = preset["budget_per"]
         points: list[tuple[str, int | None, float, str]] = []  # point, layer, shape, label
-        if "after_projector" in cfg.insertion_points:
+        if "after_projector" in insertion_points:
             points.append(("after_projector", None, STAGE_SHAPE["after_projector"], "stage I"))
-        if "decoder_layer" in cfg.insertion_points:
+        if "decoder_layer" in insertion_points:
             p1, p2 = self._layers(spec, preset)
             points += [("decoder_layer", p1, STAGE_SHAPE["p1"], "stage II (p1)"),
                        ("decoder_layer", p2, STAGE_SHAPE["p2"], "stage II (p2)")]
