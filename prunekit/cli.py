@@ -229,6 +229,14 @@ def _default_methods() -> list[str]:
     return prunekit.list_methods()
 
 
+def matrix(args: argparse.Namespace) -> int:
+    from . import compat
+
+    cells = compat.matrix(args.adapters, args.methods, progress=not args.no_progress)
+    print(compat.markdown(cells), end="")
+    return 0
+
+
 def list_plugins(args: argparse.Namespace) -> int:
     import prunekit
 
@@ -296,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="eval-results")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("matrix", help="run every method on every adapter's tiny model; print which pairs work")
+    p.add_argument("--adapters", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=matrix)
     p = sub.add_parser("list", help="list registered plugins")
     p.set_defaults(func=list_plugins)
     args = parser.parse_args(argv)

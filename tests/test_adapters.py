@@ -149,3 +149,25 @@ def test_an_encoding_call_outside_the_forward_is_not_taken_for_the_prompts():
     other = rows[1]
     model.model.get_image_features(pixel_values=other["pixel_values"], image_sizes=other["image_sizes"])
     assert torch.equal(model(**rows[0]).logits, ref)
+
+
+VISION_FEATURE_ADAPTERS = [n for n in ADAPTERS if "vision_features" in registry.get("adapters", n).insertion_points]
+
+
+@pytest.mark.parametrize("name", VISION_FEATURE_ADAPTERS)
+@pytest.mark.parametrize("method", ["fastervlm", "visionzip"])
+def test_vision_features_point_keep_all_and_batch(name, method):
+    """At vision_features: keep-all is bit-exact; merged values (VisionZip) batch like rows alone."""
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    ref = model(**inputs).logits
+    prunekit.build(method, model, keep_ratio=1.0)
+    assert torch.equal(model(**inputs).logits, ref)
+    prunekit.build(method, model, keep_ratio=0.3)
+    batch = model.generate(**inputs, **GEN)
+    assert any(m.any() for m in prunekit.inspect(model).stages[0].merged) == (method == "visionzip")
+    for b, row in enumerate(rows):
+        alone = model.generate(**row, **GEN)
+        assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
+        for step_batch, step_alone in zip(batch.scores, alone.scores):
+            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)

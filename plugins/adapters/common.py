@@ -50,19 +50,20 @@ class MethodHook:
 class VisualHooks(ModelHooks):
     """Generic :class:`ModelHooks`: the adapter says where things are, this class records them per call."""
 
-    def __init__(self, adapter: "MultimodalAdapter", signals: set[str]) -> None:
+    def __init__(self, adapter: "MultimodalAdapter", signals: set[str], want_features: bool = False) -> None:
         self.adapter = adapter
         self.inner = adapter.inner
         self._visual: Tensor | None = None
         self._brings = False
         self._ids: Tensor | None = None
         self._calls: list[dict] = []  # every recorded encoder call since the last prefill
-        self._pending: dict[str, list[Tensor]] = {"cls": [], "keys": []}  # vision signals of the running call
+        self._pending: dict[str, list[Tensor]] = {"cls": [], "keys": [], "features": []}  # of the running call
         # the encoder calls that produced the current prompt's visual tokens (set by _sync)
         self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
         self.outputs: list[Any] = []  # what each of those calls returned
         self.cls: list[Tensor] = []  # per tower pass: [crops, patches] [CLS] attention
         self.keys: list[Tensor] = []  # per tower pass: [crops, patches, head_dim]
+        self.features: list[Tensor] = []  # per projector call: its input rows
         attn = adapter.cls_attention_module() if signals & VISION_SIGNALS else None
         if signals & VISION_SIGNALS and attn is None:
             raise PruningError(
@@ -75,10 +76,12 @@ class VisualHooks(ModelHooks):
                 self.handles.append(MethodHook(self.inner, name, self._record))
         if attn is not None:
             self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
+        if want_features:
+            self.handles.append(adapter.projector().register_forward_pre_hook(self._capture_features))
 
     def _record(self, name: str, arguments: dict, output: Any) -> None:
         self._calls.append({"name": name, "args": arguments, "output": output, **self._pending})
-        self._pending = {"cls": [], "keys": []}
+        self._pending = {"cls": [], "keys": [], "features": []}
 
     def _sync(self, visual_counts: list[int]) -> None:
         """Pick the latest encoder calls whose tokens add up to the prompt's visual tokens (earlier calls, e.g. a
@@ -95,6 +98,26 @@ class VisualHooks(ModelHooks):
         self.outputs = [c["output"] for c in chosen]
         self.cls = [t for c in chosen for t in c["cls"]]
         self.keys = [t for c in chosen for t in c["keys"]]
+        self.features = [t for c in chosen for t in c["features"]]
+
+    def _capture_features(self, module, args):
+        self._pending["features"].append(args[0])
+        return None
+
+    def vision_features(self, visual_counts: list[int]) -> list[Tensor]:
+        self._sync(visual_counts)
+        if not self.features:
+            raise PruningError("no vision features were recorded: the images must be encoded in this call")
+        rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in self.features])
+        out = []
+        for src in self.adapter.feature_sources(self, visual_counts, rows.shape[0]):
+            src = src.to(rows.device)
+            out.append(rows[src.clamp_min(0)] * (src >= 0).to(rows.dtype)[:, None])
+        return out
+
+    def project(self, values: Tensor) -> Tensor:
+        projector = self.adapter.projector()
+        return projector(values.to(next(projector.parameters()).dtype))
 
     def _capture_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -184,7 +207,8 @@ class VisualHooks(ModelHooks):
 
     def end_of_prefill(self) -> None:
         self.records, self.outputs, self.cls, self.keys, self._ids = [], [], [], [], None
-        self._calls, self._pending = [], {"cls": [], "keys": []}
+        self._calls, self._pending = [], {"cls": [], "keys": [], "features": []}
+        self.features = []
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -262,6 +286,15 @@ class MultimodalAdapter(ModelAdapter):
     def grids(self, hooks: VisualHooks, visual_counts: list[int]):
         return None
 
+    def projector(self):
+        """The module that maps vision features to the LLM's space (``vision_features`` adapters)."""
+        return self.inner.multi_modal_projector
+
+    def feature_sources(self, hooks: VisualHooks, visual_counts: list[int], num_rows: int) -> list[Tensor]:
+        """Per sample, ``[n]`` indices of the projector-input row of each visual token (-1: none, e.g. a newline).
+        Default: the first patch :meth:`token_sources` names."""
+        return [s[:, 0] for s in self.token_sources(hooks, visual_counts, num_rows)]
+
     def describe(self) -> ModelSpec:
         text = self.text_config()
         return ModelSpec(
@@ -293,7 +326,7 @@ class MultimodalAdapter(ModelAdapter):
         self.check(stages)
         positions = self.resolve_positions(config.positions)
         pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
-        hooks = VisualHooks(self, pre_signals)
+        hooks = VisualHooks(self, pre_signals, want_features=any(s.point == "vision_features" for s in stages))
         lm = self.language_model()
         try:
             return DecoderPruner(

@@ -22,6 +22,7 @@ class InternVLAdapter(MultimodalAdapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration", "InternVLModel")
     encoder_methods = ("get_image_features",)
+    insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
 
     def has_cls(self) -> bool:
         return self.model.config.vision_feature_select_strategy == "default"
@@ -53,6 +54,11 @@ class InternVLAdapter(MultimodalAdapter):
         if flat.shape[0] != sum(visual_counts):
             raise PruningError(f"{tiles} tiles give {flat.shape[0]} tokens but the prompt holds {sum(visual_counts)}")
         return list(flat.split(visual_counts))
+
+    def feature_sources(self, hooks: VisualHooks, visual_counts: list[int], num_rows: int) -> list[Tensor]:
+        if num_rows != sum(visual_counts):  # the projector reads one pixel-shuffled row per token
+            raise PruningError(f"the projector read {num_rows} rows for {sum(visual_counts)} image tokens")
+        return list(torch.arange(num_rows).split(visual_counts))
 
     def grids(self, hooks: VisualHooks, visual_counts: list[int]):
         g = int(self.model.config.image_seq_length**0.5)

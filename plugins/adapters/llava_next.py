@@ -25,6 +25,7 @@ class LlavaNextAdapter(MultimodalAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     encoder_methods = ("get_image_features",)
+    insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
 
     def has_cls(self) -> bool:
         cfg = self.model.config

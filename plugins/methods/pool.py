@@ -44,9 +44,18 @@ def pooling_plan(rows: int, cols: int, k: int) -> tuple[Tensor, Tensor]:
     return weights, centres
 
 
-def split_budget(k: int, parts: int) -> list[int]:
-    """``k`` split over ``parts`` images as evenly as possible (earlier images get the remainder)."""
-    return [k // parts + (1 if i < k % parts else 0) for i in range(parts)]
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """``k`` split over images of ``sizes`` tokens in proportion to their sizes (largest remainders first, ties
+    to earlier images), never more than an image holds; equal images get equal shares."""
+    total = sum(sizes)
+    if not 0 <= k <= total:
+        raise ValueError(f"cannot keep {k} of {total} tokens")
+    exact = [k * s / total for s in sizes]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: k - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def pool_grids(features: Tensor, grids: list[tuple[int, int]], k: int) -> Choice:
@@ -55,7 +64,7 @@ def pool_grids(features: Tensor, grids: list[tuple[int, int]], k: int) -> Choice
     if sum(r * c for r, c in grids) != n:
         raise ValueError(f"grids {grids} hold {sum(r * c for r, c in grids)} tokens, features have {n}")
     indices, values, merged, offset = [], [], [], 0
-    for (r, c), kk in zip(grids, split_budget(k, len(grids))):
+    for (r, c), kk in zip(grids, split_budget(k, [r * c for r, c in grids])):
         if kk:
             w, centres = pooling_plan(r, c, kk)
             w = w.to(device=features.device, dtype=torch.float32)
