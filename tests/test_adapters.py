@@ -118,7 +118,7 @@ def test_pruned_forward_then_decode_equals_generate(name):
     torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_onevision"])
+@pytest.mark.parametrize("name", ["llava", "llava_onevision", "video_llava"])
 def test_budget_per_image_keeps_the_count_in_every_image_and_frame(name):
     model, rows = tiny(name)
     inputs = batch_of(model, rows)
@@ -171,3 +171,21 @@ def test_vision_features_point_keep_all_and_batch(name, method):
         assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
         for step_batch, step_alone in zip(batch.scores, alone.scores):
             torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_smolvlm_is_served_by_the_idefics3_adapter():
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    tiny_idefics = registry.get("adapters", "idefics3").tiny()
+    config = SmolVLMConfig(vision_config=tiny_idefics.config.vision_config.to_dict(),
+                           text_config=tiny_idefics.config.text_config.to_dict(), image_token_id=120, scale_factor=2)
+    model = SmolVLMForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    rows = registry.get("adapters", "idefics3").tiny_rows(model)
+    inputs = batch_of(model, rows)
+    ref = model(**inputs).logits
+    prunekit.build("tops", model, keep_ratio=0.3)
+    batch = model.generate(**inputs, **GEN)
+    for b, row in enumerate(rows):
+        assert batch.sequences[b, -4:].tolist() == model.generate(**row, **GEN).sequences[0, -4:].tolist()
+    prunekit.remove(model)
+    assert torch.equal(model(**inputs).logits, ref)

@@ -1,0 +1,61 @@
+"""Adapter for ``Idefics3ForConditionalGeneration`` (Idefics3-8B, ``HuggingFaceM4/Idefics3-8B-Llama3``) and
+``SmolVLMForConditionalGeneration`` (SmolVLM, ``HuggingFaceTB/SmolVLM-Instruct``).
+
+SigLIP encoder (no [CLS]) on each image split plus a global view; the connector's pixel shuffle folds patches
+into 64 (SmolVLM: 81) tokens per split; a Llama decoder. Padding images (all zeros) that a batch adds are dropped by
+the model, and only real images' tokens are placeholders, so nothing changes for pruning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit import hookimpl
+from prunekit_plugins.adapters.common import MultimodalAdapter
+
+
+class Idefics3Adapter(MultimodalAdapter):
+    name = "idefics3"
+    family = "idefics3"
+    model_classes = ("Idefics3ForConditionalGeneration", "Idefics3Model",
+                     "SmolVLMForConditionalGeneration", "SmolVLMModel")
+    encoder_methods = ("get_image_features",)
+
+    def language_model(self):
+        return self.inner.text_model
+
+    @classmethod
+    def tiny(cls, seed: int = 0, num_layers: int = 4):
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+        config = Idefics3Config(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=4),
+            text_config=dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=2048),
+            image_token_id=120, scale_factor=2,
+        )
+        torch.manual_seed(seed)
+        return Idefics3ForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+    @classmethod
+    def tiny_rows(cls, model) -> list[dict]:
+        """Row 0: one image; row 1: three images (as splits would be)."""
+        from prunekit.testing import prompt_ids
+
+        cfg = model.config
+        v = cfg.vision_config
+        per_image = (v.image_size // v.patch_size) ** 2 // cfg.scale_factor**2
+        rows = []
+        for b, images in enumerate((1, 3)):
+            g = torch.Generator().manual_seed(b + 1)
+            pixels = torch.randn(1, images, 3, v.image_size, v.image_size, generator=g)
+            ids = prompt_ids(model, [per_image] * images, cfg.image_token_id, question=(5 + b, 6, 7))
+            rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels})
+        return rows
+
+
+@hookimpl
+def prunekit_register_adapters(register):
+    register(Idefics3Adapter)
