@@ -3,7 +3,6 @@ checked against the eager vision tower's own attention weights."""
 
 import types
 
-import pytest
 import torch
 
 import prunekit

@@ -1,7 +1,6 @@
 """TOPS presets: picked from a model's config as loaded by the user's own from_pretrained (local files)."""
 
 import pytest
-import torch
 
 import prunekit
 from prunekit.registry import registry

@@ -322,11 +322,15 @@ class MultimodalAdapter(ModelAdapter):
         if self.no_decoder_pruning and any(s.layer is not None for s in stages):
             raise ValueError(self.no_decoder_pruning)
 
+    def make_hooks(self, stages: Sequence[Stage]) -> ModelHooks:
+        """The model-specific services for these stages (installs their hooks; ``.handles`` removes them)."""
+        pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
+        return VisualHooks(self, pre_signals, want_features=any(s.point == "vision_features" for s in stages))
+
     def patch(self, stages: Sequence[Stage], config, method: str) -> DecoderPruner:
         self.check(stages)
         positions = self.resolve_positions(config.positions)
-        pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
-        hooks = VisualHooks(self, pre_signals, want_features=any(s.point == "vision_features" for s in stages))
+        hooks = self.make_hooks(stages)
         lm = self.language_model()
         try:
             return DecoderPruner(
@@ -346,6 +350,15 @@ class MultimodalAdapter(ModelAdapter):
             raise
 
     # -- tiny random models for tests and docs ------------------------------------------------------------
+    @staticmethod
+    def tiny_text_config(model_type: str | None, num_layers: int, **extra) -> dict:
+        """The small decoder config every tiny model here uses (vocabulary 128, width 64, GQA 4/2 heads);
+        ``model_type`` None leaves the text model's type to the multimodal config."""
+        config = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      max_position_embeddings=2048, **extra)
+        return config if model_type is None else {"model_type": model_type, **config}
+
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):
         """A random-weight model of this architecture built from a small config (nothing is downloaded)."""

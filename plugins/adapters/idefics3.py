@@ -31,9 +31,7 @@ class Idefics3Adapter(MultimodalAdapter):
         config = Idefics3Config(
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                image_size=32, patch_size=4),
-            text_config=dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=2048),
+            text_config=cls.tiny_text_config("llama", num_layers),
             image_token_id=120, scale_factor=2,
         )
         torch.manual_seed(seed)

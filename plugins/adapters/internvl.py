@@ -71,9 +71,7 @@ class InternVLAdapter(MultimodalAdapter):
         config = InternVLConfig(
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                image_size=[16, 16], patch_size=[2, 2]),
-            text_config=dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=2048),
+            text_config=cls.tiny_text_config("qwen2", num_layers),
             image_token_id=120, image_seq_length=16,
         )
         torch.manual_seed(seed)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from prunekit import ModelSpec, Stage, hookimpl
-from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
+from prunekit.runtime.decoder import ModelHooks, PruningError, brings_images
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
 
@@ -158,28 +158,14 @@ class LlavaAdapter(MultimodalAdapter):
             name_or_path=getattr(cfg, "_name_or_path", ""),
         )
 
-    def patch(self, stages: Sequence[Stage], config, method: str) -> DecoderPruner:
-        inner = self.inner
-        positions = self.resolve_positions(config.positions)
+    def make_hooks(self, stages: Sequence[Stage]) -> ModelHooks:
         if not self.describe().has_cls and any("cls_attention" in s.signals for s in stages):
             raise PruningError("this LLaVA's vision encoder has no [CLS] token, so 'cls_attention' is unavailable")
         pre = [s for s in stages if s.layer is None]
-        hooks = _LlavaHooks(
-            self.model, inner,
+        return _LlavaHooks(
+            self.model, self.inner,
             want_vision_signals=any({"cls_attention", "keys"} & set(s.signals) for s in pre),
             want_features=any(s.point == "vision_features" for s in pre),
-        )
-        lm = inner.language_model
-        return DecoderPruner(
-            method=method,
-            language_model=lm,
-            layers=lm.layers,
-            rotary=lambda hidden, pos: lm.rotary_emb(hidden, position_ids=pos),
-            stages=stages,
-            positions=positions,
-            hooks=hooks,
-            extra_handles=hooks.handles,
-            budget_per=config.budget_per,
         )
 
     @classmethod

@@ -55,12 +55,10 @@ class Qwen2VLAdapter(MultimodalAdapter):
             image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
         )
 
-    @staticmethod
-    def _text_config(num_layers: int) -> dict:
-        return dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                    max_position_embeddings=2048,
-                    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    @classmethod
+    def _text_config(cls, num_layers: int) -> dict:
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        return cls.tiny_text_config(None, num_layers, rope_parameters=rope)
 
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):

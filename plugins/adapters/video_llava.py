@@ -30,9 +30,7 @@ class VideoLlavaAdapter(MultimodalAdapter):
             vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
                                num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4,
                                projection_dim=32),
-            text_config=dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=2048),
+            text_config=cls.tiny_text_config("llama", num_layers),
             image_token_index=120, video_token_index=121, image_seq_length=16, video_seq_length=4 * 17,
         )
         torch.manual_seed(seed)
