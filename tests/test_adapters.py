@@ -189,3 +189,24 @@ def test_smolvlm_is_served_by_the_idefics3_adapter():
         assert batch.sequences[b, -4:].tolist() == model.generate(**row, **GEN).sequences[0, -4:].tolist()
     prunekit.remove(model)
     assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_unpadded_batch_whose_rows_keep_different_counts():
+    """Rows of equal length (the model passes no mask) that keep different counts inside the LLM: the padding
+    prunekit adds must be masked by a mask prunekit builds, in the prefill and in decode steps."""
+    from prunekit.testing import tiny_llava_inputs
+
+    model, _ = tiny("llava")
+    one = tiny_llava_inputs(model, batch=1, left_pad=(0,), images_per_row=1, question=tuple(range(5, 72)))
+    two = tiny_llava_inputs(model, batch=1, left_pad=(0,), images_per_row=2, seed=2)
+    assert one["input_ids"].shape == two["input_ids"].shape
+    rows = [one, two]
+    inputs = {k: torch.cat([r[k] for r in rows]) for k in one}
+    prunekit.build("tops", model, keep_ratio=0.7, insertion_points=["decoder_layer"])
+    batch = model.generate(**{k: v for k, v in inputs.items() if k != "attention_mask"}, **GEN)
+    assert len(set(prunekit.inspect(model).stages[0].counts)) == 2
+    for b, row in enumerate(rows):
+        alone = model.generate(input_ids=row["input_ids"], pixel_values=row["pixel_values"], **GEN)
+        assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
+        for step_batch, step_alone in zip(batch.scores, alone.scores):
+            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)

@@ -133,17 +133,15 @@ def _positions_out(pos: Tensor, style: int) -> Tensor:
     return pos[..., 0] if style == 0 else pos.permute(2, 0, 1)
 
 
-def _causal_pad_mask(pad_keys: Tensor, q: int, dtype) -> Tensor:
-    """A ``[B, 1, q, Lk]`` mask for the last ``q`` queries: causal, padding keys hidden, padding queries see themselves."""
-    B, Lk = pad_keys.shape
+def _causal_pad_mask(pad_keys: Tensor, q: int) -> Tensor:
+    """A boolean ``[B, 1, q, Lk]`` mask for the last ``q`` queries: causal, padding keys hidden, padding queries
+    see themselves (for when the model passed no mask because its batch had no padding)."""
+    Lk = pad_keys.shape[1]
     qi = torch.arange(Lk - q, Lk, device=pad_keys.device)[:, None]
     kj = torch.arange(Lk, device=pad_keys.device)[None]
     allowed = (kj <= qi)[None] & ~pad_keys[:, None, :]
     allowed = allowed | ((kj == qi)[None] & pad_keys[:, Lk - q :, None])
-    allowed = allowed[:, None]
-    if dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed[:, None]
 
 
 def _hide_pads(mask: Tensor, pad_keys: Tensor) -> Tensor:
@@ -391,7 +389,7 @@ class DecoderPruner(Patch):
                 if seg.pad is not None:
                     mask = _hide_pads(mask, seg.pad)
             elif seg.pad is not None:
-                mask = _causal_pad_mask(seg.pad, n, torch.bool)
+                mask = _causal_pad_mask(seg.pad, n)
             pos = seg.pos
             if self.positions == "renumber":
                 emb = self.rotary(hidden, _positions_out(pos, call.style))
@@ -418,7 +416,7 @@ class DecoderPruner(Patch):
                     if pad_keys is not None:
                         mask = _hide_pads(mask, pad_keys)
                 else:
-                    mask = _causal_pad_mask(pad_keys, hidden.shape[1], torch.bool)
+                    mask = _causal_pad_mask(pad_keys, hidden.shape[1])
             pos = call.pos - seg.shift[:, None, None]
             shifted = self.positions == "renumber" and bool(seg.shift.any())
             emb = self.rotary(hidden, _positions_out(pos, call.style)) if shifted else (cos, sin)
