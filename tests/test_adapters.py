@@ -210,3 +210,35 @@ def test_unpadded_batch_whose_rows_keep_different_counts():
         assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
         for step_batch, step_alone in zip(batch.scores, alone.scores):
             torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_pruned_generate_equals_the_shorter_prompt():
+    """Pre-LLM pruning on Gemma3 = the unpatched model on the prompt without the dropped image tokens: its own
+    masks (sliding window, bidirectional image blocks) are rebuilt for the shorter sequence, in every step."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model, rows = tiny("gemma3")
+    row = rows[1]  # two images
+    prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"])
+    out = model.generate(**row, **GEN)
+    kept = prunekit.inspect(model).stages[0].kept[0]
+    prunekit.remove(model)
+    ids = row["input_ids"][0]
+    visual = ids == model.config.image_token_index
+    keep = ~visual
+    keep[visual.nonzero().squeeze(1)[kept]] = True
+    feats = model.model.get_image_features(pixel_values=row["pixel_values"]).pooler_output.flatten(0, 1)[kept]
+    short = ids[keep][None]
+    ref = model.generate(input_ids=short, attention_mask=torch.ones_like(short),
+                         token_type_ids=(short == model.config.image_token_index).long(),
+                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats[None])}, **GEN)
+    assert out.sequences[0, -4:].tolist() == ref.sequences[0, -4:].tolist()
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_refuses_in_llm_pruning_and_says_why():
+    model, _ = tiny("gemma3")
+    with pytest.raises(ValueError, match="sliding-window"):
+        prunekit.build("fastv", model, keep_ratio=0.5)
+    assert not prunekit.is_patched(model)

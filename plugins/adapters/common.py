@@ -286,6 +286,12 @@ class MultimodalAdapter(ModelAdapter):
     def grids(self, hooks: VisualHooks, visual_counts: list[int]):
         return None
 
+    @staticmethod
+    def square_grids(visual_counts: list[int], tokens_per_image: int):
+        """Grids for models whose every image (or tile) is a square of ``tokens_per_image`` tokens."""
+        g = int(round(tokens_per_image**0.5))
+        return [[(g, g)] * (n // (g * g)) if n % (g * g) == 0 else None for n in visual_counts]
+
     def projector(self):
         """The module that maps vision features to the LLM's space (``vision_features`` adapters)."""
         return self.inner.multi_modal_projector

@@ -24,6 +24,11 @@ class Idefics3Adapter(MultimodalAdapter):
     def language_model(self):
         return self.inner.text_model
 
+    def grids(self, hooks, visual_counts):
+        cfg = self.model.config
+        v = cfg.vision_config
+        return self.square_grids(visual_counts, (v.image_size // v.patch_size) ** 2 // cfg.scale_factor**2)
+
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration

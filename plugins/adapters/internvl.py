@@ -61,8 +61,7 @@ class InternVLAdapter(MultimodalAdapter):
         return list(torch.arange(num_rows).split(visual_counts))
 
     def grids(self, hooks: VisualHooks, visual_counts: list[int]):
-        g = int(self.model.config.image_seq_length**0.5)
-        return [[(g, g)] * (n // (g * g)) if n % (g * g) == 0 else None for n in visual_counts]
+        return self.square_grids(visual_counts, self.model.config.image_seq_length)
 
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):

@@ -62,6 +62,16 @@ class ModelHooks:
         """A fresh KV cache for a plain forward that did not pass one (so its returned cache can be continued)."""
         return None
 
+    def input_mask_2d(self) -> Tensor | None:
+        """The 2-D mask the model was called with, when it hands its language model prepared masks instead."""
+        raise PruningError("this model hands its language model prepared attention masks, and its adapter "
+                           "cannot rebuild them")
+
+    def prepared_masks(self, kwargs: dict, mask_2d: Tensor, keep_rows: list[Tensor], length: int):
+        """The model's own prepared masks for the pruned sequence (``keep_rows``: kept input rows per sample)."""
+        raise PruningError("this model hands its language model prepared attention masks, and its adapter "
+                           "cannot rebuild them")
+
     def images_in_call(self) -> bool:
         """Whether the current call brought images or videos (a decode step's sampled token may merely equal a
         placeholder id, which the model then treats as text)."""
@@ -257,6 +267,9 @@ class DecoderPruner(Patch):
         B, L, _ = embeds.shape
         device = embeds.device
         mask2d = kwargs.get("attention_mask")
+        prepared = isinstance(mask2d, dict)  # the model built its masks before the LLM (Gemma3)
+        if prepared:
+            mask2d = self.hooks.input_mask_2d()
         if mask2d is not None and mask2d.dim() != 2:
             raise PruningError("prunekit needs a 2D attention mask (or none) at the language model's input")
         pos, style = _positions_in(kwargs.get("position_ids"), B, L, device)
@@ -317,6 +330,8 @@ class DecoderPruner(Patch):
                 kwargs["attention_mask"] = new_mask
                 kwargs["position_ids"] = _positions_out(new_pos, style)
                 cache = self._ensure_cache(kwargs)
+                if prepared:  # the model's own masks, rebuilt for the shorter sequence
+                    kwargs["attention_mask"] = self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1)
                 pad = [L1 - r.numel() for r in keep_rows]
                 call.vis_pos = [
                     pad[b] + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]]) for b in range(B)
@@ -346,14 +361,25 @@ class DecoderPruner(Patch):
                 kwargs["past_key_values"] = cache
         return cache
 
+    def map_decode_mask(self, mask: Tensor) -> Tensor:
+        """A decode step's 2-D mask (unpruned coordinates) mapped onto the pruned cache."""
+        gen = self._gen
+        assert gen is not None and gen.mask is not None
+        return torch.cat([gen.mask, mask[:, gen.orig_len :]], dim=1)
+
+    def generation_for(self, cache) -> "_Generation | None":
+        """The pruned prefill that filled ``cache`` (None when this patch did not prune it)."""
+        gen = self._gen
+        return gen if gen is not None and cache is not None and gen.cache() is cache else None
+
     def _decode(self, kwargs: dict, past: int) -> None:
         gen = self._gen
         assert gen is not None
         mask = kwargs.get("attention_mask")
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
-        if mask is not None and gen.mask is not None and mask.dim() == 2:
-            kwargs["attention_mask"] = torch.cat([gen.mask, mask[:, gen.orig_len :]], dim=1)
+        if isinstance(mask, Tensor) and gen.mask is not None and mask.dim() == 2:
+            kwargs["attention_mask"] = self.map_decode_mask(mask)
         pos = kwargs.get("position_ids")
         if pos is None:  # unpruned coordinates, as generate would have sent them
             base = past + gen.dropped[:, None]
