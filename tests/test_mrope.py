@@ -9,7 +9,7 @@ from prunekit.registry import registry
 GEN = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pruned_prefill_and_decode_keep_original_mrope_positions(name):
     cls = registry.get("adapters", name)
     model = cls.tiny()
@@ -24,17 +24,23 @@ def test_pruned_prefill_and_decode_keep_original_mrope_positions(name):
     pos, _ = inner.get_rope_index(ids, image_grid_thw=row["image_grid_thw"], attention_mask=row["attention_mask"],
                                   mm_token_type_ids=row["mm_token_type_ids"])
     embeds = inner.get_input_embeddings()(ids)
-    feats = torch.cat(inner.get_image_features(row["pixel_values"], row["image_grid_thw"]).pooler_output)
+    encoded = inner.get_image_features(row["pixel_values"], row["image_grid_thw"])
+    feats = torch.cat(encoded.pooler_output)
     visual = ids[0] == model.config.image_token_id
     embeds[0, visual] = feats
     keep = ~visual
     keep[visual.nonzero().squeeze(1)[kept]] = True
     embeds, pos = embeds[:, keep], pos[:, :, keep]
+    extra = {}
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: the kept tokens' deepstack rows
+        extra = {"visual_pos_masks": (ids[0][keep] == model.config.image_token_id)[None],
+                 "deepstack_visual_embeds": [torch.cat(per_image)[kept] for per_image in encoded.deepstack_features]}
     cache = None
     seq = []
     step_embeds, step_pos = embeds, pos
     for step in range(3):  # greedy decode by hand: the next token sits one past the unpruned sequence's end
-        o = inner.language_model(inputs_embeds=step_embeds, position_ids=step_pos, past_key_values=cache, use_cache=True)
+        o = inner.language_model(inputs_embeds=step_embeds, position_ids=step_pos, past_key_values=cache,
+                                 use_cache=True, **(extra if step == 0 else {}))
         cache = o.past_key_values
         logits = model.lm_head(o.last_hidden_state[:, -1])
         torch.testing.assert_close(logits, out.scores[step], rtol=1e-4, atol=1e-5)

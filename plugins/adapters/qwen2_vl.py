@@ -25,6 +25,8 @@ class Qwen2VLAdapter(MultimodalAdapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     rope = "mrope"
+    #: tiny prompts put each video frame in its own group (Qwen3-VL's layout)
+    frames_apart = False
 
     def grids(self, hooks: VisualHooks, visual_counts: list[int]):
         """Per sample, the merged (rows, cols) grid of each image; None for samples with video frames."""
@@ -85,7 +87,11 @@ class Qwen2VLAdapter(MultimodalAdapter):
             token = cfg.image_token_id if kind == "image" else cfg.video_token_id
             ids = [3, 4]
             for t, h, w in grids:
-                ids += [cfg.vision_start_token_id] + [token] * (t * h * w // merge**2) + [cfg.vision_end_token_id]
+                # Qwen3-VL places each video frame apart, after a timestamp (one text token here)
+                groups = [(1, [9])] * t if kind == "video" and cls.frames_apart else [(t, [])]
+                for frames, before in groups:
+                    ids += before + [cfg.vision_start_token_id] + [token] * (frames * h * w // merge**2)
+                    ids += [cfg.vision_end_token_id]
             ids = torch.tensor([ids + [5 + b, 6, 7]])
             types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
             row = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types}

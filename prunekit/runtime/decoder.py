@@ -72,6 +72,10 @@ class ModelHooks:
         raise PruningError("this model hands its language model prepared attention masks, and its adapter "
                            "cannot rebuild them")
 
+    def prune_inputs(self, kwargs: dict, kept: list[Tensor], visual_positions: list[Tensor], length: int) -> None:
+        """Prune the model's other per-visual-token language-model inputs alike (Qwen3-VL's deepstack features).
+        ``kept``: per sample, kept indices into its visual tokens; ``visual_positions``: their new positions."""
+
     def images_in_call(self) -> bool:
         """Whether the current call brought images or videos (a decode step's sampled token may merely equal a
         placeholder id, which the model then treats as text)."""
@@ -332,10 +336,10 @@ class DecoderPruner(Patch):
                 cache = self._ensure_cache(kwargs)
                 if prepared:  # the model's own masks, rebuilt for the shorter sequence
                     kwargs["attention_mask"] = self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1)
-                pad = [L1 - r.numel() for r in keep_rows]
-                call.vis_pos = [
-                    pad[b] + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]]) for b in range(B)
-                ]
+                new_vis = [L1 - keep_rows[b].numel() + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]])
+                           for b in range(B)]
+                self.hooks.prune_inputs(kwargs, kept, new_vis, L1)
+                call.vis_pos = new_vis
                 call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
                 call.valid = new_valid
                 call.pos = new_pos
