@@ -13,9 +13,10 @@ class VisionFeatures(InsertionPoint):
         "Signals: cls_attention ([CLS] to each patch at the feature layer, mean over heads), keys (that layer's "
         "keys, mean over heads), text_embeddings (the LLM input embeddings of the text after the image), "
         "text_similarity (each visual token's mean cosine similarity to those text embeddings, at the LLM input; "
-        "needs no [CLS])."
+        "needs no [CLS]), attention_received (the mean attention each patch receives from the other patches at "
+        "the feature layer, mean over heads; needs no [CLS])."
     )
-    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity"})
+    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received"})
 
 
 class AfterProjector(InsertionPoint):
@@ -24,7 +25,7 @@ class AfterProjector(InsertionPoint):
         "After the multimodal projector, before the language model: visual tokens are removed from the LLM's input "
         "sequence. Features: projected visual tokens. Signals as at vision_features."
     )
-    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity"})
+    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received"})
 
 
 class DecoderLayer(InsertionPoint):

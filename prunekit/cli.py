@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all)")
     p.add_argument("--ablations", action="store_true", help="add TOPS with each of its 7 principle subsets")
     p.add_argument("--relevance", action="store_true",
-                   help="add TOPS with each stage-I relevance signal (cls_attention, text_similarity)")
+                   help="add TOPS with each stage-I relevance signal (cls_attention, text_similarity, "
+                        "attention_received)")
     p.add_argument("--budgets", nargs="+", type=float, default=list(EVAL_BUDGETS),
                    help="layer-averaged fractions of the visual tokens kept")
     p.add_argument("--positions", nargs="+", default=list(POSITION_MODES), choices=POSITION_MODES)

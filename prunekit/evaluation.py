@@ -65,11 +65,12 @@ def tops_ablations() -> list[Variant]:
 
 
 def tops_relevance_variants() -> list[Variant]:
-    """TOPS with each stage-I relevance signal: [CLS] attention (the paper) and the substitute for encoders
-    without [CLS] (text similarity)."""
+    """TOPS with each stage-I relevance signal: [CLS] attention (the paper) and the two substitutes for
+    encoders without [CLS] (text similarity, attention received)."""
     return [
         Variant("tops[cls_attention]", "tops", {"projector_relevance": "cls_attention"}),
         Variant("tops[text_similarity]", "tops", {"projector_relevance": "text_similarity"}),
+        Variant("tops[attention_received]", "tops", {"projector_relevance": "attention_received"}),
     ]
 
 

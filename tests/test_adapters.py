@@ -242,3 +242,38 @@ def test_gemma3_refuses_in_llm_pruning_and_says_why():
     with pytest.raises(ValueError, match="sliding-window"):
         prunekit.build("fastv", model, keep_ratio=0.5)
     assert not prunekit.is_patched(model)
+
+
+ATTENTION_ADAPTERS = [n for n in ADAPTERS if registry.get("adapters", n)(tiny(n)[0]).feature_attention_module()]
+
+
+@pytest.mark.parametrize("name", ATTENTION_ADAPTERS)
+def test_attention_received_relevance_runs_and_batches(name):
+    """TOPS with the no-[CLS] relevance read from the encoder: keep-all exact, batch == rows."""
+    model, rows = tiny(name)
+    inputs = batch_of(model, rows)
+    ref = model(**inputs).logits
+    prunekit.build("tops", model, keep_ratio=1.0, insertion_points=["after_projector"],
+                   projector_relevance="attention_received")
+    assert torch.equal(model(**inputs).logits, ref)
+    prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"],
+                   projector_relevance="attention_received")
+    batch = model.generate(**inputs, **GEN)
+    for b, row in enumerate(rows):
+        assert batch.sequences[b, -4:].tolist() == model.generate(**row, **GEN).sequences[0, -4:].tolist()
+
+
+def test_attention_received_matches_eager_attention():
+    from test_llava import _eager_copy
+
+    model, rows = tiny("llava")
+    seen = []
+    prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"],
+                   projector_relevance="attention_received")
+    patch = model.__dict__["_prunekit_patch"]
+    original = patch.hooks.projector_signal
+    patch.hooks.projector_signal = lambda *a: seen.append(original(*a)) or seen[-1]
+    model(**rows[0])
+    eager = _eager_copy(model).model.vision_tower(rows[0]["pixel_values"], output_attentions=True)
+    attn = eager.attentions[model.config.vision_feature_layer]  # [1, H, L, L], [CLS] first
+    torch.testing.assert_close(seen[0][0], attn[0, :, 1:, 1:].mean((0, 1)), rtol=1e-5, atol=1e-7)

@@ -18,7 +18,9 @@ from prunekit import ModelAdapter, ModelSpec, Stage
 from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
 
 #: Signals read from the vision encoder (the rest come from the language model's input or its layers).
-VISION_SIGNALS = frozenset({"cls_attention", "keys"})
+VISION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received"})
+#: ... of which these need a [CLS] token
+CLS_SIGNALS = frozenset({"cls_attention", "keys"})
 
 
 class MethodHook:
@@ -57,19 +59,27 @@ class VisualHooks(ModelHooks):
         self._brings = False
         self._ids: Tensor | None = None
         self._calls: list[dict] = []  # every recorded encoder call since the last prefill
-        self._pending: dict[str, list[Tensor]] = {"cls": [], "keys": [], "features": []}  # of the running call
+        self._pending: dict[str, list[Tensor]] = self._empty()  # of the running call
         # the encoder calls that produced the current prompt's visual tokens (set by _sync)
         self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
         self.outputs: list[Any] = []  # what each of those calls returned
         self.cls: list[Tensor] = []  # per tower pass: [crops, patches] [CLS] attention
         self.keys: list[Tensor] = []  # per tower pass: [crops, patches, head_dim]
         self.features: list[Tensor] = []  # per projector call: its input rows
-        attn = adapter.cls_attention_module() if signals & VISION_SIGNALS else None
+        self.received: list[Tensor] = []  # per tower pass: [crops, patches] attention each patch receives
+        name = type(adapter.model).__name__
+        if signals & CLS_SIGNALS and not adapter.has_cls():
+            raise PruningError(
+                f"{sorted(signals & CLS_SIGNALS)} need a vision encoder with a [CLS] token; {name}'s encoder has "
+                "none (relevance without it: 'text_similarity' or 'attention_received')"
+            )
+        attn = adapter.feature_attention_module() if signals & VISION_SIGNALS else None
         if signals & VISION_SIGNALS and attn is None:
             raise PruningError(
-                f"{sorted(signals & VISION_SIGNALS)} need a vision encoder with a [CLS] token; "
-                f"{type(adapter.model).__name__}'s encoder has none (relevance without it: 'text_similarity')"
+                f"{sorted(signals & VISION_SIGNALS)} are not available on {name}: its adapter reads no vision-encoder "
+                "attention (relevance without it: 'text_similarity')"
             )
+        self._want_received = "attention_received" in signals
         self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
         for name in adapter.encoder_methods:
             if hasattr(self.inner, name):
@@ -81,7 +91,11 @@ class VisualHooks(ModelHooks):
 
     def _record(self, name: str, arguments: dict, output: Any) -> None:
         self._calls.append({"name": name, "args": arguments, "output": output, **self._pending})
-        self._pending = {"cls": [], "keys": [], "features": []}
+        self._pending = self._empty()
+
+    @staticmethod
+    def _empty() -> dict[str, list[Tensor]]:
+        return {"cls": [], "keys": [], "features": [], "received": []}
 
     def _sync(self, visual_counts: list[int]) -> None:
         """Pick the latest encoder calls whose tokens add up to the prompt's visual tokens (earlier calls, e.g. a
@@ -99,6 +113,7 @@ class VisualHooks(ModelHooks):
         self.cls = [t for c in chosen for t in c["cls"]]
         self.keys = [t for c in chosen for t in c["keys"]]
         self.features = [t for c in chosen for t in c["features"]]
+        self.received = [t for c in chosen for t in c["received"]]
 
     def _capture_features(self, module, args):
         self._pending["features"].append(args[0])
@@ -136,14 +151,23 @@ class VisualHooks(ModelHooks):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         n, L, _ = hidden.shape
         heads, hd = self.adapter.attention_heads(module)
-        q, k = module.q_proj(hidden[:, :1]), module.k_proj(hidden)
+        rows = hidden if self._want_received else hidden[:, :1]
+        q, k = module.q_proj(rows), module.k_proj(hidden)
         if getattr(module, "q_norm", None) is not None:  # InternViT normalises q and k before the heads split
             q, k = module.q_norm(q), module.k_norm(k)
-        q = q.view(n, 1, heads, hd).transpose(1, 2)
-        k = k.view(n, L, heads, hd).transpose(1, 2)
-        probs = ((q.float() @ k.float().transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
-        self._pending["cls"].append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
-        self._pending["keys"].append(k.mean(1)[:, 1:])
+        q = q.view(n, -1, heads, hd).transpose(1, 2).float()
+        k = k.view(n, L, heads, hd).transpose(1, 2).float()
+        first = 1 if self.adapter.has_cls() else 0  # patches start after the [CLS] token
+        if first:
+            probs = ((q[:, :, :1] @ k.transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
+            self._pending["cls"].append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
+            self._pending["keys"].append(k.mean(1)[:, 1:])
+        if self._want_received:  # mean attention each patch receives from the patches, one head at a time
+            received = torch.zeros(n, L - first, device=hidden.device)
+            for h in range(heads):
+                probs = ((q[:, h, first:] @ k[:, h].transpose(-1, -2)) * hd**-0.5).softmax(-1)
+                received += probs[:, :, first:].mean(1) / heads
+            self._pending["received"].append(received)
         return None
 
     def images_in_call(self) -> bool:
@@ -159,7 +183,7 @@ class VisualHooks(ModelHooks):
                 f"signal {name!r} is not available before the language model of {type(self.adapter.model).__name__}"
             )
         self._sync(visual_counts)
-        captured = self.cls if name == "cls_attention" else self.keys
+        captured = {"cls_attention": self.cls, "keys": self.keys, "attention_received": self.received}[name]
         if not captured:
             raise PruningError(
                 f"no {name} was recorded: the images must be encoded by the patched model in this call"
@@ -207,8 +231,8 @@ class VisualHooks(ModelHooks):
 
     def end_of_prefill(self) -> None:
         self.records, self.outputs, self.cls, self.keys, self._ids = [], [], [], [], None
-        self._calls, self._pending = [], {"cls": [], "keys": [], "features": []}
-        self.features = []
+        self._calls, self._pending = [], self._empty()
+        self.features, self.received = [], []
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -271,6 +295,11 @@ class MultimodalAdapter(ModelAdapter):
     def cls_attention_module(self):
         """The vision attention module whose input gives the [CLS] attention at the feature layer (or None)."""
         return None
+
+    def feature_attention_module(self):
+        """The attention module of the vision layer that feeds the projector, for [CLS] attention and
+        ``attention_received`` (None: the adapter reads no encoder attention)."""
+        return self.cls_attention_module()
 
     @staticmethod
     def attention_heads(module) -> tuple[int, int]:

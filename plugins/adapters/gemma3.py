@@ -67,6 +67,18 @@ class Gemma3Adapter(MultimodalAdapter):
         "positions that no longer exist; prune before the LLM (insertion_points=['after_projector'])"
     )
 
+    def feature_attention_module(self):
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers[-1].self_attn  # the projector reads the last
+
+    def token_sources(self, hooks, visual_counts, num_patches):
+        """Each token averages a k×k block of patches (the projector's average pooling)."""
+        proj = self.inner.multi_modal_projector
+        side, k = proj.patches_per_image, proj.kernel_size
+        grid = torch.arange(num_patches).view(-1, side // k, k, side // k, k)  # image, row, dy, col, dx
+        groups = grid.permute(0, 1, 3, 2, 4).reshape(-1, k * k)
+        return list(groups.split(visual_counts))
+
     def grids(self, hooks, visual_counts):
         return self.square_grids(visual_counts, self.model.config.mm_tokens_per_image)
 

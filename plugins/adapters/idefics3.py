@@ -24,6 +24,16 @@ class Idefics3Adapter(MultimodalAdapter):
     def language_model(self):
         return self.inner.text_model
 
+    def feature_attention_module(self):
+        return self.inner.vision_model.encoder.layers[-1].self_attn  # the connector reads the last layer
+
+    def token_sources(self, hooks, visual_counts, num_patches):
+        """The patches of each token, from the connector's own pixel shuffle run on patch indices."""
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        index = torch.arange(num_patches, dtype=torch.float64).view(-1, side * side, 1)
+        groups = self.inner.connector.pixel_shuffle(index, self.model.config.scale_factor)
+        return list(groups.reshape(-1, groups.shape[-1]).long().split(visual_counts))
+
     def grids(self, hooks, visual_counts):
         cfg = self.model.config
         v = cfg.vision_config

@@ -121,11 +121,12 @@ class TopsConfig(TopsSelection, MethodConfig):
     raters: Literal["sparsevlm", "last_token", "all_text"] = Field(
         "sparsevlm", description="Text tokens whose attention rates visual tokens at stage II."
     )
-    projector_relevance: Literal["auto", "cls_attention", "text_similarity"] = Field(
+    projector_relevance: Literal["auto", "cls_attention", "text_similarity", "attention_received"] = Field(
         "auto",
-        description="Relevance signal at stage I: the encoder's [CLS] attention (the paper), or each token's mean "
-        "cosine similarity to the instruction's input embeddings (for encoders without [CLS]). 'auto': "
-        "cls_attention when the encoder has [CLS], else text_similarity.",
+        description="Relevance signal at stage I: the encoder's [CLS] attention (the paper); each token's mean "
+        "cosine similarity to the instruction's input embeddings; or the mean attention its patches receive from "
+        "the other patches at the encoder's feature layer. 'auto': cls_attention when the encoder has [CLS], "
+        "else text_similarity.",
     )
 
     @field_validator("preset")
