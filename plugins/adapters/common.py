@@ -211,7 +211,10 @@ class VisualHooks(ModelHooks):
             token = self.adapter.placeholder_of(name)
             sizes.setdefault(token, []).extend(self.adapter.unit_sizes(name, args, output))
         if self._ids is None or not sizes:
-            return [[n] if n else [] for n in visual_counts]
+            raise PruningError(
+                "budget_per='image' needs the images to be encoded by the patched model from input_ids in this call "
+                "(no encoding of this prompt's images was recorded)"
+            )
         queues = {t: iter(v) for t, v in sizes.items()}
         out = []
         for row in self._ids:
