@@ -385,9 +385,9 @@ class DecoderPruner(Patch):
         if isinstance(mask, Tensor) and gen.mask is not None and mask.dim() == 2:
             kwargs["attention_mask"] = self.map_decode_mask(mask)
         pos = kwargs.get("position_ids")
-        if pos is None:  # unpruned coordinates, as generate would have sent them
-            base = past + gen.dropped[:, None]
-            pos = base + torch.arange(q, device=gen.dropped.device)[None]
+        if pos is None:  # what the unpatched model would use: the unpruned sequence continued
+            base = gen.orig_len + past - self._prefill_len(None)
+            pos = base + torch.arange(q, device=gen.dropped.device)[None].expand(gen.dropped.shape[0], q)
         pos, style = _positions_in(pos, gen.dropped.shape[0], q, gen.dropped.device)
         pos = pos - gen.shift[:, None, None]
         kwargs["position_ids"] = _positions_out(pos, style)
@@ -456,7 +456,7 @@ class DecoderPruner(Patch):
         call.remapped[idx] = out
         return out
 
-    def _prefill_len(self, call: _Call) -> int:
+    def _prefill_len(self, call: _Call | None) -> int:
         gen = self._gen
         assert gen is not None
         if gen.mask is not None:
