@@ -247,7 +247,7 @@ class MultimodalAdapter(ModelAdapter):
     """Base of the adapters of decoder-only multimodal models whose language model is a HF decoder.
 
     Subclasses name their classes, visual placeholder tokens and where the language model lives; optional
-    overrides add a [CLS] signal (:meth:`cls_attention_module`, :meth:`token_sources`) and image grids.
+    overrides add encoder signals (:meth:`feature_attention_module`, :meth:`token_sources`) and image grids.
     """
 
     family: ClassVar[str]
@@ -258,6 +258,8 @@ class MultimodalAdapter(ModelAdapter):
     rope: ClassVar[str] = "1d"
     #: reason in-LLM pruning cannot work on this architecture (None: it can)
     no_decoder_pruning: ClassVar[str | None] = None
+    #: the ModelHooks class serving this architecture
+    hooks_class: ClassVar[type[VisualHooks]] = VisualHooks
 
     # -- structure -------------------------------------------------------------------------------------------
     @property
@@ -295,14 +297,10 @@ class MultimodalAdapter(ModelAdapter):
     def visual_tokens_per_image(self) -> int | None:
         return None
 
-    def cls_attention_module(self):
-        """The vision attention module whose input gives the [CLS] attention at the feature layer (or None)."""
-        return None
-
     def feature_attention_module(self):
-        """The attention module of the vision layer that feeds the projector, for [CLS] attention and
-        ``attention_received`` (None: the adapter reads no encoder attention)."""
-        return self.cls_attention_module()
+        """The attention module of the vision layer that feeds the projector, for [CLS] attention (when
+        :meth:`has_cls`) and ``attention_received`` (None: the adapter reads no encoder attention)."""
+        return None
 
     @staticmethod
     def attention_heads(module) -> tuple[int, int]:
@@ -363,7 +361,7 @@ class MultimodalAdapter(ModelAdapter):
     def make_hooks(self, stages: Sequence[Stage]) -> ModelHooks:
         """The model-specific services for these stages (installs their hooks; ``.handles`` removes them)."""
         pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
-        return VisualHooks(self, pre_signals, want_features=any(s.point == "vision_features" for s in stages))
+        return self.hooks_class(self, pre_signals, want_features=any(s.point == "vision_features" for s in stages))
 
     def patch(self, stages: Sequence[Stage], config, method: str) -> DecoderPruner:
         self.check(stages)

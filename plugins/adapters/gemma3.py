@@ -18,15 +18,14 @@ import torch
 from torch import Tensor
 
 from prunekit import hookimpl
+from prunekit.runtime.decoder import pad_left
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
-
-
-def _pad_left(rows: list[Tensor], length: int, value) -> Tensor:
-    return torch.stack([torch.cat([r.new_full((length - r.shape[0],), value), r]) for r in rows])
 
 
 class _Gemma3Hooks(VisualHooks):
     pruner = None  # set by the adapter once the pruner exists
+    _mask_2d: Tensor | None = None  # the 2-D mask and token types of the model's current call
+    _token_types: Tensor | None = None
 
     def _capture_inputs(self, module, args, kwargs):
         super()._capture_inputs(module, args, kwargs)
@@ -47,7 +46,7 @@ class _Gemma3Hooks(VisualHooks):
 
         types = self._token_types
         if types is not None:
-            types = _pad_left([types[b, r] for b, r in enumerate(keep_rows)], length, 0)
+            types = pad_left([types[b, r] for b, r in enumerate(keep_rows)], length, 0)
         return Gemma3ForConditionalGeneration.create_masks_for_generate(
             config=self.adapter.model.config, inputs_embeds=kwargs["inputs_embeds"], attention_mask=mask_2d,
             past_key_values=kwargs.get("past_key_values"), position_ids=kwargs.get("position_ids"),
@@ -61,6 +60,7 @@ class Gemma3Adapter(MultimodalAdapter):
     model_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     insertion_points = frozenset({"after_projector", "decoder_layer"})
     encoder_methods = ("get_image_features",)
+    hooks_class = _Gemma3Hooks
     no_decoder_pruning = (
         "Gemma3 cannot be pruned inside its language model: its sliding-window layers keep a cache of the last "
         "sliding_window positions, and dropping rows between layers would leave those caches and masks counting "
@@ -81,12 +81,6 @@ class Gemma3Adapter(MultimodalAdapter):
 
     def grids(self, hooks, visual_counts):
         return self.square_grids(visual_counts, self.model.config.mm_tokens_per_image)
-
-    def make_hooks(self, stages):
-        pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
-        hooks = _Gemma3Hooks(self, pre_signals)
-        hooks._mask_2d = hooks._token_types = None
-        return hooks
 
     def patch(self, stages, config, method):
         patch = super().patch(stages, config, method)

@@ -30,7 +30,7 @@ class InternVLAdapter(MultimodalAdapter):
     def visual_tokens_per_image(self) -> int | None:
         return self.model.config.image_seq_length  # per tile
 
-    def cls_attention_module(self):
+    def feature_attention_module(self):
         if not self.has_cls():
             return None
         layers = self.inner.vision_tower.encoder.layer

@@ -31,7 +31,7 @@ class LlavaNextAdapter(MultimodalAdapter):
         cfg = self.model.config
         return cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "default"
 
-    def cls_attention_module(self):
+    def feature_attention_module(self):
         if not self.has_cls():
             return None
         tower = self.inner.vision_tower

@@ -37,6 +37,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
     frames_apart = True
+    hooks_class = _DeepstackHooks
 
     def deepstack_layers(self) -> int:
         return len(self.model.config.vision_config.deepstack_visual_indexes)
@@ -49,10 +50,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 f"Qwen3-VL adds deepstack visual features after each of its first {self.deepstack_layers()} decoder "
                 f"layers; in-LLM pruning must start at layer {self.deepstack_layers() + 1} or later, got layers {low}"
             )
-
-    def make_hooks(self, stages):
-        pre_signals = {sig for s in stages if s.layer is None for sig in s.signals}
-        return _DeepstackHooks(self, pre_signals)
 
     @classmethod
     def _config(cls, num_layers: int):

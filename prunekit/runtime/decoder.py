@@ -170,7 +170,8 @@ def _hide_pads(mask: Tensor, pad_keys: Tensor) -> Tensor:
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min).masked_fill(own, 0.0)
 
 
-def _pad_left(rows: list[Tensor], length: int, value) -> Tensor:
+def pad_left(rows: list[Tensor], length: int, value) -> Tensor:
+    """Rows of different lengths (``[n_i, ...]``) stacked into ``[B, length, ...]``, padded on the left."""
     out = []
     for r in rows:
         pad = length - r.shape[0]
@@ -322,13 +323,13 @@ class DecoderPruner(Patch):
                 keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(B)]
                 L1 = max(r.numel() for r in keep_rows)
                 valid = call.valid
-                new_embeds = _pad_left([embeds[b, keep_rows[b]] for b in range(B)], L1, 0.0)
-                new_valid = _pad_left([valid[b, keep_rows[b]] for b in range(B)], L1, False)
+                new_embeds = pad_left([embeds[b, keep_rows[b]] for b in range(B)], L1, 0.0)
+                new_valid = pad_left([valid[b, keep_rows[b]] for b in range(B)], L1, False)
                 if self.positions == "renumber":  # close the gaps: subtract the tokens dropped before each one
                     src = pos - drop.long().cumsum(1)[..., None]
                 else:
                     src = pos
-                new_pos = _pad_left([src[b, keep_rows[b]] for b in range(B)], L1, 1)
+                new_pos = pad_left([src[b, keep_rows[b]] for b in range(B)], L1, 1)
                 new_mask = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
                 kwargs["inputs_embeds"] = new_embeds
                 kwargs["attention_mask"] = new_mask
@@ -521,10 +522,10 @@ class DecoderPruner(Patch):
             rows_b = [keep_mask[b].nonzero().squeeze(1) for b in range(B)]
             n = max(r.numel() for r in rows_b)
             lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
-            rows = _pad_left(rows_b, n, 0)
+            rows = pad_left(rows_b, n, 0)
             pad = None
             if any(lead):
-                pad = _pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
+                pad = pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
             cols = rows if prev is None else prev.cols.gather(1, rows)
             base_pos = call.pos if prev is None else prev.pos
             if self.positions == "renumber":  # subtract the visual tokens dropped before each kept token
@@ -539,8 +540,8 @@ class DecoderPruner(Patch):
                 self._gen.segments.append(seg)
             call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b]]) for b in range(B)]
             call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
-            call.valid = _pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
-            new_hidden = _pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
+            call.valid = pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
+            new_hidden = pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
             return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
         return post
