@@ -43,6 +43,15 @@ def ratio(points):
     return 0.3 if "after_projector" in points else 0.7
 
 
+def assert_row_matches(model, batch, b, row, scores=True):
+    """Row ``b`` of a batched ``generate`` equals ``row`` generated alone (tokens, and step scores)."""
+    alone = model.generate(**row, **GEN)
+    assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
+    if scores:
+        for step_batch, step_alone in zip(batch.scores, alone.scores):
+            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+
+
 def batch_of(model, rows):
     return collate(rows, pad_token_id=model.config.get_text_config().pad_token_id or 0)
 
@@ -97,10 +106,7 @@ def test_padded_batch_equals_rows_alone(name):
     counts = [s.counts for s in prunekit.inspect(model).stages]
     assert all(len(set(c)) > 1 for c in counts[:2]), counts  # the rows really keep different numbers
     for b, row in enumerate(rows):
-        alone = model.generate(**row, **GEN)
-        assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
-        for step_batch, step_alone in zip(batch.scores, alone.scores):
-            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+        assert_row_matches(model, batch, b, row)
         for stage_kept, stage in zip(kept, prunekit.inspect(model).stages):
             assert stage_kept[b].tolist() == stage.kept[0].tolist()
     assert model.config.get_text_config()._attn_implementation == "sdpa"
@@ -143,8 +149,7 @@ def test_budget_per_image_keeps_the_count_in_every_image_and_frame(name):
         per_unit = [int(((kept >= lo) & (kept < hi)).sum()) for lo, hi in zip(starts[:-1], starts[1:])]
         assert per_unit == [min(3, s) for s in sizes]
     for b, row in enumerate(rows):  # still batch-invariant
-        alone = model.generate(**row, **GEN)
-        assert batched.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
+        assert_row_matches(model, batched, b, row, scores=False)
 
 
 def test_an_encoding_call_outside_the_forward_is_not_taken_for_the_prompts():
@@ -172,10 +177,7 @@ def test_vision_features_point_keep_all_and_batch(name, method):
     batch = model.generate(**inputs, **GEN)
     assert any(m.any() for m in prunekit.inspect(model).stages[0].merged) == (method == "visionzip")
     for b, row in enumerate(rows):
-        alone = model.generate(**row, **GEN)
-        assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
-        for step_batch, step_alone in zip(batch.scores, alone.scores):
-            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+        assert_row_matches(model, batch, b, row)
 
 
 def test_smolvlm_is_served_by_the_idefics3_adapter():
@@ -191,7 +193,7 @@ def test_smolvlm_is_served_by_the_idefics3_adapter():
     prunekit.build("tops", model, keep_ratio=0.3)
     batch = model.generate(**inputs, **GEN)
     for b, row in enumerate(rows):
-        assert batch.sequences[b, -4:].tolist() == model.generate(**row, **GEN).sequences[0, -4:].tolist()
+        assert_row_matches(model, batch, b, row, scores=False)
     prunekit.remove(model)
     assert torch.equal(model(**inputs).logits, ref)
 
@@ -211,10 +213,7 @@ def test_unpadded_batch_whose_rows_keep_different_counts():
     batch = model.generate(**{k: v for k, v in inputs.items() if k != "attention_mask"}, **GEN)
     assert len(set(prunekit.inspect(model).stages[0].counts)) == 2
     for b, row in enumerate(rows):
-        alone = model.generate(input_ids=row["input_ids"], pixel_values=row["pixel_values"], **GEN)
-        assert batch.sequences[b, -4:].tolist() == alone.sequences[0, -4:].tolist()
-        for step_batch, step_alone in zip(batch.scores, alone.scores):
-            torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
+        assert_row_matches(model, batch, b, {"input_ids": row["input_ids"], "pixel_values": row["pixel_values"]})
 
 
 def test_gemma3_pruned_generate_equals_the_shorter_prompt():
@@ -265,7 +264,7 @@ def test_attention_received_relevance_runs_and_batches(name):
                    projector_relevance="attention_received")
     batch = model.generate(**inputs, **GEN)
     for b, row in enumerate(rows):
-        assert batch.sequences[b, -4:].tolist() == model.generate(**row, **GEN).sequences[0, -4:].tolist()
+        assert_row_matches(model, batch, b, row, scores=False)
 
 
 def test_attention_received_matches_eager_attention():
