@@ -1,5 +1,7 @@
 """prunekit: training-free visual token pruning for multimodal LLMs on native transformers models."""
 
+from .errors import PruningError
+from .contracts import ContractError, UnsupportedTransformersError
 from .hookspecs import hookimpl, hookspec
 from .interfaces import (
     Choice,
@@ -47,4 +49,5 @@ __all__ = [
     "UnsupportedModelError", "adapter_for", "build", "disabled", "get_method", "inspect", "is_patched",
     "list_adapters", "list_insertion_points", "list_methods", "list_scorers", "list_selectors", "make_config",
     "reduce", "remove", "select", "Choice", "Reduction",
+    "PruningError", "ContractError", "UnsupportedTransformersError",
 ]

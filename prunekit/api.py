@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .config import MethodConfig
 from .interfaces import Method, ModelAdapter, Patch, Reduction
+from . import contracts
 from .registry import registry
 from .report import PruningReport
 
@@ -73,8 +74,11 @@ def build(method: str | MethodConfig, model: Any, **overrides: Any) -> Any:
     """Patch ``model`` in place so that its forward passes (and ``generate``) prune visual tokens; return it.
 
     ``method`` is a registered method name or a method config; ``overrides`` are config fields. Building on a
-    patched model replaces the old patch.
+    patched model replaces the old patch. Raises :class:`~prunekit.contracts.UnsupportedTransformersError` outside
+    the supported transformers releases, and :class:`~prunekit.contracts.ContractError` when the model breaks a
+    contract prunekit relies on.
     """
+    contracts.check_version()
     cls, config = make_config(method, **overrides)
     adapter = adapter_for(model)
     spec = adapter.describe()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .budget import BudgetError
-from .runtime.decoder import PruningError
+from .errors import PruningError
 
 #: errors that mean "this pair cannot work", with a reason
 EXPECTED = (ValueError, PruningError, BudgetError)

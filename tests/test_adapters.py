@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prunekit
+from prunekit import contracts as C
 from prunekit.registry import registry
 from prunekit.testing import collate
 
@@ -125,7 +126,7 @@ def test_pruned_forward_then_decode_equals_generate(name):
         return  # transformers' Qwen-VL cannot decode on a returned cache without position ids, even unpatched
     token = gen.sequences[:, -4:-3]  # the first generated token, fed back by hand on the returned cache
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
-    step = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values)
+    step = model(input_ids=token, attention_mask=mask, **{C.MODEL_CACHE.key: C.OUTPUT_CACHE.get(out)})
     torch.testing.assert_close(step.logits[:, -1], gen.scores[1], rtol=1e-4, atol=1e-4)
 
 
@@ -233,9 +234,17 @@ def test_gemma3_pruned_generate_equals_the_shorter_prompt():
     keep[visual.nonzero().squeeze(1)[kept]] = True
     feats = model.model.get_image_features(pixel_values=row["pixel_values"]).pooler_output.flatten(0, 1)[kept]
     short = ids[keep][None]
-    ref = model.generate(input_ids=short, attention_mask=torch.ones_like(short),
-                         token_type_ids=(short == model.config.image_token_index).long(),
-                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats[None])}, **GEN)
+    encoded = BaseModelOutputWithPooling(pooler_output=feats[None])
+    common = dict(input_ids=short, attention_mask=torch.ones_like(short),
+                  token_type_ids=(short == model.config.image_token_index).long(), **GEN)
+    if C.MODEL_ENCODER_OUTPUTS.key:  # releases whose generate takes images already encoded
+        ref = model.generate(**common, **{C.MODEL_ENCODER_OUTPUTS.key: {"image": encoded}})
+    else:  # older ones: the reference model's encoder returns the kept features
+        model.model.get_image_features = lambda *a, **k: encoded
+        try:
+            ref = model.generate(**common, pixel_values=row["pixel_values"])
+        finally:
+            del model.model.get_image_features
     assert out.sequences[0, -4:].tolist() == ref.sequences[0, -4:].tolist()
     for a, b in zip(out.scores, ref.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

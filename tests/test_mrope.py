@@ -4,9 +4,15 @@ import pytest
 import torch
 
 import prunekit
+from prunekit import contracts as C
 from prunekit.registry import registry
 
 GEN = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def _rows(features):
+    """One deepstack layer's features as rows (newer releases give one tensor per image, older ones one tensor)."""
+    return features if isinstance(features, torch.Tensor) else torch.cat(features)
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -34,14 +40,14 @@ def test_pruned_prefill_and_decode_keep_original_mrope_positions(name):
     extra = {}
     if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: the kept tokens' deepstack rows
         extra = {"visual_pos_masks": (ids[0][keep] == model.config.image_token_id)[None],
-                 "deepstack_visual_embeds": [torch.cat(per_image)[kept] for per_image in encoded.deepstack_features]}
+                 "deepstack_visual_embeds": [_rows(per_layer)[kept] for per_layer in encoded.deepstack_features]}
     cache = None
     seq = []
     step_embeds, step_pos = embeds, pos
     for step in range(3):  # greedy decode by hand: the next token sits one past the unpruned sequence's end
-        o = inner.language_model(inputs_embeds=step_embeds, position_ids=step_pos, past_key_values=cache,
+        o = inner.language_model(inputs_embeds=step_embeds, position_ids=step_pos, **{C.LM_CACHE.key: cache},
                                  use_cache=True, **(extra if step == 0 else {}))
-        cache = o.past_key_values
+        cache = C.OUTPUT_CACHE.get(o)
         logits = model.lm_head(o.last_hidden_state[:, -1])
         torch.testing.assert_close(logits, out.scores[step], rtol=1e-4, atol=1e-5)
         token = logits.argmax(-1)

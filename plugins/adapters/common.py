@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from prunekit import ModelAdapter, ModelSpec, Stage
+from prunekit import contracts as C
+from prunekit.contracts import Contract
 from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
 
 #: Signals read from the vision encoder (the rest come from the language model's input or its layers).
@@ -80,7 +82,8 @@ class VisualHooks(ModelHooks):
                 "attention (relevance without it: 'text_similarity')"
             )
         self._want_received = "attention_received" in signals
-        self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
+        self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+                                   self.inner.register_forward_hook(self._check_consumed)]
         for name in adapter.encoder_methods:
             if hasattr(self.inner, name):
                 self.handles.append(MethodHook(self.inner, name, self._record))
@@ -104,7 +107,7 @@ class VisualHooks(ModelHooks):
         for call in reversed(self._calls):
             if sum(c["tokens"] for c in chosen) >= total:
                 break
-            call.setdefault("tokens", sum(int(x.shape[0]) for x in call["output"].pooler_output))
+            call.setdefault("tokens", sum(self.adapter.prompt_tokens(call["name"], call["args"], call["output"])))
             chosen.insert(0, call)
         if sum(c["tokens"] for c in chosen) != total:
             chosen = []
@@ -135,26 +138,38 @@ class VisualHooks(ModelHooks):
         return projector(values.to(next(projector.parameters()).dtype))
 
     def _capture_inputs(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        input_ids = C.MODEL_INPUT_IDS.get(kwargs, args[0] if args else None)
         self._brings = brings_images(kwargs)
         ids = torch.tensor(self.adapter.visual_token_ids())
         self._ids = input_ids
         if input_ids is not None:
             self._visual = torch.isin(input_ids, ids.to(input_ids.device))
-        elif kwargs.get("inputs_embeds") is not None:
-            embeds = kwargs["inputs_embeds"]
-            refs = module.get_input_embeddings()(ids.to(embeds.device))
+        elif C.MODEL_INPUTS_EMBEDS.get(kwargs) is not None:
+            embeds = C.MODEL_INPUTS_EMBEDS.get(kwargs)
+            refs = C.INPUT_EMBEDDINGS.get(module)()(ids.to(embeds.device))
             self._visual = (embeds[:, :, None, :] == refs[None, None]).all(-1).any(-1)
         return None
 
+    def _check_consumed(self, module, args, output):
+        """After the model's forward: the language model must have taken the visual tokens found at its input."""
+        visual, self._visual = self._visual, None
+        if visual is not None and bool(visual.any()) and self._brings:
+            raise C.LANGUAGE_MODEL.error(
+                f"{type(self.adapter.model).__name__} ran without calling the language model prunekit hooked "
+                f"({type(self.adapter.language_model()).__name__}), so its visual tokens were not pruned"
+            )
+
+    def placeholder_description(self) -> str:
+        return f"placeholder ids {self.adapter.visual_token_ids()}"
+
     def _capture_attention(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        hidden = C.LAYER_HIDDEN_STATES.get(kwargs, args[0] if args else None)
         n, L, _ = hidden.shape
         heads, hd = self.adapter.attention_heads(module)
         rows = hidden if self._want_received else hidden[:, :1]
-        q, k = module.q_proj(rows), module.k_proj(hidden)
-        if getattr(module, "q_norm", None) is not None:  # InternViT normalises q and k before the heads split
-            q, k = module.q_norm(q), module.k_norm(k)
+        q, k = C.VISION_Q_PROJ.get(module)(rows), C.VISION_K_PROJ.get(module)(hidden)
+        if C.VISION_Q_NORM.has(module):  # InternViT normalises q and k before the heads split
+            q, k = C.VISION_Q_NORM.get(module)(q), C.VISION_K_NORM.get(module)(k)
         q = q.view(n, -1, heads, hd).transpose(1, 2).float()
         k = k.view(n, L, heads, hd).transpose(1, 2).float()
         first = 1 if self.adapter.has_cls() else 0  # patches start after the [CLS] token
@@ -238,9 +253,7 @@ class VisualHooks(ModelHooks):
         self.features, self.received = [], []
 
     def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.adapter.text_config())
+        return C.DYNAMIC_CACHE.get()(config=self.adapter.text_config())
 
 
 class MultimodalAdapter(ModelAdapter):
@@ -253,7 +266,7 @@ class MultimodalAdapter(ModelAdapter):
     family: ClassVar[str]
     insertion_points = frozenset({"after_projector", "decoder_layer"})
     #: methods of the inner model that encode images or videos (their arguments are recorded per call)
-    encoder_methods: ClassVar[tuple[str, ...]] = ("get_image_features", "get_video_features")
+    encoder_methods: ClassVar[tuple[str, ...]] = (C.ENCODE_IMAGES.path, C.ENCODE_VIDEOS.path)
     #: "1d" rotary positions, or "mrope" (multi-row position ids; kept tokens keep their original positions)
     rope: ClassVar[str] = "1d"
     #: reason in-LLM pruning cannot work on this architecture (None: it can)
@@ -262,19 +275,54 @@ class MultimodalAdapter(ModelAdapter):
     hooks_class: ClassVar[type[VisualHooks]] = VisualHooks
 
     # -- structure -------------------------------------------------------------------------------------------
+    #: the transformers contracts this adapter relies on beyond :data:`prunekit.contracts.CORE` (verified when a
+    #: model is patched, and on every adapter's tiny model by the test suite)
+    contracts: ClassVar[tuple[Contract, ...]] = ()
+
     @property
     def inner(self):
         model = self.model
-        return model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
+        return C.INNER.get(model) if hasattr(model, "lm_head") and C.INNER.has(model) else model
 
     def language_model(self):
-        return self.inner.language_model
+        return C.LANGUAGE_MODEL.get(self.inner)
+
+    def all_contracts(self, stages: Sequence[Stage] | None = None) -> tuple[Contract, ...]:
+        """Every contract a patch with ``stages`` (None: any patch) relies on."""
+        extra: tuple[Contract, ...] = ()
+        if stages is None or any(sig in VISION_SIGNALS for s in stages if s.layer is None for sig in s.signals):
+            extra += C.VISION_ATTENTION if self.feature_attention_module() is not None else ()
+        if stages is None or any(s.point == "vision_features" for s in stages):
+            extra += (C.PROJECTOR,) if "vision_features" in self.insertion_points else ()
+        return tuple(dict.fromkeys(C.CORE + type(self).contracts + extra))
+
+    def contract_roots(self) -> dict[str, Any]:
+        """The objects contracts are read from (see :class:`prunekit.contracts.Contract`)."""
+        lm = self.language_model()
+        layer = C.DECODER_LAYERS.get(lm)[0]
+        return {
+            "model": self.model, "inner": self.inner, "language_model": lm, "decoder_layer": layer,
+            "attention": C.SELF_ATTENTION.get(layer), "vision_attention": self.feature_attention_module(),
+            "projector": self.projector() if "vision_features" in self.insertion_points else None,
+            "encode_images": C.ENCODE_IMAGES.get(self.inner),
+            "encode_videos": C.ENCODE_VIDEOS.get(self.inner),
+        }
+
+    def verify_contracts(self, stages: Sequence[Stage] | None = None) -> None:
+        """Raise :class:`~prunekit.contracts.ContractError` (naming the contract and the transformers release)
+        for the first contract this model breaks."""
+        roots = self.contract_roots()
+        for contract in self.all_contracts(stages):
+            root = roots.get(contract.root) if contract.root is not None else None
+            if contract.root is not None and root is None:
+                continue  # an optional part this model has not (e.g. no video encoder)
+            contract.verify(root)
 
     def text_config(self):
         return self.model.config.get_text_config()
 
     def visual_token_ids(self) -> list[int]:
-        return [i for i in (self.placeholder_of("get_image_features"), self.placeholder_of("get_video_features"))
+        return [i for i in (self.placeholder_of(C.ENCODE_IMAGES.path), self.placeholder_of(C.ENCODE_VIDEOS.path))
                 if i is not None]
 
     def placeholder_of(self, encoder_method: str) -> int | None:
@@ -286,10 +334,15 @@ class MultimodalAdapter(ModelAdapter):
                 return getattr(cfg, name)
         return None
 
+    def prompt_tokens(self, encoder_method: str, arguments: dict, output) -> list[int]:
+        """Per item (image, video) one encoder call produced, the visual tokens it takes in the prompt.
+        Default: the rows of its ``pooler_output`` item."""
+        return [int(x.shape[0]) for x in C.ENCODED_TOKENS.get(output)]
+
     def unit_sizes(self, encoder_method: str, arguments: dict, output) -> list[int]:
         """Token counts of the budget units (images, video frames) one encoder call produced, in order.
         Default: one unit per item of ``pooler_output`` (a video is one unit unless the adapter splits it)."""
-        return [int(x.shape[0]) for x in output.pooler_output]
+        return self.prompt_tokens(encoder_method, arguments, output)
 
     def has_cls(self) -> bool:
         return False
@@ -324,7 +377,7 @@ class MultimodalAdapter(ModelAdapter):
 
     def projector(self):
         """The module that maps vision features to the LLM's space (``vision_features`` adapters)."""
-        return self.inner.multi_modal_projector
+        return C.PROJECTOR.get(self.inner)
 
     def feature_sources(self, hooks: VisualHooks, visual_counts: list[int], num_rows: int) -> list[Tensor]:
         """Per sample, ``[n]`` indices of the projector-input row of each visual token (-1: none, e.g. a newline).
@@ -365,15 +418,17 @@ class MultimodalAdapter(ModelAdapter):
 
     def patch(self, stages: Sequence[Stage], config, method: str) -> DecoderPruner:
         self.check(stages)
+        self.verify_contracts(stages)
         positions = self.resolve_positions(config.positions)
         hooks = self.make_hooks(stages)
         lm = self.language_model()
+        rotary = C.ROTARY_EMBEDDING.get(lm)
         try:
             return DecoderPruner(
                 method=method,
                 language_model=lm,
-                layers=lm.layers,
-                rotary=lambda hidden, pos: lm.rotary_emb(hidden, position_ids=pos),
+                layers=C.DECODER_LAYERS.get(lm),
+                rotary=lambda hidden, pos: rotary(hidden, position_ids=pos),
                 stages=stages,
                 positions=positions,
                 hooks=hooks,

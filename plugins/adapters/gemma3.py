@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit.runtime.decoder import pad_left
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
@@ -29,12 +30,12 @@ class _Gemma3Hooks(VisualHooks):
 
     def _capture_inputs(self, module, args, kwargs):
         super()._capture_inputs(module, args, kwargs)
-        self._mask_2d = kwargs.get("attention_mask")
-        self._token_types = kwargs.get("token_type_ids")
+        self._mask_2d = C.MODEL_ATTENTION_MASK.get(kwargs)
+        self._token_types = C.MODEL_TOKEN_TYPE_IDS.get(kwargs)
         mask = self._mask_2d
-        gen = None if self.pruner is None else self.pruner.generation_for(kwargs.get("past_key_values"))
+        gen = None if self.pruner is None else self.pruner.generation_for(C.MODEL_CACHE.get(kwargs))
         if gen is not None and isinstance(mask, Tensor) and mask.dim() == 2 and gen.mask is not None:
-            kwargs["attention_mask"] = self.pruner.map_decode_mask(mask)  # masks are built from this
+            C.MODEL_ATTENTION_MASK.set(kwargs, self.pruner.map_decode_mask(mask))  # masks are built from this
             return args, kwargs
         return None
 
@@ -42,14 +43,12 @@ class _Gemma3Hooks(VisualHooks):
         return self._mask_2d
 
     def prepared_masks(self, kwargs: dict, mask_2d: Tensor, keep_rows: list[Tensor], length: int):
-        from transformers.models.gemma3.modeling_gemma3 import Gemma3ForConditionalGeneration
-
         types = self._token_types
         if types is not None:
             types = pad_left([types[b, r] for b, r in enumerate(keep_rows)], length, 0)
-        return Gemma3ForConditionalGeneration.create_masks_for_generate(
-            config=self.adapter.model.config, inputs_embeds=kwargs["inputs_embeds"], attention_mask=mask_2d,
-            past_key_values=kwargs.get("past_key_values"), position_ids=kwargs.get("position_ids"),
+        return C.GEMMA3_MASKS.get()(
+            config=self.adapter.model.config, inputs_embeds=C.LM_INPUTS_EMBEDS.get(kwargs), attention_mask=mask_2d,
+            **{C.MODEL_CACHE.key: C.LM_CACHE.get(kwargs)}, position_ids=C.LM_POSITION_IDS.get(kwargs),
             token_type_ids=types,
         )
 
@@ -59,8 +58,10 @@ class Gemma3Adapter(MultimodalAdapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     insertion_points = frozenset({"after_projector", "decoder_layer"})
-    encoder_methods = ("get_image_features",)
+    encoder_methods = (C.ENCODE_IMAGES.path,)
     hooks_class = _Gemma3Hooks
+    contracts = (C.MODEL_ATTENTION_MASK, C.MODEL_TOKEN_TYPE_IDS, C.MODEL_CACHE, C.GEMMA3_MASKS, C.VISION_TOWER,
+                 C.PROJECTOR)
     no_decoder_pruning = (
         "Gemma3 cannot be pruned inside its language model: its sliding-window layers keep a cache of the last "
         "sliding_window positions, and dropping rows between layers would leave those caches and masks counting "
@@ -68,12 +69,12 @@ class Gemma3Adapter(MultimodalAdapter):
     )
 
     def feature_attention_module(self):
-        tower = self.inner.vision_tower
+        tower = C.VISION_TOWER.get(self.inner)
         return getattr(tower, "vision_model", tower).encoder.layers[-1].self_attn  # the projector reads the last
 
     def token_sources(self, hooks, visual_counts, num_patches):
         """Each token averages a k×k block of patches (the projector's average pooling)."""
-        proj = self.inner.multi_modal_projector
+        proj = C.PROJECTOR.get(self.inner)
         side, k = proj.patches_per_image, proj.kernel_size
         grid = torch.arange(num_patches).view(-1, side // k, k, side // k, k)  # image, row, dy, col, dx
         groups = grid.permute(0, 1, 3, 2, 4).reshape(-1, k * k)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
@@ -19,19 +20,21 @@ class Idefics3Adapter(MultimodalAdapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "Idefics3Model",
                      "SmolVLMForConditionalGeneration", "SmolVLMModel")
-    encoder_methods = ("get_image_features",)
+    encoder_methods = (C.ENCODE_IMAGES.path,)
+
+    contracts = (C.TEXT_MODEL, C.VISION_MODEL, C.CONNECTOR_PIXEL_SHUFFLE)
 
     def language_model(self):
-        return self.inner.text_model
+        return C.TEXT_MODEL.get(self.inner)
 
     def feature_attention_module(self):
-        return self.inner.vision_model.encoder.layers[-1].self_attn  # the connector reads the last layer
+        return C.VISION_MODEL.get(self.inner).encoder.layers[-1].self_attn  # the connector reads the last layer
 
     def token_sources(self, hooks, visual_counts, num_patches):
         """The patches of each token, from the connector's own pixel shuffle run on patch indices."""
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
         index = torch.arange(num_patches, dtype=torch.float64).view(-1, side * side, 1)
-        groups = self.inner.connector.pixel_shuffle(index, self.model.config.scale_factor)
+        groups = C.CONNECTOR_PIXEL_SHUFFLE.get(self.inner)(index, self.model.config.scale_factor)
         return list(groups.reshape(-1, groups.shape[-1]).long().split(visual_counts))
 
     def grids(self, hooks, visual_counts):

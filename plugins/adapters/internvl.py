@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit.runtime.decoder import PruningError
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
@@ -21,8 +22,9 @@ class InternVLAdapter(MultimodalAdapter):
     name = "internvl"
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration", "InternVLModel")
-    encoder_methods = ("get_image_features",)
+    encoder_methods = (C.ENCODE_IMAGES.path,)
     insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
+    contracts = (C.VISION_TOWER, C.PIXEL_SHUFFLE)
 
     def has_cls(self) -> bool:
         return self.model.config.vision_feature_select_strategy == "default"
@@ -33,7 +35,7 @@ class InternVLAdapter(MultimodalAdapter):
     def feature_attention_module(self):
         if not self.has_cls():
             return None
-        layers = self.inner.vision_tower.encoder.layer
+        layers = C.VISION_TOWER.get(self.inner).encoder.layer
         return layers[_feature_layer_index(self.model.config.vision_feature_layer, len(layers))].attention
 
     def _side(self) -> int:
@@ -49,7 +51,7 @@ class InternVLAdapter(MultimodalAdapter):
             raise PruningError(f"recorded {num_patches} patches, not a whole number of {side}×{side} tiles")
         tiles = num_patches // (side * side)
         index = torch.arange(num_patches, dtype=torch.float64).view(tiles, side, side, 1)
-        shuffled = self.inner.pixel_shuffle(index, scale_factor=self.model.config.downsample_ratio)
+        shuffled = C.PIXEL_SHUFFLE.get(self.inner)(index, scale_factor=self.model.config.downsample_ratio)
         flat = shuffled.reshape(-1, shuffled.shape[-1]).long()  # [tokens, 4]
         if flat.shape[0] != sum(visual_counts):
             raise PruningError(f"{tiles} tiles give {flat.shape[0]} tokens but the prompt holds {sum(visual_counts)}")

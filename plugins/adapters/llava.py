@@ -6,6 +6,7 @@ eager attention by the shared hooks), and that every image is one square grid of
 
 from __future__ import annotations
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
@@ -22,7 +23,8 @@ class LlavaAdapter(MultimodalAdapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
 
-    encoder_methods = ("get_image_features",)
+    encoder_methods = (C.ENCODE_IMAGES.path,)
+    contracts = (C.VISION_TOWER,)
 
     def visual_tokens_per_image(self) -> int:
         vision = self.model.config.vision_config
@@ -34,7 +36,7 @@ class LlavaAdapter(MultimodalAdapter):
         return cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "default"
 
     def feature_attention_module(self):
-        tower = self.inner.vision_tower
+        tower = C.VISION_TOWER.get(self.inner)
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps or is the transformer
         layers = tower.encoder.layers
         return layers[_feature_layer_index(self.model.config.vision_feature_layer, len(layers))].self_attn

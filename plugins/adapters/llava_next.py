@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit.runtime.decoder import PruningError
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
@@ -24,8 +25,9 @@ class LlavaNextAdapter(MultimodalAdapter):
     name = "llava_next"
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
-    encoder_methods = ("get_image_features",)
+    encoder_methods = (C.ENCODE_IMAGES.path,)
     insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
+    contracts = (C.ARG_IMAGE_SIZES, C.PACK_IMAGE_FEATURES, C.NEXT_NUM_PATCHES, C.VISION_TOWER)
 
     def has_cls(self) -> bool:
         cfg = self.model.config
@@ -34,16 +36,15 @@ class LlavaNextAdapter(MultimodalAdapter):
     def feature_attention_module(self):
         if not self.has_cls():
             return None
-        tower = self.inner.vision_tower
+        tower = C.VISION_TOWER.get(self.inner)
         tower = getattr(tower, "vision_model", tower)
         layers = tower.encoder.layers
         return layers[_feature_layer_index(self.model.config.vision_feature_layer, len(layers))].self_attn
 
     def token_sources(self, hooks: VisualHooks, visual_counts: list[int], num_patches: int) -> list[Tensor]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        image_size_to_num_patches = C.NEXT_NUM_PATCHES.get()
         cfg = self.model.config
-        sizes = [r["image_sizes"] for name, r in hooks.records if name == "get_image_features"]
+        sizes = [C.ARG_IMAGE_SIZES.get(r) for name, r in hooks.records if name == C.ENCODE_IMAGES.path]
         if not sizes:
             raise PruningError("LLaVA-NeXT images must be encoded by the patched model in this call")
         sizes = torch.cat([torch.as_tensor(s).reshape(-1, 2) for s in sizes])
@@ -55,7 +56,7 @@ class LlavaNextAdapter(MultimodalAdapter):
             start += crops * side * side
         if start != num_patches:
             raise PruningError(f"recorded {num_patches} patches for images that hold {start}")
-        packed, _ = self.inner.pack_image_features(
+        packed, _ = C.PACK_IMAGE_FEATURES.get(self.inner)(
             index, sizes, cfg.vision_feature_select_strategy, image_newline=torch.tensor([-1.0], dtype=torch.float64)
         )
         flat = torch.cat(packed)[:, :1].long()
@@ -78,9 +79,9 @@ class LlavaNextAdapter(MultimodalAdapter):
 
     @classmethod
     def tiny_rows(cls, model) -> list[dict]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         from prunekit.testing import prompt_ids
+
+        image_size_to_num_patches = C.NEXT_NUM_PATCHES.get()
 
         cfg = model.config
         rows = []
@@ -91,7 +92,7 @@ class LlavaNextAdapter(MultimodalAdapter):
             for i, c in enumerate(crops):
                 pixels[i, :c] = torch.randn(c, 3, 16, 16, generator=g)
             image_sizes = torch.tensor(sizes)
-            feats = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output
+            feats = C.ENCODED_TOKENS.get(model.model.get_image_features(pixels, image_sizes))
             ids = prompt_ids(model, [f.shape[0] for f in feats], cfg.image_token_id, question=(5 + b, 6, 7))
             rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
                          "image_sizes": image_sizes})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
@@ -19,15 +20,22 @@ class LlavaOnevisionAdapter(MultimodalAdapter):
     name = "llava_onevision"
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    contracts = (C.ARG_VIDEO_PIXELS, C.ONEVISION_NUM_PATCHES, C.ONEVISION_VIDEO_NEWLINE)
+
+    def prompt_tokens(self, encoder_method: str, arguments: dict, output) -> list[int]:
+        counts = super().prompt_tokens(encoder_method, arguments, output)
+        if encoder_method == C.ENCODE_VIDEOS.path and C.ONEVISION_VIDEO_NEWLINE.value == "forward":
+            counts = [n + 1 for n in counts]  # the model's forward appends the newline that ends each video
+        return counts
 
     def unit_sizes(self, encoder_method: str, arguments: dict, output) -> list[int]:
-        if encoder_method != "get_video_features":
+        if encoder_method != C.ENCODE_VIDEOS.path:
             return super().unit_sizes(encoder_method, arguments, output)
-        frames = arguments["pixel_values_videos"].shape[1]
+        frames = C.ARG_VIDEO_PIXELS.get(arguments).shape[1]
         sizes = []
-        for video in output.pooler_output:
-            per_frame = (video.shape[0] - 1) // frames
-            sizes += [per_frame] * (frames - 1) + [video.shape[0] - per_frame * (frames - 1)]
+        for tokens in self.prompt_tokens(encoder_method, arguments, output):
+            per_frame = (tokens - 1) // frames
+            sizes += [per_frame] * (frames - 1) + [tokens - per_frame * (frames - 1)]
         return sizes
 
     @classmethod
@@ -48,8 +56,7 @@ class LlavaOnevisionAdapter(MultimodalAdapter):
     def tiny_rows(cls, model) -> list[dict]:
         """Row 0: one image; row 1: a 3-frame video; row 2: an image and a 3-frame video (a batch's videos share
         their frame count, as the model needs)."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
+        image_size_to_num_patches = C.ONEVISION_NUM_PATCHES.get()
         cfg = model.config
         g = torch.Generator().manual_seed(1)
         rows = []
@@ -59,11 +66,12 @@ class LlavaOnevisionAdapter(MultimodalAdapter):
                 crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, 16)
                 row["pixel_values"] = torch.randn(1, crops, 3, 16, 16, generator=g)
                 row["image_sizes"] = torch.tensor([size])
-                feats = model.model.get_image_features(pixel_values=row["pixel_values"], image_sizes=row["image_sizes"])
-                ids += [cfg.image_token_index] * feats.pooler_output[0].shape[0]
+                feats = model.model.get_image_features(row["pixel_values"], row["image_sizes"])
+                ids += [cfg.image_token_index] * C.ENCODED_TOKENS.get(feats)[0].shape[0]
             if frames:
                 row["pixel_values_videos"] = torch.randn(1, frames, 3, 16, 16, generator=g)
-                n = model.model.get_video_features(pixel_values_videos=row["pixel_values_videos"]).pooler_output.shape[1]
+                encoded = model.model.get_video_features(row["pixel_values_videos"])
+                n = cls(model).prompt_tokens(C.ENCODE_VIDEOS.path, {}, encoded)[0]
                 ids += [cfg.video_token_index] * n
             ids = torch.tensor([ids + [5 + b, 6, 7]])
             rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), **row})

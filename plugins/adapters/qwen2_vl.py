@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
 
-GRID_ARGUMENT = {"get_image_features": "image_grid_thw", "get_video_features": "video_grid_thw"}
+GRID_ARGUMENT = {C.ENCODE_IMAGES.path: C.ARG_IMAGE_GRID, C.ENCODE_VIDEOS.path: C.ARG_VIDEO_GRID}
 
 
 class Qwen2VLAdapter(MultimodalAdapter):
@@ -25,6 +26,7 @@ class Qwen2VLAdapter(MultimodalAdapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     rope = "mrope"
+    contracts = (C.ARG_IMAGE_GRID, C.ARG_VIDEO_GRID, C.MODEL_PIXEL_VALUES, C.MODEL_PIXEL_VALUES_VIDEOS)
     #: tiny prompts put each video frame in its own group (Qwen3-VL's layout)
     frames_apart = False
 
@@ -33,9 +35,9 @@ class Qwen2VLAdapter(MultimodalAdapter):
         merge = self.model.config.vision_config.spatial_merge_size
         items = []  # (tokens, grid or None) in encoding order (images, then videos)
         for name, args in hooks.records:
-            for t, h, w in torch.as_tensor(args[GRID_ARGUMENT[name]]).reshape(-1, 3).tolist():
+            for t, h, w in torch.as_tensor(GRID_ARGUMENT[name].get(args)).reshape(-1, 3).tolist():
                 grid = (h // merge, w // merge)
-                items.append((t * grid[0] * grid[1], grid if t == 1 and name == "get_image_features" else None))
+                items.append((t * grid[0] * grid[1], grid if t == 1 and name == C.ENCODE_IMAGES.path else None))
         out, i = [], 0
         for n in visual_counts:
             grids, total = [], 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit_plugins.adapters.common import VisualHooks
 from prunekit_plugins.adapters.qwen2_vl import Qwen2VLAdapter
@@ -19,17 +20,17 @@ from prunekit_plugins.adapters.qwen2_vl import Qwen2VLAdapter
 
 class _DeepstackHooks(VisualHooks):
     def prune_inputs(self, kwargs: dict, kept: list[Tensor], visual_positions: list[Tensor], length: int) -> None:
-        masks, embeds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+        masks, embeds = C.LM_VISUAL_POS_MASKS.get(kwargs), C.LM_DEEPSTACK_EMBEDS.get(kwargs)
         if masks is None or embeds is None:
             return
         counts = masks.sum(1).tolist()  # rows of the deepstack features follow the visual tokens, row-major
         offsets = [sum(counts[:b]) for b in range(len(counts))]
         rows = torch.cat([k.to(embeds[0].device) + o for k, o in zip(kept, offsets)])
-        kwargs["deepstack_visual_embeds"] = [e[rows] for e in embeds]
+        C.LM_DEEPSTACK_EMBEDS.set(kwargs, [e[rows] for e in embeds])
         new = torch.zeros(masks.shape[0], length, dtype=torch.bool, device=masks.device)
         for b, pos in enumerate(visual_positions):
             new[b, pos] = True
-        kwargs["visual_pos_masks"] = new
+        C.LM_VISUAL_POS_MASKS.set(kwargs, new)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -38,6 +39,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
     frames_apart = True
     hooks_class = _DeepstackHooks
+    contracts = Qwen2VLAdapter.contracts + (C.LM_VISUAL_POS_MASKS, C.LM_DEEPSTACK_EMBEDS)
 
     def deepstack_layers(self) -> int:
         return len(self.model.config.vision_config.deepstack_visual_indexes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
@@ -18,9 +19,10 @@ class VideoLlavaAdapter(MultimodalAdapter):
     name = "video_llava"
     family = "video_llava"
     model_classes = ("VideoLlavaForConditionalGeneration", "VideoLlavaModel")
+    contracts = (C.MODEL_PIXEL_VALUES_IMAGES, C.MODEL_PIXEL_VALUES_VIDEOS)
 
     def unit_sizes(self, encoder_method: str, arguments: dict, output) -> list[int]:
-        return [int(x.shape[0]) for x in output.pooler_output]  # one unit per image or per frame
+        return [int(x.shape[0]) for x in C.ENCODED_TOKENS.get(output)]  # one unit per image or per frame
 
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):
@@ -46,7 +48,7 @@ class VideoLlavaAdapter(MultimodalAdapter):
         for b, (image, frames) in enumerate(((True, 0), (False, 4), (True, 4))):
             ids, row = [3, 4], {}
             if image:
-                row["pixel_values_images"] = torch.randn(1, 3, 16, 16, generator=g)
+                row[C.MODEL_PIXEL_VALUES_IMAGES.key] = torch.randn(1, 3, 16, 16, generator=g)
                 ids += [cfg.image_token_index] * per_image
             if frames:
                 row["pixel_values_videos"] = torch.randn(1, frames, 3, 16, 16, generator=g)

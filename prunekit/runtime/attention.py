@@ -8,19 +8,21 @@ rotary function, GQA repetition, scaling, mask, softmax. This matches eager atte
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
-
-def _rotary(attn, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
-    return apply(x, x, cos, sin)[0]
+from .. import contracts as C
 
 
 def _heads(proj: Tensor, head_dim: int) -> Tensor:
     return proj.view(proj.shape[0], proj.shape[1], -1, head_dim)
+
+
+def _rows(t: Tensor, b: int, rows: Tensor | None = None) -> Tensor:
+    """Sample ``b`` (kept as a batch of one) and, optionally, sequence ``rows`` of a (cos, sin) tensor laid out
+    ``[..., B, L, D]`` (M-RoPE models on older releases lead with one row per axis)."""
+    t = t.narrow(-3, b if t.shape[-3] > 1 else 0, 1)
+    return t if rows is None else t[..., rows, :]
 
 
 def attention_rows(
@@ -35,25 +37,25 @@ def attention_rows(
 
     ``hidden_in`` is the layer's input ``[B, L, D]`` (before its input norm). Returns ``[H, R, L]`` in float32.
     """
-    attn = layer.self_attn
-    head_dim = attn.head_dim
-    normed = layer.input_layernorm(hidden_in[b : b + 1])
-    q = _heads(attn.q_proj(normed[:, query_rows]), head_dim)
-    k = _heads(attn.k_proj(normed), head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
+    attn = C.SELF_ATTENTION.get(layer)
+    head_dim = C.HEAD_DIM.get(attn)
+    normed = C.INPUT_NORM.get(layer)(hidden_in[b : b + 1])
+    q = _heads(C.Q_PROJ.get(attn)(normed[:, query_rows]), head_dim)
+    k = _heads(C.K_PROJ.get(attn)(normed), head_dim)
+    if C.Q_NORM.has(attn):
+        q = C.Q_NORM.get(attn)(q)
+    if C.K_NORM.has(attn):
+        k = C.K_NORM.get(attn)(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, rows, hd]
     if position_embeddings is not None:
         cos, sin = position_embeddings
-        cos_b, sin_b = cos[b : b + 1] if cos.shape[0] > 1 else cos, sin[b : b + 1] if sin.shape[0] > 1 else sin
-        q = _rotary(attn, q, cos_b[:, query_rows], sin_b[:, query_rows])
-        k = _rotary(attn, k, cos_b, sin_b)
+        rotate = C.ATTENTION_ROTARY.get(attn)
+        q = rotate(q, _rows(cos, b, query_rows), _rows(sin, b, query_rows))
+        k = rotate(k, _rows(cos, b), _rows(sin, b))
     q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [1, H, R, L]
+    scores = (q @ k.transpose(-1, -2)) * C.SCALING.get(attn)  # [1, H, R, L]
     L = k.shape[2]
     if attention_mask is not None:
         m = attention_mask[b if attention_mask.shape[0] > 1 else 0][:, query_rows][..., -L:]

@@ -23,13 +23,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import contracts as C
+from ..errors import PruningError
 from ..interfaces import Choice, Patch, Stage, StageContext
 from ..report import PruningReport, StageRecord
 from .attention import attention_rows, select_raters
 
-
-class PruningError(RuntimeError):
-    """Raised when pruning cannot be applied to this input (the message says why)."""
+__all__ = ["DecoderPruner", "ModelHooks", "PruningError", "brings_images", "pad_left"]
 
 
 class ModelHooks:
@@ -76,6 +76,10 @@ class ModelHooks:
         """Prune the model's other per-visual-token language-model inputs alike (Qwen3-VL's deepstack features).
         ``kept``: per sample, kept indices into its visual tokens; ``visual_positions``: their new positions."""
 
+    def placeholder_description(self) -> str:
+        """The placeholder tokens looked for, for error messages."""
+        return "no placeholder ids known"
+
     def images_in_call(self) -> bool:
         """Whether the current call brought images or videos (a decode step's sampled token may merely equal a
         placeholder id, which the model then treats as text)."""
@@ -88,9 +92,9 @@ class ModelHooks:
 
 def brings_images(kwargs: dict) -> bool:
     """Whether a multimodal model's forward kwargs carry images or videos (raw or already encoded)."""
-    if kwargs.get("mm_encoder_outputs"):
+    if C.MODEL_ENCODER_OUTPUTS.get(kwargs):
         return True
-    return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "pixel_values_images"))
+    return any(k.get(kwargs) is not None for k in C.IMAGE_INPUTS)
 
 
 @dataclass
@@ -239,7 +243,31 @@ class DecoderPruner(Patch):
 
     # -- language-model level -------------------------------------------------------------------------
     def _lm_post(self, module, args, output):
-        self._call = None
+        call, self._call = self._call, None
+        if call is not None and call.mode == "prefill" and call.report is not None and self.enabled:
+            self._check_prefill(call.report, output)
+
+    def _check_prefill(self, report: PruningReport, output) -> None:
+        """Raise unless every stage ran on a prefill that held visual tokens, and the model kept the cache whose
+        decode steps will be mapped: prunekit never runs unpruned while claiming to prune."""
+        if not sum(report.visual_tokens):
+            return
+        ran = {r.layer for r in report.stages}
+        missing = [s.label or s.point for s in self.pre_stages if None not in ran]
+        missing += [f"{s.label or s.point} at layer {s.layer}" for s in self.layer_stages if s.layer not in ran]
+        if missing:
+            raise PruningError(
+                f"{self.method}: the prefill held {report.visual_tokens} visual tokens but {missing} did not run "
+                f"(transformers {C.installed()}; prunekit supports {C.SUPPORTED}): the decoder layers prunekit "
+                "hooked were not called as expected, so nothing was pruned there"
+            )
+        gen = self._gen
+        used = C.OUTPUT_CACHE.get(output, None)
+        if gen is not None and used is not None and gen.cache() is not used:
+            raise C.LM_CACHE.error(
+                f"the language model did not use the KV cache prunekit passed as {C.LM_CACHE.key!r}, so its decode "
+                "steps could not be mapped onto the pruned prefill"
+            )
 
     def _lm_pre(self, module, args, kwargs):
         try:
@@ -253,9 +281,15 @@ class DecoderPruner(Patch):
         if not self.enabled:
             self._gen = None
             return None
-        embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        embeds = C.LM_INPUTS_EMBEDS.get(kwargs)
+        cache = C.LM_CACHE.get(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
+        if visual is not None and past == 0 and not bool(visual.any()) and self.hooks.images_in_call():
+            raise PruningError(
+                f"{self.method}: this call brings images or videos, but none of its tokens is a visual placeholder "
+                f"({self.hooks.placeholder_description()}; transformers {C.installed()}, prunekit supports "
+                f"{C.SUPPORTED}): prunekit cannot find the visual tokens to prune"
+            )
         if visual is not None and embeds is not None and past == 0:
             return (args, kwargs) if self._prefill(kwargs, visual) else None
         if visual is not None and bool(visual.any()) and self.hooks.images_in_call():
@@ -268,16 +302,16 @@ class DecoderPruner(Patch):
         return None
 
     def _prefill(self, kwargs: dict, visual: Tensor) -> bool:
-        embeds: Tensor = kwargs["inputs_embeds"]
+        embeds: Tensor = C.LM_INPUTS_EMBEDS.get(kwargs)
         B, L, _ = embeds.shape
         device = embeds.device
-        mask2d = kwargs.get("attention_mask")
+        mask2d = C.LM_ATTENTION_MASK.get(kwargs)
         prepared = isinstance(mask2d, dict)  # the model built its masks before the LLM (Gemma3)
         if prepared:
             mask2d = self.hooks.input_mask_2d()
         if mask2d is not None and mask2d.dim() != 2:
             raise PruningError("prunekit needs a 2D attention mask (or none) at the language model's input")
-        pos, style = _positions_in(kwargs.get("position_ids"), B, L, device)
+        pos, style = _positions_in(C.LM_POSITION_IDS.get(kwargs), B, L, device)
         if style > 1 and self.positions == "renumber":
             raise PruningError(
                 "positions='renumber' is not defined for multi-row (M-RoPE) position ids; use positions='original'"
@@ -312,7 +346,8 @@ class DecoderPruner(Patch):
             ))
             written = self._write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None)
             if written is not None:
-                embeds = kwargs["inputs_embeds"] = written
+                embeds = written
+                C.LM_INPUTS_EMBEDS.set(kwargs, written)
                 changed = True
             dropped = torch.tensor([n - k.numel() for n, k in zip(n_visual, kept)], device=device)
             if bool(dropped.any()):
@@ -331,12 +366,12 @@ class DecoderPruner(Patch):
                     src = pos
                 new_pos = pad_left([src[b, keep_rows[b]] for b in range(B)], L1, 1)
                 new_mask = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
-                kwargs["inputs_embeds"] = new_embeds
-                kwargs["attention_mask"] = new_mask
-                kwargs["position_ids"] = _positions_out(new_pos, style)
+                C.LM_INPUTS_EMBEDS.set(kwargs, new_embeds)
+                C.LM_ATTENTION_MASK.set(kwargs, new_mask)
+                C.LM_POSITION_IDS.set(kwargs, _positions_out(new_pos, style))
                 cache = self._ensure_cache(kwargs)
                 if prepared:  # the model's own masks, rebuilt for the shorter sequence
-                    kwargs["attention_mask"] = self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1)
+                    C.LM_ATTENTION_MASK.set(kwargs, self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1))
                 new_vis = [L1 - keep_rows[b].numel() + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]])
                            for b in range(B)]
                 self.hooks.prune_inputs(kwargs, kept, new_vis, L1)
@@ -348,7 +383,7 @@ class DecoderPruner(Patch):
                 if cache is not None:
                     self._gen = _Generation(weakref.ref(cache), L, new_mask, dropped, shift)
         if self.layer_stages and self._gen is None:
-            had_cache = kwargs.get("past_key_values") is not None
+            had_cache = C.LM_CACHE.get(kwargs) is not None
             cache = self._ensure_cache(kwargs)
             changed = changed or (cache is not None and not had_cache)
             if cache is not None:
@@ -359,11 +394,11 @@ class DecoderPruner(Patch):
 
     def _ensure_cache(self, kwargs: dict):
         """The call's KV cache; a plain forward that would make its own gets ours, so its decode steps map too."""
-        cache = kwargs.get("past_key_values")
-        if cache is None and kwargs.get("use_cache", True) is not False:
+        cache = C.LM_CACHE.get(kwargs)
+        if cache is None and C.LM_USE_CACHE.get(kwargs, True) is not False:
             cache = self.hooks.new_cache()
             if cache is not None:
-                kwargs["past_key_values"] = cache
+                C.LM_CACHE.set(kwargs, cache)
         return cache
 
     def map_decode_mask(self, mask: Tensor) -> Tensor:
@@ -380,18 +415,18 @@ class DecoderPruner(Patch):
     def _decode(self, kwargs: dict, past: int) -> None:
         gen = self._gen
         assert gen is not None
-        mask = kwargs.get("attention_mask")
-        embeds = kwargs.get("inputs_embeds")
-        q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        mask = C.LM_ATTENTION_MASK.get(kwargs)
+        embeds = C.LM_INPUTS_EMBEDS.get(kwargs)
+        q = embeds.shape[1] if embeds is not None else C.LM_INPUT_IDS.get(kwargs).shape[1]
         if isinstance(mask, Tensor) and gen.mask is not None and mask.dim() == 2:
-            kwargs["attention_mask"] = self.map_decode_mask(mask)
-        pos = kwargs.get("position_ids")
+            C.LM_ATTENTION_MASK.set(kwargs, self.map_decode_mask(mask))
+        pos = C.LM_POSITION_IDS.get(kwargs)
         if pos is None:  # what the unpatched model would use: the unpruned sequence continued
             base = gen.orig_len + past - self._prefill_len(None)
             pos = base + torch.arange(q, device=gen.dropped.device)[None].expand(gen.dropped.shape[0], q)
         pos, style = _positions_in(pos, gen.dropped.shape[0], q, gen.dropped.device)
         pos = pos - gen.shift[:, None, None]
-        kwargs["position_ids"] = _positions_out(pos, style)
+        C.LM_POSITION_IDS.set(kwargs, _positions_out(pos, style))
         self._call = _Call(mode="decode", pos=pos, style=style, past=past, segments=gen.segments)
 
     # -- decoder layers ---------------------------------------------------------------------------------
@@ -406,8 +441,8 @@ class DecoderPruner(Patch):
         if idx in call.remapped:
             return call.remapped[idx]
         seg = call.segments[idx]
-        mask = kwargs.get("attention_mask")
-        cos, sin = kwargs["position_embeddings"]
+        mask = C.LAYER_ATTENTION_MASK.get(kwargs)
+        cos, sin = C.LAYER_POSITION_EMBEDDINGS.get(kwargs)
         B = seg.cols.shape[0]
         if call.mode == "prefill":
             cols = seg.cols
@@ -451,9 +486,9 @@ class DecoderPruner(Patch):
             pos = call.pos - seg.shift[:, None, None]
             shifted = self.positions == "renumber" and bool(seg.shift.any())
             emb = self.rotary(hidden, _positions_out(pos, call.style)) if shifted else (cos, sin)
-        out = {"attention_mask": mask, "position_embeddings": emb}
-        if kwargs.get("position_ids") is not None:
-            out["position_ids"] = pos[..., 0]
+        out = {C.LAYER_ATTENTION_MASK.key: mask, C.LAYER_POSITION_EMBEDDINGS.key: emb}
+        if C.LAYER_POSITION_IDS.get(kwargs) is not None:
+            out[C.LAYER_POSITION_IDS.key] = pos[..., 0]
         call.remapped[idx] = out
         return out
 
@@ -471,14 +506,15 @@ class DecoderPruner(Patch):
             call = self._call
             if call is None or not self.enabled:
                 return None
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = args[0] if args else C.LAYER_HIDDEN_STATES.get(kwargs)
             idx = self._segment_for(call, j)
             changed = False
             if idx is not None:
                 kwargs.update(self._remap(call, idx, hidden, kwargs))
                 changed = True
             if call.mode == "prefill" and j in prune_after:
-                call.captured[j] = (hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"))
+                call.captured[j] = (hidden, C.LAYER_ATTENTION_MASK.get(kwargs),
+                                    C.LAYER_POSITION_EMBEDDINGS.get(kwargs))
             return (args, kwargs) if changed else None
 
         return pre
@@ -593,12 +629,13 @@ class DecoderPruner(Patch):
                 if which not in ("visual", "text"):
                     raise PruningError(f"signal 'keys': tokens must be 'visual' or 'text', got {which!r}")
                 rows = vis if which == "visual" else text
-                out.append(layer.self_attn.k_proj(layer.input_layernorm(hidden_in[b, rows])))
+                norm, attn = C.INPUT_NORM.get(layer), C.SELF_ATTENTION.get(layer)
+                out.append(C.K_PROJ.get(attn)(norm(hidden_in[b, rows])))
                 continue
             if vis.numel() == 0:
                 out.append(torch.zeros(0, device=hidden_in.device))
                 continue
-            normed = layer.input_layernorm(hidden_in[b])
+            normed = C.INPUT_NORM.get(layer)(hidden_in[b])
             raters = select_raters(options.get("raters", "sparsevlm"), normed, vis, text)
             probs = attention_rows(layer, hidden_in, pos_emb, mask, b, raters)  # [H, R, L]
             out.append(probs.mean((0, 1))[vis])
