@@ -389,10 +389,18 @@ CORE = (
 VISION_ATTENTION = (VISION_Q_PROJ, VISION_K_PROJ, VISION_Q_NORM, VISION_K_NORM, VISION_HEADS, VISION_HEAD_DIM)
 
 
+def _spellings_text(c: Contract) -> str:
+    spellings = getattr(c, "spellings", ())
+    if spellings:
+        return "; ".join(f"`{s}` from {since}" if s else f"none from {since}" for since, s in spellings)
+    if isinstance(c, Function):
+        return f"`{c.module}.{c.qualname}`"
+    return "see its class"
+
+
 def describe() -> str:
-    """A Markdown table of every contract and its spelling on the installed release."""
-    rows = ["| contract | spelled here | what prunekit does with it |", "|---|---|---|"]
+    """A Markdown table of every contract: where it is read, how it is spelled on which releases, and why."""
+    rows = ["| contract | read from | spelled | what prunekit does with it |", "|---|---|---|---|"]
     for c in CONTRACTS.values():
-        spelled = getattr(c, "key", None) or getattr(c, "path", None) or getattr(c, "qualname", "") or "—"
-        rows.append(f"| `{c.name}` | `{spelled}` | {c.what} |")
+        rows.append(f"| `{c.name}` | {c.root or 'import'} | {_spellings_text(c)} | {c.what} |")
     return "\n".join(rows) + "\n"

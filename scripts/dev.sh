@@ -14,7 +14,10 @@ case "$command" in
         venv="${PRUNEKIT_VENV:-.venv-oldest}"
         oldest="$(sed -n 's/^OLDEST = "\(.*\)"$/\1/p' prunekit/contracts.py)"
         [ -n "$oldest" ] || { echo "no OLDEST in prunekit/contracts.py" >&2; exit 2; }
-        constraints=(-c <(echo "transformers==$oldest"))
+        pin="$(mktemp)"
+        trap 'rm -f "$pin"' EXIT
+        echo "transformers==$oldest" > "$pin"
+        constraints=(-c "$pin")
         ;;
     *) venv="${PRUNEKIT_VENV:-.venv}" ;;
 esac
@@ -33,6 +36,6 @@ case "$command" in
     demo) exec "$venv/bin/prunekit" demo "$@" ;;
     test|test-oldest)
         "$venv/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-        exec "$venv/bin/python" -m pytest "$@" ;;
+        "$venv/bin/python" -m pytest "$@" ;;
     *) echo "usage: scripts/dev.sh demo|test|test-oldest [options]" >&2; exit 2 ;;
 esac

@@ -45,3 +45,12 @@ def test_every_method_page_lists_its_config_fields(name):
     for field in prunekit.get_method(name).Config.model_fields:
         assert f"`{field}`" in page, f"docs/methods/{name}.md does not document `{field}`"
     assert f"methods/{name}.md" in (ROOT / "mkdocs.yml").read_text()
+
+
+def test_compatibility_page_lists_every_contract():
+    from prunekit import contracts
+
+    page = (ROOT / "docs" / "compatibility.md").read_text()
+    table = page.split("<!-- contracts:start -->\n")[1].split("<!-- contracts:end -->")[0]
+    assert table == contracts.describe(), "docs/compatibility.md is out of date: paste prunekit.contracts.describe()"
+    assert contracts.SUPPORTED in page and contracts.OLDEST in page
