@@ -247,6 +247,11 @@ def _qualname(fn) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
+def _at(name: str, where: str, what: str, optional: bool = False) -> Attribute:
+    """An attribute spelled the same on every supported release: ``name`` is ``<root>.<path>``."""
+    return Attribute(name, what, where, (("5.0", name.split(".", 1)[1]),), optional=optional)
+
+
 def _kw(name: str, where: str, what: str, *spellings: tuple[str, str | None]) -> Keyword:
     return Keyword(name, what, where, spellings or (("5.0", name.rsplit(".", 1)[1]),))
 
@@ -291,12 +296,10 @@ MODEL_TOKEN_TYPE_IDS = _kw("model.token_type_ids", "inner", "Gemma3: image block
 IMAGE_INPUTS = (MODEL_PIXEL_VALUES, MODEL_PIXEL_VALUES_VIDEOS, MODEL_PIXEL_VALUES_IMAGES)
 
 # --- image and video encoders (wrapped to record their arguments and outputs) --------------------------------
-ENCODE_IMAGES = Attribute("model.get_image_features", "encodes images; its arguments and output are recorded",
-                          "inner", (("5.0", "get_image_features"),))
-ENCODE_VIDEOS = Attribute("model.get_video_features", "encodes videos; its arguments and output are recorded",
-                          "inner", (("5.0", "get_video_features"),), optional=True)
-ENCODED_TOKENS = Attribute("encoder_output.pooler_output", "one [n_i, D] tensor of visual tokens per image",
-                           "encoder_output", (("5.0", "pooler_output"),))
+ENCODE_IMAGES = _at("model.get_image_features", "inner", "encodes images; its arguments and output are recorded")
+ENCODE_VIDEOS = _at("model.get_video_features", "inner", "encodes videos; its arguments and output are recorded",
+                    optional=True)
+ENCODED_TOKENS = _at("encoder_output.pooler_output", "encoder_output", "one [n_i, D] tensor of visual tokens per image")
 ARG_IMAGE_SIZES = _kw("get_image_features.image_sizes", "encode_images", "LLaVA-NeXT: each image's size")
 ARG_IMAGE_GRID = _kw("get_image_features.image_grid_thw", "encode_images", "Qwen-VL: each image's patch grid")
 ARG_VIDEO_GRID = _kw("get_video_features.video_grid_thw", "encode_videos", "Qwen-VL: each video's patch grid")
@@ -307,53 +310,34 @@ ARG_VIDEO_PIXELS = Keyword("get_video_features.pixel_values_videos", "LLaVA-OneV
                            "encode_videos", (("5.0", "pixel_values"), ("5.18", "pixel_values_videos")))
 
 # --- where things are ----------------------------------------------------------------------------------------
-INNER = Attribute("model.model", "the multimodal model inside a *ForConditionalGeneration", "model",
-                  (("5.0", "model"),))
-LANGUAGE_MODEL = Attribute("model.language_model", "the decoder the visual tokens enter", "inner",
-                           (("5.0", "language_model"),))
-TEXT_MODEL = Attribute("model.text_model", "Idefics3/SmolVLM: the decoder the visual tokens enter", "inner",
-                       (("5.0", "text_model"),))
-DECODER_LAYERS = Attribute("language_model.layers", "decoder layers, hooked for in-LLM pruning", "language_model",
-                           (("5.0", "layers"),))
-ROTARY_EMBEDDING = Attribute("language_model.rotary_emb", "(cos, sin) for renumbered positions: "
-                             "rotary_emb(hidden, position_ids=...)", "language_model", (("5.0", "rotary_emb"),))
-INPUT_EMBEDDINGS = Attribute("model.get_input_embeddings", "finds placeholders in inputs_embeds", "inner",
-                             (("5.0", "get_input_embeddings"),))
-SELF_ATTENTION = Attribute("decoder_layer.self_attn", "attention rows are recomputed from it", "decoder_layer",
-                           (("5.0", "self_attn"),))
-INPUT_NORM = Attribute("decoder_layer.input_layernorm", "the norm before attention", "decoder_layer",
-                       (("5.0", "input_layernorm"),))
-Q_PROJ = Attribute("attention.q_proj", "query projection", "attention", (("5.0", "q_proj"),))
-K_PROJ = Attribute("attention.k_proj", "key projection", "attention", (("5.0", "k_proj"),))
-Q_NORM = Attribute("attention.q_norm", "query norm, where the model has one", "attention", (("5.0", "q_norm"),),
-                   optional=True)
-K_NORM = Attribute("attention.k_norm", "key norm, where the model has one", "attention", (("5.0", "k_norm"),),
-                   optional=True)
-HEAD_DIM = Attribute("attention.head_dim", "width of one head", "attention", (("5.0", "head_dim"),))
-SCALING = Attribute("attention.scaling", "softmax scale", "attention", (("5.0", "scaling"),))
+INNER = _at("model.model", "model", "the multimodal model inside a *ForConditionalGeneration")
+LANGUAGE_MODEL = _at("model.language_model", "inner", "the decoder the visual tokens enter")
+TEXT_MODEL = _at("model.text_model", "inner", "Idefics3/SmolVLM: the decoder the visual tokens enter")
+DECODER_LAYERS = _at("language_model.layers", "language_model", "decoder layers, hooked for in-LLM pruning")
+ROTARY_EMBEDDING = _at("language_model.rotary_emb", "language_model",
+                       "(cos, sin) for renumbered positions: rotary_emb(hidden, position_ids=...)")
+INPUT_EMBEDDINGS = _at("model.get_input_embeddings", "inner", "finds placeholders in inputs_embeds")
+SELF_ATTENTION = _at("decoder_layer.self_attn", "decoder_layer", "attention rows are recomputed from it")
+INPUT_NORM = _at("decoder_layer.input_layernorm", "decoder_layer", "the norm before attention")
+Q_PROJ = _at("attention.q_proj", "attention", "query projection")
+K_PROJ = _at("attention.k_proj", "attention", "key projection")
+Q_NORM = _at("attention.q_norm", "attention", "query norm, where the model has one", optional=True)
+K_NORM = _at("attention.k_norm", "attention", "key norm, where the model has one", optional=True)
+HEAD_DIM = _at("attention.head_dim", "attention", "width of one head")
+SCALING = _at("attention.scaling", "attention", "softmax scale")
 ATTENTION_ROTARY = Rotary("attention.rotary", "applies (cos, sin) to recomputed queries and keys", "attention")
-VISION_Q_PROJ = Attribute("vision_attention.q_proj", "[CLS] query of the encoder layer", "vision_attention",
-                          (("5.0", "q_proj"),))
-VISION_K_PROJ = Attribute("vision_attention.k_proj", "patch keys of the encoder layer", "vision_attention",
-                          (("5.0", "k_proj"),))
-VISION_Q_NORM = Attribute("vision_attention.q_norm", "InternViT query norm", "vision_attention",
-                          (("5.0", "q_norm"),), optional=True)
-VISION_K_NORM = Attribute("vision_attention.k_norm", "InternViT key norm", "vision_attention",
-                          (("5.0", "k_norm"),), optional=True)
-VISION_HEADS = Attribute("vision_attention.num_heads", "encoder attention heads", "vision_attention",
-                         (("5.0", "num_heads"),))
-VISION_HEAD_DIM = Attribute("vision_attention.head_dim", "encoder head width", "vision_attention",
-                            (("5.0", "head_dim"),))
-VISION_TOWER = Attribute("model.vision_tower", "the vision encoder", "inner", (("5.0", "vision_tower"),))
-VISION_MODEL = Attribute("model.vision_model", "Idefics3: the vision encoder", "inner", (("5.0", "vision_model"),))
-PROJECTOR = Attribute("model.multi_modal_projector", "maps vision features to the LLM (vision_features point)",
-                      "inner", (("5.0", "multi_modal_projector"),))
-PACK_IMAGE_FEATURES = Attribute("model.pack_image_features", "LLaVA-NeXT: crops → packed tokens (run on indices)",
-                                "inner", (("5.0", "pack_image_features"),))
-PIXEL_SHUFFLE = Attribute("model.pixel_shuffle", "InternVL: patches → tokens (run on indices)", "inner",
-                          (("5.0", "pixel_shuffle"),))
-CONNECTOR_PIXEL_SHUFFLE = Attribute("model.connector.pixel_shuffle", "Idefics3: patches → tokens (run on indices)",
-                                    "inner", (("5.0", "connector.pixel_shuffle"),))
+VISION_Q_PROJ = _at("vision_attention.q_proj", "vision_attention", "[CLS] query of the encoder layer")
+VISION_K_PROJ = _at("vision_attention.k_proj", "vision_attention", "patch keys of the encoder layer")
+VISION_Q_NORM = _at("vision_attention.q_norm", "vision_attention", "InternViT query norm", optional=True)
+VISION_K_NORM = _at("vision_attention.k_norm", "vision_attention", "InternViT key norm", optional=True)
+VISION_HEADS = _at("vision_attention.num_heads", "vision_attention", "encoder attention heads")
+VISION_HEAD_DIM = _at("vision_attention.head_dim", "vision_attention", "encoder head width")
+VISION_TOWER = _at("model.vision_tower", "inner", "the vision encoder")
+VISION_MODEL = _at("model.vision_model", "inner", "Idefics3: the vision encoder")
+PROJECTOR = _at("model.multi_modal_projector", "inner", "maps vision features to the LLM (vision_features point)")
+PACK_IMAGE_FEATURES = _at("model.pack_image_features", "inner", "LLaVA-NeXT: crops → packed tokens (run on indices)")
+PIXEL_SHUFFLE = _at("model.pixel_shuffle", "inner", "InternVL: patches → tokens (run on indices)")
+CONNECTOR_PIXEL_SHUFFLE = _at("model.connector.pixel_shuffle", "inner", "Idefics3: patches → tokens (run on indices)")
 
 # --- helpers and types --------------------------------------------------------------------------------------
 DYNAMIC_CACHE = Function("transformers.DynamicCache", "the cache a plain forward gets, so decode steps map", None,

@@ -121,3 +121,22 @@ def prompt_ids(model, counts: list[int], token_id: int | list[int], question=(5,
     for n, t in zip(counts, tokens):
         ids += [t] * n
     return torch.tensor([ids + list(question)])
+
+
+_TINY: dict[tuple[str, int], tuple] = {}
+
+
+def tiny_adapter_model(name: str, num_layers: int = 4) -> tuple:
+    """``(model, rows)``: the tiny model of registered adapter ``name`` and its single-prompt inputs, built once per
+    process and returned unpatched (a conformance suite's shared fixture)."""
+    from . import api
+    from .registry import registry
+
+    key = (name, num_layers)
+    if key not in _TINY:
+        cls = registry.get("adapters", name)
+        model = cls.tiny(num_layers=num_layers)
+        _TINY[key] = (model, cls.tiny_rows(model))
+    model, rows = _TINY[key]
+    api.remove(model)
+    return model, rows

@@ -10,21 +10,14 @@ import torch
 import prunekit
 from prunekit import contracts as C
 from prunekit.registry import registry
-from prunekit.testing import collate
+from prunekit.testing import collate, tiny_adapter_model
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
 ADAPTERS = registry.names("adapters")
-_models: dict = {}
 
 
 def tiny(name):
-    if name not in _models:
-        cls = registry.get("adapters", name)
-        model = cls.tiny(num_layers=4)
-        _models[name] = (model, cls.tiny_rows(model))
-    model, rows = _models[name]
-    prunekit.remove(model)
-    return model, rows
+    return tiny_adapter_model(name)
 
 
 def points_of(name):

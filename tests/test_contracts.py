@@ -13,20 +13,13 @@ import torch
 import prunekit
 from prunekit import contracts as C
 from prunekit.registry import registry
-from prunekit.testing import collate
+from prunekit.testing import collate, tiny_adapter_model
 
 ADAPTERS = registry.names("adapters")
-_models: dict = {}
 
 
 def tiny(name):
-    if name not in _models:
-        cls = registry.get("adapters", name)
-        model = cls.tiny(num_layers=4)
-        _models[name] = (model, cls.tiny_rows(model))
-    model, rows = _models[name]
-    prunekit.remove(model)
-    return model, rows
+    return tiny_adapter_model(name)
 
 
 def batch_of(model, rows):
