@@ -237,6 +237,14 @@ def matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def contracts(args: argparse.Namespace) -> int:
+    from . import contracts as C
+
+    print(f"transformers {C.installed()} (prunekit supports {C.SUPPORTED})\n")
+    print(C.describe(), end="")
+    return 0
+
+
 def list_plugins(args: argparse.Namespace) -> int:
     import prunekit
 
@@ -310,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=matrix)
+    p = sub.add_parser("contracts", help="what prunekit relies on in transformers, and how each item is spelled")
+    p.set_defaults(func=contracts)
     p = sub.add_parser("list", help="list registered plugins")
     p.set_defaults(func=list_plugins)
     args = parser.parse_args(argv)

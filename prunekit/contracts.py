@@ -290,6 +290,7 @@ MODEL_PIXEL_VALUES_IMAGES = Keyword("model.pixel_values_images", "Video-LLaVA: a
                                     (("5.0", "pixel_values_images"), ("5.21", "pixel_values")))
 MODEL_ENCODER_OUTPUTS = Keyword("model.mm_encoder_outputs", "images that generate encoded before the prefill",
                                 "inner", (("5.0", None), ("5.18", "mm_encoder_outputs")))
+MODEL_LABELS = _kw("model.labels", "model", "a forward that computes a loss: refused while pruning")
 MODEL_TOKEN_TYPE_IDS = _kw("model.token_type_ids", "inner", "Gemma3: image blocks of its masks")
 
 #: every call argument that means "this call brings images or videos"
@@ -344,6 +345,10 @@ DYNAMIC_CACHE = Function("transformers.DynamicCache", "the cache a plain forward
                          "transformers", "DynamicCache", ("config",))
 CACHE_LENGTH = Function("transformers.Cache.get_seq_length", "tokens already in a cache (prefill or decode?)", None,
                         "transformers", "Cache.get_seq_length")
+STATIC_CACHE = Function("transformers.StaticCache", "a fixed-size cache, which a pruned prompt cannot fill: refused",
+                        None, "transformers", "StaticCache")
+GRADIENT_CHECKPOINTING = _at("language_model.gradient_checkpointing", "language_model",
+                             "recomputes layers in backward: refused with in-LLM stages", optional=True)
 OUTPUT_CACHE = Attribute("language_model_output.cache", "the cache the language model used", "language_model_output",
                          _CACHE_SPELLINGS)
 GEMMA3_MASKS = Function("Gemma3ForConditionalGeneration.create_masks_for_generate",
@@ -366,7 +371,7 @@ CORE = (
     LM_INPUTS_EMBEDS, LM_INPUT_IDS, LM_ATTENTION_MASK, LM_POSITION_IDS, LM_CACHE, LM_USE_CACHE,
     LAYER_HIDDEN_STATES, LAYER_ATTENTION_MASK, LAYER_POSITION_EMBEDDINGS, LAYER_POSITION_IDS,
     MODEL_INPUT_IDS, MODEL_INPUTS_EMBEDS, MODEL_ENCODER_OUTPUTS, ENCODE_IMAGES, ENCODE_VIDEOS,
-    DECODER_LAYERS, ROTARY_EMBEDDING, INPUT_EMBEDDINGS, SELF_ATTENTION, INPUT_NORM,
+    DECODER_LAYERS, ROTARY_EMBEDDING, INPUT_EMBEDDINGS, SELF_ATTENTION, INPUT_NORM, STATIC_CACHE, GRADIENT_CHECKPOINTING,
     Q_PROJ, K_PROJ, Q_NORM, K_NORM, HEAD_DIM, SCALING, ATTENTION_ROTARY, DYNAMIC_CACHE, CACHE_LENGTH,
 )
 #: what reading a vision encoder's attention relies on

@@ -33,6 +33,8 @@ class PruningReport:
     num_layers: int
     visual_tokens: list[int]  # per sample, before pruning
     stages: list[StageRecord] = field(default_factory=list)
+    #: False when the prefill ran inside ``prunekit.disabled``: nothing was pruned
+    enabled: bool = True
 
     @property
     def layer_counts(self) -> list[list[int]]:
@@ -56,6 +58,8 @@ class PruningReport:
 
     def summary(self) -> str:
         lines = [f"method {self.method}: visual tokens per sample {self.visual_tokens}"]
+        if not self.enabled:
+            lines.append("  disabled (prunekit.disabled): nothing was pruned")
         for s in self.stages:
             where = "before the LLM" if s.layer is None else f"from decoder layer {s.layer}"
             merged = f" of which merged {s.merged_counts}" if any(s.merged_counts) else ""

@@ -52,5 +52,5 @@ def test_compatibility_page_lists_every_contract():
 
     page = (ROOT / "docs" / "compatibility.md").read_text()
     table = page.split("<!-- contracts:start -->\n")[1].split("<!-- contracts:end -->")[0]
-    assert table == contracts.describe(), "docs/compatibility.md is out of date: paste prunekit.contracts.describe()"
+    assert table == contracts.describe(), "docs/compatibility.md is out of date: paste the table `prunekit contracts` prints"
     assert contracts.SUPPORTED in page and contracts.OLDEST in page

@@ -18,6 +18,8 @@ from prunekit import ModelAdapter, ModelSpec, Stage
 from prunekit import contracts as C
 from prunekit.contracts import Contract
 from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
+from prunekit.runtime.generate import GenerateGuard
+from prunekit.runtime.state import PerThread, ThreadStateMixin
 
 #: Signals read from the vision encoder (the rest come from the language model's input or its layers).
 VISION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received"})
@@ -35,40 +37,74 @@ class MethodHook:
 
     def __init__(self, obj: Any, name: str, record: Callable[[str, dict, Any], None]) -> None:
         self.obj, self.name = obj, name
-        original = getattr(obj, name)
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            bound = signature.bind_partial(*args, **kwargs)
-            output = original(*args, **kwargs)
-            record(name, dict(bound.arguments), output)
-            return output
-
-        obj.__dict__[name] = wrapper
+        obj.__dict__[name] = _Recorder(getattr(obj, name), name, record)
 
     def remove(self) -> None:
         self.obj.__dict__.pop(self.name, None)
 
 
-class VisualHooks(ModelHooks):
-    """Generic :class:`ModelHooks`: the adapter says where things are, this class records them per call."""
+class _Recorder:
+    """Calls ``original`` unchanged and records its arguments and output (an object, not a closure, so that a
+    copied model's recorder calls the copy's method and records into the copy's hooks)."""
+
+    def __init__(self, original: Callable, name: str, record: Callable[[str, dict, Any], None]) -> None:
+        self.original, self.name, self.record = original, name, record
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        bound = inspect.signature(self.original).bind_partial(*args, **kwargs)
+        output = self.original(*args, **kwargs)
+        self.record(self.name, dict(bound.arguments), output)
+        return output
+
+
+class _RefuseLabels:
+    """A forward with ``labels`` would compare the logits of a pruned sequence with labels for the whole one."""
+
+    def __init__(self, pruner: DecoderPruner) -> None:
+        self.pruner = pruner
+
+    def __call__(self, module, args, kwargs):
+        if self.pruner.enabled and C.MODEL_LABELS.get(kwargs) is not None:
+            raise PruningError(
+                f"{self.pruner.method}: a forward with labels= computes the loss on logits of the pruned, shorter "
+                "sequence against labels of the whole prompt; compute the loss from the returned logits (which "
+                "positions were kept: prunekit.inspect(model)), or run the forward inside prunekit.disabled(model)"
+            )
+        return None
+
+
+class _RotaryCall:
+    """``rotary_emb(hidden, position_ids=pos)`` of one language model (a copyable object, not a closure)."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __call__(self, hidden: Tensor, pos: Tensor):
+        return self.module(hidden, position_ids=pos)
+
+
+class VisualHooks(ThreadStateMixin, ModelHooks):
+    """Generic :class:`ModelHooks`: the adapter says where things are, this class records them per call (and per
+    thread: one patched model may serve several threads at once)."""
+
+    _visual: Tensor | None = PerThread()  # [B, L] visual tokens of the model's current input
+    _brings: bool = PerThread(bool)  # whether the current call brings images or videos
+    _ids: Tensor | None = PerThread()  # the current call's input ids
+    _from_embeddings: bool = PerThread(bool)  # whether the visual tokens were looked for in inputs_embeds
+    _calls: list[dict] = PerThread(list)  # every recorded encoder call since the last prefill
+    _pending: dict[str, list[Tensor]] = PerThread(lambda: VisualHooks._empty())  # of the running encoder call
+    # the encoder calls that produced the current prompt's visual tokens (set by _sync)
+    records: list[tuple[str, dict]] = PerThread(list)  # (encoder method, its arguments), in call order
+    units_of: list[list[int]] = PerThread(list)  # each of those calls' budget units (images, frames): token counts
+    cls: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches] [CLS] attention
+    keys: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches, head_dim]
+    features: list[Tensor] = PerThread(list)  # per projector call: its input rows
+    received: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches] attention each patch receives
 
     def __init__(self, adapter: "MultimodalAdapter", signals: set[str], want_features: bool = False) -> None:
         self.adapter = adapter
         self.inner = adapter.inner
-        self._visual: Tensor | None = None
-        self._brings = False
-        self._ids: Tensor | None = None
-        self._calls: list[dict] = []  # every recorded encoder call since the last prefill
-        self._pending: dict[str, list[Tensor]] = self._empty()  # of the running call
-        # the encoder calls that produced the current prompt's visual tokens (set by _sync)
-        self.records: list[tuple[str, dict]] = []  # (encoder method, its arguments), in call order
-        self.outputs: list[Any] = []  # what each of those calls returned
-        self.cls: list[Tensor] = []  # per tower pass: [crops, patches] [CLS] attention
-        self.keys: list[Tensor] = []  # per tower pass: [crops, patches, head_dim]
-        self.features: list[Tensor] = []  # per projector call: its input rows
-        self.received: list[Tensor] = []  # per tower pass: [crops, patches] attention each patch receives
         name = type(adapter.model).__name__
         if signals & CLS_SIGNALS and not adapter.has_cls():
             raise PruningError(
@@ -93,26 +129,57 @@ class VisualHooks(ModelHooks):
             self.handles.append(adapter.projector().register_forward_pre_hook(self._capture_features))
 
     def _record(self, name: str, arguments: dict, output: Any) -> None:
-        self._calls.append({"name": name, "args": arguments, "output": output, **self._pending})
+        # counted now: generate may later repeat the output's rows in place, per beam or returned sequence
+        self._calls.append({"name": name, "args": arguments, **self._pending,
+                            "tokens": sum(self.adapter.prompt_tokens(name, arguments, output)),
+                            "units": self.adapter.unit_sizes(name, arguments, output)})
         self._pending = self._empty()
 
     @staticmethod
     def _empty() -> dict[str, list[Tensor]]:
         return {"cls": [], "keys": [], "features": [], "received": []}
 
-    def _sync(self, visual_counts: list[int]) -> None:
+    def _sync(self, visual_counts: list[int]) -> int:
         """Pick the latest encoder calls whose tokens add up to the prompt's visual tokens (earlier calls, e.g. a
-        user's own ``get_image_features`` outside a forward, are not this prompt's)."""
-        total, chosen = sum(visual_counts), []
+        user's own ``get_image_features`` outside a forward, are not this prompt's). Returns ``m``: ``generate``
+        with beams or several returned sequences encodes each prompt's images once, then repeats every row ``m``
+        times; the encoding then matches every ``m``-th row."""
+        for m in self._repeats(visual_counts):
+            chosen = self._latest_calls(sum(visual_counts[::m]))
+            if chosen is not None:
+                break
+        else:
+            m, chosen = 1, []
+        self._set_records(chosen)
+        return m
+
+    def _repeats(self, visual_counts: list[int]) -> list[int]:
+        """1, then every ``m`` such that the batch is each row repeated ``m`` times in a row."""
+        B, out = len(visual_counts), [1]
+        ids = self._ids
+        for m in range(2, B + 1):
+            if B % m or any(visual_counts[i] != visual_counts[i - i % m] for i in range(B)):
+                continue
+            if ids is not None and not all(torch.equal(ids[i], ids[i - i % m]) for i in range(B)):
+                continue
+            out.append(m)
+        return out
+
+    def _latest_calls(self, total: int) -> list[dict] | None:
+        chosen: list[dict] = []
         for call in reversed(self._calls):
             if sum(c["tokens"] for c in chosen) >= total:
                 break
-            call.setdefault("tokens", sum(self.adapter.prompt_tokens(call["name"], call["args"], call["output"])))
             chosen.insert(0, call)
-        if sum(c["tokens"] for c in chosen) != total:
-            chosen = []
+        return chosen if sum(c["tokens"] for c in chosen) == total else None
+
+    @staticmethod
+    def _repeat(per_row: list, m: int) -> list:
+        return [x for x in per_row for _ in range(m)]
+
+    def _set_records(self, chosen: list[dict]) -> None:
         self.records = [(c["name"], c["args"]) for c in chosen]
-        self.outputs = [c["output"] for c in chosen]
+        self.units_of = [c["units"] for c in chosen]
         self.cls = [t for c in chosen for t in c["cls"]]
         self.keys = [t for c in chosen for t in c["keys"]]
         self.features = [t for c in chosen for t in c["features"]]
@@ -123,7 +190,8 @@ class VisualHooks(ModelHooks):
         return None
 
     def vision_features(self, visual_counts: list[int]) -> list[Tensor]:
-        self._sync(visual_counts)
+        m = self._sync(visual_counts)
+        visual_counts = visual_counts[::m]
         if not self.features:
             raise PruningError("no vision features were recorded: the images must be encoded in this call")
         rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in self.features])
@@ -131,7 +199,7 @@ class VisualHooks(ModelHooks):
         for src in self.adapter.feature_sources(self, visual_counts, rows.shape[0]):
             src = src.to(rows.device)
             out.append(rows[src.clamp_min(0)] * (src >= 0).to(rows.dtype)[:, None])
-        return out
+        return self._repeat(out, m)
 
     def project(self, values: Tensor) -> Tensor:
         projector = self.adapter.projector()
@@ -142,6 +210,7 @@ class VisualHooks(ModelHooks):
         self._brings = brings_images(kwargs)
         ids = torch.tensor(self.adapter.visual_token_ids())
         self._ids = input_ids
+        self._from_embeddings = input_ids is None
         if input_ids is not None:
             self._visual = torch.isin(input_ids, ids.to(input_ids.device))
         elif C.MODEL_INPUTS_EMBEDS.get(kwargs) is not None:
@@ -158,6 +227,9 @@ class VisualHooks(ModelHooks):
                 f"{type(self.adapter.model).__name__} ran without calling the language model prunekit hooked "
                 f"({type(self.adapter.language_model()).__name__}), so its visual tokens were not pruned"
             )
+
+    def found_by_embeddings(self) -> bool:
+        return self._from_embeddings
 
     def placeholder_description(self) -> str:
         return f"placeholder ids {self.adapter.visual_token_ids()}"
@@ -197,7 +269,8 @@ class VisualHooks(ModelHooks):
             raise PruningError(
                 f"signal {name!r} is not available before the language model of {type(self.adapter.model).__name__}"
             )
-        self._sync(visual_counts)
+        m = self._sync(visual_counts)
+        visual_counts = visual_counts[::m]
         captured = {"cls_attention": self.cls, "keys": self.keys, "attention_received": self.received}[name]
         if not captured:
             raise PruningError(
@@ -212,19 +285,19 @@ class VisualHooks(ModelHooks):
             valid = (src >= 0).to(vals.dtype).view(*src.shape, *([1] * (vals.dim() - 2)))
             vals = (vals * valid).sum(1) / valid.sum(1).clamp_min(1)
             out.append(vals)
-        return out
+        return self._repeat(out, m)
 
     def grids(self, visual_counts: list[int]):
-        self._sync(visual_counts)
-        return self.adapter.grids(self, visual_counts)
+        m = self._sync(visual_counts)
+        grids = self.adapter.grids(self, visual_counts[::m])
+        return None if grids is None else self._repeat(grids, m)
 
     def units(self, visual_counts: list[int]) -> list[list[int]]:
         """Per sample, the token counts of its images and video frames, in sequence order."""
-        self._sync(visual_counts)
+        m = self._sync(visual_counts)
         sizes: dict[int, list[int]] = {}  # placeholder id -> unit sizes, in encoding order
-        for (name, args), output in zip(self.records, self.outputs):
-            token = self.adapter.placeholder_of(name)
-            sizes.setdefault(token, []).extend(self.adapter.unit_sizes(name, args, output))
+        for (name, _), units in zip(self.records, self.units_of):
+            sizes.setdefault(self.adapter.placeholder_of(name), []).extend(units)
         if self._ids is None or not sizes:
             raise PruningError(
                 "budget_per='image' needs the images to be encoded by the patched model from input_ids in this call "
@@ -232,7 +305,7 @@ class VisualHooks(ModelHooks):
             )
         queues = {t: iter(v) for t, v in sizes.items()}
         out = []
-        for row in self._ids:
+        for row in self._ids[::m]:
             units, left, kind = [], 0, None
             for t in row[torch.isin(row, torch.tensor(list(sizes), device=row.device))].tolist():
                 if left == 0 or t != kind:
@@ -243,12 +316,12 @@ class VisualHooks(ModelHooks):
                     left, kind = size, t
                 left -= 1
             out.append(units)
-        if [sum(u) for u in out] != list(visual_counts):
+        if [sum(u) for u in out] != list(visual_counts[::m]):
             raise PruningError(f"images and frames of {[sum(u) for u in out]} tokens do not match {visual_counts}")
-        return out
+        return self._repeat(out, m)
 
     def end_of_prefill(self) -> None:
-        self.records, self.outputs, self.cls, self.keys, self._ids = [], [], [], [], None
+        self.records, self.units_of, self.cls, self.keys, self._ids = [], [], [], [], None
         self._calls, self._pending = [], self._empty()
         self.features, self.received = [], []
 
@@ -422,13 +495,12 @@ class MultimodalAdapter(ModelAdapter):
         positions = self.resolve_positions(config.positions)
         hooks = self.make_hooks(stages)
         lm = self.language_model()
-        rotary = C.ROTARY_EMBEDDING.get(lm)
         try:
-            return DecoderPruner(
+            pruner = DecoderPruner(
                 method=method,
                 language_model=lm,
                 layers=C.DECODER_LAYERS.get(lm),
-                rotary=lambda hidden, pos: rotary(hidden, position_ids=pos),
+                rotary=_RotaryCall(C.ROTARY_EMBEDDING.get(lm)),
                 stages=stages,
                 positions=positions,
                 hooks=hooks,
@@ -439,6 +511,10 @@ class MultimodalAdapter(ModelAdapter):
             for h in hooks.handles:
                 h.remove()
             raise
+        if hasattr(self.model, "generate"):
+            pruner.own(GenerateGuard(self.model, pruner))
+        pruner.own(self.model.register_forward_pre_hook(_RefuseLabels(pruner), with_kwargs=True))
+        return pruner
 
     # -- tiny random models for tests and docs ------------------------------------------------------------
     @staticmethod

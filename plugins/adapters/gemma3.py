@@ -20,13 +20,14 @@ from torch import Tensor
 from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit.runtime.decoder import pad_left
+from prunekit.runtime.state import PerThread
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
 
 
 class _Gemma3Hooks(VisualHooks):
     pruner = None  # set by the adapter once the pruner exists
-    _mask_2d: Tensor | None = None  # the 2-D mask and token types of the model's current call
-    _token_types: Tensor | None = None
+    _mask_2d: Tensor | None = PerThread()  # the 2-D mask and token types of the model's current call
+    _token_types: Tensor | None = PerThread()
 
     def _capture_inputs(self, module, args, kwargs):
         super()._capture_inputs(module, args, kwargs)
@@ -35,7 +36,7 @@ class _Gemma3Hooks(VisualHooks):
         mask = self._mask_2d
         gen = None if self.pruner is None else self.pruner.generation_for(C.MODEL_CACHE.get(kwargs))
         if gen is not None and isinstance(mask, Tensor) and mask.dim() == 2 and gen.mask is not None:
-            C.MODEL_ATTENTION_MASK.set(kwargs, self.pruner.map_decode_mask(mask))  # masks are built from this
+            C.MODEL_ATTENTION_MASK.set(kwargs, self.pruner.map_decode_mask(mask, gen))  # masks are built from this
             return args, kwargs
         return None
 

@@ -16,6 +16,7 @@ The adapter supplies only what is model-specific (:class:`ModelHooks`).
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -28,6 +29,7 @@ from ..errors import PruningError
 from ..interfaces import Choice, Patch, Stage, StageContext
 from ..report import PruningReport, StageRecord
 from .attention import attention_rows, select_raters
+from .state import PerThread, ThreadStateMixin
 
 __all__ = ["DecoderPruner", "ModelHooks", "PruningError", "brings_images", "pad_left"]
 
@@ -76,6 +78,10 @@ class ModelHooks:
         """Prune the model's other per-visual-token language-model inputs alike (Qwen3-VL's deepstack features).
         ``kept``: per sample, kept indices into its visual tokens; ``visual_positions``: their new positions."""
 
+    def found_by_embeddings(self) -> bool:
+        """Whether the current call gave ``inputs_embeds`` instead of ids (placeholders were looked for there)."""
+        return False
+
     def placeholder_description(self) -> str:
         """The placeholder tokens looked for, for error messages."""
         return "no placeholder ids known"
@@ -118,6 +124,11 @@ class _Generation:
     dropped: Tensor  # [B] visual tokens dropped before the LLM
     shift: Tensor  # [B] subtracted from incoming position ids
     segments: list[_Segment] = field(default_factory=list)
+
+    @property
+    def prefill_length(self) -> int:
+        """Tokens the pruned prefill left in the cache's first layer."""
+        return self.mask.shape[1] if self.mask is not None else self.orig_len
 
 
 @dataclass
@@ -185,7 +196,11 @@ def pad_left(rows: list[Tensor], length: int, value) -> Tensor:
     return torch.stack(out)
 
 
-class DecoderPruner(Patch):
+class DecoderPruner(ThreadStateMixin, Patch):
+    # per call, per thread: the prefill being run on the current cache, and the call in flight
+    _gen: "_Generation | None" = PerThread()
+    _call: "_Call | None" = PerThread()
+
     def __init__(
         self,
         *,
@@ -213,29 +228,53 @@ class DecoderPruner(Patch):
         self.layer_stages = sorted((s for s in stages if s.layer is not None), key=lambda s: s.layer)
         if len(self.pre_stages) > 1:
             raise ValueError("at most one stage can prune before the LLM")
-        self._gen: _Generation | None = None
-        self._call: _Call | None = None
+        #: every KV cache a pruned prefill filled -> what its decode steps need (any of them can be continued)
+        self._gens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._report: PruningReport | None = None
         self._handles = list(extra_handles)
         self._handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self._handles.append(self.lm.register_forward_hook(self._lm_post))
         if self.layer_stages:
             first = self.layer_stages[0].layer - 1
+            prune_after = frozenset(s.layer - 1 for s in self.layer_stages)
             for j in range(first, len(self.layers)):
                 self._handles.append(
-                    self.layers[j].register_forward_pre_hook(self._make_layer_pre(j), with_kwargs=True)
+                    self.layers[j].register_forward_pre_hook(_LayerPre(self, j, j in prune_after), with_kwargs=True)
                 )
             for stage in self.layer_stages:
                 self._handles.append(
-                    self.layers[stage.layer - 1].register_forward_hook(self._make_layer_post(stage), with_kwargs=True)
+                    self.layers[stage.layer - 1].register_forward_hook(_LayerPost(self, stage), with_kwargs=True)
                 )
 
+    # -- copies -------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> "DecoderPruner":
+        """``copy.deepcopy`` of a patched model copies its patch along: the copy's hooks (objects, not closures)
+        run the copied pruner on the copied modules, and removing either patch leaves the other in place."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__getstate__().items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._gens = weakref.WeakKeyDictionary()  # the caches it filled belong to the original
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise PruningError(
+            f"a model patched by prunekit ({self.method}) cannot be pickled: its hooks run prunekit code that a "
+            "pickle would not carry. Pickle the unpatched model (prunekit.remove(model)) and call prunekit.build "
+            "again after loading it"
+        )
+
     # -- Patch interface ----------------------------------------------------------------------------
+    def own(self, handle: Any) -> None:
+        """Remove ``handle`` (anything with ``remove()``) together with this patch."""
+        self._handles.append(handle)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._gen = self._call = None
+        self._gens = weakref.WeakKeyDictionary()
 
     @property
     def report(self) -> PruningReport | None:
@@ -278,17 +317,29 @@ class DecoderPruner(Patch):
     def _lm_pre_inner(self, args, kwargs):
         self._call = None
         visual = self.hooks.take_visual_mask()
-        if not self.enabled:
-            self._gen = None
-            return None
         embeds = C.LM_INPUTS_EMBEDS.get(kwargs)
         cache = C.LM_CACHE.get(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
+        if not self.enabled:
+            self._gen = None
+            if visual is not None and past == 0:  # inspect() tells that this prefill ran unpruned
+                self._report = PruningReport(self.method, len(self.layers), visual.sum(1).tolist(), enabled=False)
+            return None
+        self._gen = self._gens.get(cache) if cache is not None else None
+        if past == 0 and visual is not None and bool(visual.any()):
+            self._refuse_unsupported(cache)
         if visual is not None and past == 0 and not bool(visual.any()) and self.hooks.images_in_call():
             raise PruningError(
                 f"{self.method}: this call brings images or videos, but none of its tokens is a visual placeholder "
                 f"({self.hooks.placeholder_description()}; transformers {C.installed()}, prunekit supports "
                 f"{C.SUPPORTED}): prunekit cannot find the visual tokens to prune"
+            )
+        if visual is not None and past == 0 and not bool(visual.any()) and self.hooks.found_by_embeddings():
+            raise PruningError(
+                f"{self.method}: the model was called with inputs_embeds that hold no image placeholder embedding; "
+                "prunekit finds visual tokens by their placeholders, so it cannot tell merged image features from "
+                "text. Pass input_ids (and the images) instead, or run text-only embeddings inside "
+                "prunekit.disabled(model)"
             )
         if visual is not None and embeds is not None and past == 0:
             return (args, kwargs) if self._prefill(kwargs, visual) else None
@@ -296,7 +347,7 @@ class DecoderPruner(Patch):
             raise PruningError(
                 "visual tokens arrived after cached tokens; prunekit prunes images in the prefill only"
             )
-        if self._gen is not None and cache is not None and self._gen.cache() is cache:
+        if self._gen is not None:
             self._decode(kwargs, past)
             return (args, kwargs)
         return None
@@ -381,14 +432,14 @@ class DecoderPruner(Patch):
                 call.pos = new_pos
                 shift = dropped if self.positions == "renumber" else torch.zeros_like(dropped)
                 if cache is not None:
-                    self._gen = _Generation(weakref.ref(cache), L, new_mask, dropped, shift)
+                    self._gen = self._gens[cache] = _Generation(weakref.ref(cache), L, new_mask, dropped, shift)
         if self.layer_stages and self._gen is None:
             had_cache = C.LM_CACHE.get(kwargs) is not None
             cache = self._ensure_cache(kwargs)
             changed = changed or (cache is not None and not had_cache)
             if cache is not None:
                 zero = torch.zeros(B, dtype=torch.long, device=device)
-                self._gen = _Generation(weakref.ref(cache), L, mask2d, zero, zero)
+                self._gen = self._gens[cache] = _Generation(weakref.ref(cache), L, mask2d, zero, zero)
         self._call = call
         return changed
 
@@ -401,16 +452,33 @@ class DecoderPruner(Patch):
                 C.LM_CACHE.set(kwargs, cache)
         return cache
 
-    def map_decode_mask(self, mask: Tensor) -> Tensor:
+    def _refuse_unsupported(self, cache) -> None:
+        """Raise, naming the option, for what a pruned prefill cannot serve (rather than answer wrongly)."""
+        static = C.STATIC_CACHE.get()
+        if cache is not None and isinstance(cache, static):
+            raise PruningError(
+                f"{self.method}: a {type(cache).__name__} (generate's cache_implementation='static') keeps one slot "
+                "per prompt position, but prunekit leaves fewer tokens in the cache than the prompt has; use the "
+                "default dynamic cache (leave cache_implementation unset)"
+            )
+        if self.layer_stages and torch.is_grad_enabled() and C.GRADIENT_CHECKPOINTING.get(self.lm, False) and \
+                self.lm.training:
+            raise PruningError(
+                f"{self.method}: gradient checkpointing recomputes decoder layers during backward, outside the "
+                "forward whose in-LLM pruning prunekit hooks, so the recomputed layers would see the wrong sequence; "
+                "disable it (model.gradient_checkpointing_disable()) or prune before the LLM only "
+                "(insertion_points=['after_projector'])"
+            )
+
+    def map_decode_mask(self, mask: Tensor, gen: "_Generation | None" = None) -> Tensor:
         """A decode step's 2-D mask (unpruned coordinates) mapped onto the pruned cache."""
-        gen = self._gen
+        gen = gen if gen is not None else self._gen
         assert gen is not None and gen.mask is not None
         return torch.cat([gen.mask, mask[:, gen.orig_len :]], dim=1)
 
     def generation_for(self, cache) -> "_Generation | None":
         """The pruned prefill that filled ``cache`` (None when this patch did not prune it)."""
-        gen = self._gen
-        return gen if gen is not None and cache is not None and gen.cache() is cache else None
+        return None if cache is None else self._gens.get(cache)
 
     def _decode(self, kwargs: dict, past: int) -> None:
         gen = self._gen
@@ -495,92 +563,81 @@ class DecoderPruner(Patch):
     def _prefill_len(self, call: _Call | None) -> int:
         gen = self._gen
         assert gen is not None
-        if gen.mask is not None:
-            return gen.mask.shape[1]
-        return gen.orig_len
+        return gen.prefill_length
 
-    def _make_layer_pre(self, j: int):
-        prune_after = {s.layer - 1 for s in self.layer_stages}
+    def _layer_pre(self, j: int, prunes_after: bool, module, args, kwargs):
+        call = self._call
+        if call is None or not self.enabled:
+            return None
+        hidden = args[0] if args else C.LAYER_HIDDEN_STATES.get(kwargs)
+        idx = self._segment_for(call, j)
+        changed = False
+        if idx is not None:
+            kwargs.update(self._remap(call, idx, hidden, kwargs))
+            changed = True
+        if call.mode == "prefill" and prunes_after:
+            call.captured[j] = (hidden, C.LAYER_ATTENTION_MASK.get(kwargs),
+                                C.LAYER_POSITION_EMBEDDINGS.get(kwargs))
+        return (args, kwargs) if changed else None
 
-        def pre(module, args, kwargs):
-            call = self._call
-            if call is None or not self.enabled:
-                return None
-            hidden = args[0] if args else C.LAYER_HIDDEN_STATES.get(kwargs)
-            idx = self._segment_for(call, j)
-            changed = False
-            if idx is not None:
-                kwargs.update(self._remap(call, idx, hidden, kwargs))
-                changed = True
-            if call.mode == "prefill" and j in prune_after:
-                call.captured[j] = (hidden, C.LAYER_ATTENTION_MASK.get(kwargs),
-                                    C.LAYER_POSITION_EMBEDDINGS.get(kwargs))
-            return (args, kwargs) if changed else None
-
-        return pre
-
-    def _make_layer_post(self, stage: Stage):
+    def _layer_post(self, stage: Stage, module, args, kwargs, output):
         j = stage.layer - 1
-
-        def post(module, args, kwargs, output):
-            call = self._call
-            if call is None or call.mode != "prefill" or not self.enabled or call.report is None:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            B = hidden.shape[0]
-            n_orig = call.report.visual_tokens
-            if not sum(n_orig):
-                return None
-            feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
-            kept, values, merged = self._stage(
-                stage, call, feats, n_orig, lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden)
-            )
-            call.report.stages.append(StageRecord(
-                stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
-            ))
-            n_now = [f.shape[0] for f in feats]
-            written = self._write_values(hidden, call.vis_pos, kept, values)
-            if written is not None:
-                hidden = written
-            elif all(k.numel() == n for k, n in zip(kept, n_now)):
-                return None
-            Lc = hidden.shape[1]
-            prev = call.segments[-1] if call.segments else None
-            keep_mask = torch.ones(B, Lc, dtype=torch.bool, device=hidden.device)
-            drop = torch.zeros(B, Lc, dtype=torch.bool, device=hidden.device)
-            if prev is not None and prev.pad is not None:
-                keep_mask &= ~prev.pad
-            for b in range(B):
-                keep_mask[b, call.vis_pos[b]] = False
-                keep_mask[b, call.vis_pos[b][kept[b]]] = True
-                drop[b, call.vis_pos[b]] = True
-                drop[b, call.vis_pos[b][kept[b]]] = False
-            rows_b = [keep_mask[b].nonzero().squeeze(1) for b in range(B)]
-            n = max(r.numel() for r in rows_b)
-            lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
-            rows = pad_left(rows_b, n, 0)
-            pad = None
-            if any(lead):
-                pad = pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
-            cols = rows if prev is None else prev.cols.gather(1, rows)
-            base_pos = call.pos if prev is None else prev.pos
-            if self.positions == "renumber":  # subtract the visual tokens dropped before each kept token
-                base_pos = base_pos - drop.long().cumsum(1)[..., None]
-            new_pos = base_pos.gather(1, rows[:, :, None].expand(B, n, base_pos.shape[2]))
-            shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
-            if self.positions == "renumber":
-                shift = shift + drop.sum(1)
-            seg = _Segment(stage.layer, cols, shift, new_pos, pad)
-            call.segments.append(seg)
-            if self._gen is not None:
-                self._gen.segments.append(seg)
-            call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b]]) for b in range(B)]
-            call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
-            call.valid = pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
-            new_hidden = pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
-            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
-
-        return post
+        call = self._call
+        if call is None or call.mode != "prefill" or not self.enabled or call.report is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        B = hidden.shape[0]
+        n_orig = call.report.visual_tokens
+        if not sum(n_orig):
+            return None
+        feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
+        kept, values, merged = self._stage(
+            stage, call, feats, n_orig, lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden)
+        )
+        call.report.stages.append(StageRecord(
+            stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
+        ))
+        n_now = [f.shape[0] for f in feats]
+        written = self._write_values(hidden, call.vis_pos, kept, values)
+        if written is not None:
+            hidden = written
+        elif all(k.numel() == n for k, n in zip(kept, n_now)):
+            return None
+        Lc = hidden.shape[1]
+        prev = call.segments[-1] if call.segments else None
+        keep_mask = torch.ones(B, Lc, dtype=torch.bool, device=hidden.device)
+        drop = torch.zeros(B, Lc, dtype=torch.bool, device=hidden.device)
+        if prev is not None and prev.pad is not None:
+            keep_mask &= ~prev.pad
+        for b in range(B):
+            keep_mask[b, call.vis_pos[b]] = False
+            keep_mask[b, call.vis_pos[b][kept[b]]] = True
+            drop[b, call.vis_pos[b]] = True
+            drop[b, call.vis_pos[b][kept[b]]] = False
+        rows_b = [keep_mask[b].nonzero().squeeze(1) for b in range(B)]
+        n = max(r.numel() for r in rows_b)
+        lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
+        rows = pad_left(rows_b, n, 0)
+        pad = None
+        if any(lead):
+            pad = pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
+        cols = rows if prev is None else prev.cols.gather(1, rows)
+        base_pos = call.pos if prev is None else prev.pos
+        if self.positions == "renumber":  # subtract the visual tokens dropped before each kept token
+            base_pos = base_pos - drop.long().cumsum(1)[..., None]
+        new_pos = base_pos.gather(1, rows[:, :, None].expand(B, n, base_pos.shape[2]))
+        shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
+        if self.positions == "renumber":
+            shift = shift + drop.sum(1)
+        seg = _Segment(stage.layer, cols, shift, new_pos, pad)
+        call.segments.append(seg)
+        if self._gen is not None:
+            self._gen.segments.append(seg)
+        call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b]]) for b in range(B)]
+        call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
+        call.valid = pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
+        new_hidden = pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
+        return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
     @staticmethod
     def _text_after(vis: Tensor, valid: Tensor) -> Tensor:
@@ -729,3 +786,23 @@ class DecoderPruner(Patch):
                 flags = c.merged.to(device=f.device, dtype=torch.bool).flatten()[order]
             merged.append(flags)
         return kept, values, merged
+
+
+class _LayerPre:
+    """Pre-hook of decoder layer ``j`` (an object, not a closure: a copied model's hooks follow its copied pruner)."""
+
+    def __init__(self, pruner: DecoderPruner, j: int, prunes_after: bool) -> None:
+        self.pruner, self.j, self.prunes_after = pruner, j, prunes_after
+
+    def __call__(self, module, args, kwargs):
+        return self.pruner._layer_pre(self.j, self.prunes_after, module, args, kwargs)
+
+
+class _LayerPost:
+    """Forward hook of the layer before ``stage.layer``: runs the stage and gathers the kept rows."""
+
+    def __init__(self, pruner: DecoderPruner, stage: Stage) -> None:
+        self.pruner, self.stage = pruner, stage
+
+    def __call__(self, module, args, kwargs, output):
+        return self.pruner._layer_post(self.stage, module, args, kwargs, output)
