@@ -113,6 +113,13 @@ class _Segment:
     pos: Tensor  # [B, n, P] prefill position ids
     pad: Tensor | None = None  # [B, n] True where a row was left-padded because rows kept different counts
 
+    def on(self, device) -> "_Segment":
+        """This segment with its tensors on ``device`` (a model spread over devices meets them on each)."""
+        if self.cols.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return _Segment(self.first_layer, move(self.cols), move(self.shift), move(self.pos), move(self.pad))
+
 
 @dataclass
 class _Generation:
@@ -145,6 +152,15 @@ class _Call:
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
     report: PruningReport | None = None
     units: list[list[int]] | None = None  # budget_per="image": per sample, token counts of its images / frames
+
+    def to(self, device) -> None:
+        """Move the per-call tensors the layers index with to ``device``."""
+        if self.pos is not None and self.pos.device != torch.device(device):
+            self.pos = self.pos.to(device)
+            self.valid = None if self.valid is None else self.valid.to(device)
+            self.vis_pos = [v.to(device) for v in self.vis_pos]
+            self.vis_orig = [v.to(device) for v in self.vis_orig]
+            self.segments[:] = [seg.on(device) for seg in self.segments]
 
 
 def _positions_in(pos: Tensor | None, B: int, L: int, device) -> tuple[Tensor, int]:
@@ -474,7 +490,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         """A decode step's 2-D mask (unpruned coordinates) mapped onto the pruned cache."""
         gen = gen if gen is not None else self._gen
         assert gen is not None and gen.mask is not None
-        return torch.cat([gen.mask, mask[:, gen.orig_len :]], dim=1)
+        return torch.cat([gen.mask.to(mask.device), mask[:, gen.orig_len :]], dim=1)
 
     def generation_for(self, cache) -> "_Generation | None":
         """The pruned prefill that filled ``cache`` (None when this patch did not prune it)."""
@@ -489,11 +505,12 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if isinstance(mask, Tensor) and gen.mask is not None and mask.dim() == 2:
             C.LM_ATTENTION_MASK.set(kwargs, self.map_decode_mask(mask))
         pos = C.LM_POSITION_IDS.get(kwargs)
+        device = (embeds if embeds is not None else C.LM_INPUT_IDS.get(kwargs)).device
         if pos is None:  # what the unpatched model would use: the unpruned sequence continued
             base = gen.orig_len + past - self._prefill_len(None)
-            pos = base + torch.arange(q, device=gen.dropped.device)[None].expand(gen.dropped.shape[0], q)
-        pos, style = _positions_in(pos, gen.dropped.shape[0], q, gen.dropped.device)
-        pos = pos - gen.shift[:, None, None]
+            pos = base + torch.arange(q, device=device)[None].expand(gen.dropped.shape[0], q)
+        pos, style = _positions_in(pos.to(device), gen.dropped.shape[0], q, device)
+        pos = pos - gen.shift.to(device)[:, None, None]
         C.LM_POSITION_IDS.set(kwargs, _positions_out(pos, style))
         self._call = _Call(mode="decode", pos=pos, style=style, past=past, segments=gen.segments)
 
@@ -508,7 +525,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
     def _remap(self, call: _Call, idx: int, hidden: Tensor, kwargs: dict) -> dict:
         if idx in call.remapped:
             return call.remapped[idx]
-        seg = call.segments[idx]
+        seg = call.segments[idx].on(hidden.device)
         mask = C.LAYER_ATTENTION_MASK.get(kwargs)
         cos, sin = C.LAYER_POSITION_EMBEDDINGS.get(kwargs)
         B = seg.cols.shape[0]
@@ -551,7 +568,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                         mask = _hide_pads(mask, pad_keys)
                 else:
                     mask = _causal_pad_mask(pad_keys, hidden.shape[1])
-            pos = call.pos - seg.shift[:, None, None]
+            pos = call.pos.to(hidden.device) - seg.shift[:, None, None]
             shifted = self.positions == "renumber" and bool(seg.shift.any())
             emb = self.rotary(hidden, _positions_out(pos, call.style)) if shifted else (cos, sin)
         out = {C.LAYER_ATTENTION_MASK.key: mask, C.LAYER_POSITION_EMBEDDINGS.key: emb}
@@ -590,6 +607,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         n_orig = call.report.visual_tokens
         if not sum(n_orig):
             return None
+        call.to(hidden.device)  # a model spread over devices: this layer's device
         feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
         kept, values, merged = self._stage(
             stage, call, feats, n_orig, lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden)
