@@ -32,10 +32,13 @@ class DecoderLayer(InsertionPoint):
     name = "decoder_layer"
     description = (
         "Between two decoder layers: visual rows are removed from the hidden states before layer K; features are "
-        "layer K-1's output. Signals (of layer K-1, recomputed for the needed rows, no eager switch): "
-        "text_attention (raters=sparsevlm|last_token|all_text), keys (tokens=visual|text), text_states."
+        "layer K-1's output. Signals (recomputed for the needed rows, no eager switch): text_attention "
+        "(raters=sparsevlm|last_token|all_text; layer=previous: K-1's attention on its input, next: K's on its "
+        "input), keys (tokens=visual|text; rope=True: after the rotary embedding), states (tokens=visual|text; "
+        "final_norm=True: through the final norm), positions (tokens=visual|text: sequence positions), "
+        "text_states."
     )
-    signals = frozenset({"text_attention", "keys", "text_states"})
+    signals = frozenset({"text_attention", "keys", "states", "positions", "text_states"})
     needs_layer = True
 
 

@@ -315,6 +315,7 @@ INNER = _at("model.model", "model", "the multimodal model inside a *ForCondition
 LANGUAGE_MODEL = _at("model.language_model", "inner", "the decoder the visual tokens enter")
 TEXT_MODEL = _at("model.text_model", "inner", "Idefics3/SmolVLM: the decoder the visual tokens enter")
 DECODER_LAYERS = _at("language_model.layers", "language_model", "decoder layers, hooked for in-LLM pruning")
+FINAL_NORM = _at("language_model.norm", "language_model", "the final norm (signal states, final_norm=True)")
 ROTARY_EMBEDDING = _at("language_model.rotary_emb", "language_model",
                        "(cos, sin) for renumbered positions: rotary_emb(hidden, position_ids=...)")
 INPUT_EMBEDDINGS = _at("model.get_input_embeddings", "inner", "finds placeholders in inputs_embeds")
@@ -371,7 +372,7 @@ CORE = (
     LM_INPUTS_EMBEDS, LM_INPUT_IDS, LM_ATTENTION_MASK, LM_POSITION_IDS, LM_CACHE, LM_USE_CACHE,
     LAYER_HIDDEN_STATES, LAYER_ATTENTION_MASK, LAYER_POSITION_EMBEDDINGS, LAYER_POSITION_IDS,
     MODEL_INPUT_IDS, MODEL_INPUTS_EMBEDS, MODEL_ENCODER_OUTPUTS, ENCODE_IMAGES, ENCODE_VIDEOS,
-    DECODER_LAYERS, ROTARY_EMBEDDING, INPUT_EMBEDDINGS, SELF_ATTENTION, INPUT_NORM, STATIC_CACHE, GRADIENT_CHECKPOINTING,
+    DECODER_LAYERS, ROTARY_EMBEDDING, FINAL_NORM, INPUT_EMBEDDINGS, SELF_ATTENTION, INPUT_NORM, STATIC_CACHE, GRADIENT_CHECKPOINTING,
     Q_PROJ, K_PROJ, Q_NORM, K_NORM, HEAD_DIM, SCALING, ATTENTION_ROTARY, DYNAMIC_CACHE, CACHE_LENGTH,
 )
 #: what reading a vision encoder's attention relies on

@@ -1,12 +1,19 @@
 """DART (EMNLP'25, arXiv:2502.11494): keep the visual tokens that duplicate the pivots least.
 
-After decoder layer K-1: pivots are the ``image_pivots`` visual tokens and ``text_pivots`` instruction tokens whose
-layer K-1 keys have the largest L1 norm. The visual pivots are kept; every pivot then claims ``⌊r/P⌋`` of the
-remaining budget ``r`` (``P`` pivots), in pivot order, as the not yet chosen visual tokens least cosine-similar to
-it (layer K-1 output states); what is left of ``r`` goes to the tokens least similar to their most similar pivot.
+As the official code does it, between decoder layers K-1 and K: the pivots are the ``image_pivots`` visual tokens
+and ``text_pivots`` tokens after the image whose layer K-1 keys (after the rotary embedding, all heads side by
+side) have the largest L1 norm. The visual pivots are kept. Pivots are visited in the order of a Python set of
+their sequence positions (the official loop iterates ``set(image_pivots + text_pivots)``); each claims the
+``⌊r/P⌋`` not yet claimed, non-pivot visual tokens least cosine-similar to it, on the layer K-1 output passed
+through the language model's final norm (``P`` pivots, ``r`` the budget left after the visual pivots). The
+official code keeps ``P·⌈B // P⌉ + image_pivots`` tokens for a budget "B" (132 for 128); prunekit keeps exactly
+the stage budget and gives any remainder of ``r`` to the tokens least similar to their most similar pivot. The
+kept tokens keep their original positions.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
@@ -18,29 +25,39 @@ from prunekit.planning import StagePlan, check_layers, make_stages
 from prunekit.ops import cosine, topk
 
 
+def _largest(norms: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest norms, largest first (``torch.topk``'s order)."""
+    return torch.sort(norms.float(), descending=True, stable=True).indices[:k]
+
+
 def dart_select(
     features: Tensor, visual_key_norms: Tensor, k: int, text_states: Tensor | None = None,
     text_key_norms: Tensor | None = None, image_pivots: int = 4, text_pivots: int = 4,
+    visual_positions: Tensor | None = None, text_positions: Tensor | None = None,
 ) -> Tensor:
-    """DART's rule for one sample: ``features [n, D]``, key norms ``[n]`` (and the text's), budget ``k``."""
+    """DART's rule for one sample: ``features [n, D]``, key norms ``[n]`` (and the text's), budget ``k``.
+    With sequence positions, pivots are visited in the official (Python set) order; without, visual pivots then
+    text pivots, each by descending key norm."""
     n = features.shape[0]
     if k >= n:
         return torch.arange(n, device=features.device)
     p_img = min(image_pivots, k)
     chosen = torch.zeros(n, dtype=torch.bool, device=features.device)
-    img_pivots = topk(visual_key_norms.float(), p_img) if p_img else visual_key_norms.new_zeros(0).long()
-    chosen[img_pivots] = True
-    pivot_feats = [features[img_pivots]]
+    img = _largest(visual_key_norms, p_img)
+    chosen[img] = True
+    pivots = [(features[i], None if visual_positions is None else int(visual_positions[i])) for i in img.tolist()]
     if text_states is not None and text_states.shape[0] and text_pivots:
-        t = topk(text_key_norms.float(), min(text_pivots, text_states.shape[0]))
-        pivot_feats.append(text_states[t])
-    pivots = torch.cat(pivot_feats)
-    if pivots.shape[0] == 0:
+        txt = _largest(text_key_norms, min(text_pivots, text_states.shape[0]))
+        pivots += [(text_states[i], None if text_positions is None else int(text_positions[i])) for i in txt.tolist()]
+    if not pivots:
         return topk(visual_key_norms.float(), k)
-    sim = cosine(pivots, features)  # [P, n]
-    remaining = k - p_img
-    quota = remaining // pivots.shape[0]
-    for p in range(pivots.shape[0]):
+    if all(p is not None for _, p in pivots):
+        by_position = {p: f for f, p in pivots}
+        # the official loop visits set(image pivots + text pivots), each list by descending norm
+        pivots = [(by_position[p], p) for p in set(p for _, p in pivots)]
+    sim = cosine(torch.stack([f for f, _ in pivots]), features)  # [P, n]
+    quota = (k - p_img) // len(pivots)
+    for p in range(len(pivots)):
         if quota == 0:
             break
         score = (-sim[p]).masked_fill(chosen, float("-inf"))
@@ -59,6 +76,11 @@ class DartSelection(StrictModel):
 
 class DartConfig(DartSelection, MethodConfig):
     layer: PositiveInt = Field(2, description="K: first decoder layer that sees the pruned tokens (paper: 2).")
+    positions: Literal["auto", "renumber", "original"] = Field(
+        "original", description="Position ids of kept tokens; DART's code keeps the original ones (default).")
+    official_signals: bool = Field(
+        True, description="Keys after the rotary embedding and final-normed states, as the official code; False: "
+        "keys before the rotary embedding and raw layer outputs (prunekit's earlier reading of the paper).")
 
 
 class Dart(Method):
@@ -71,17 +93,23 @@ class Dart(Method):
         cfg = self.config
         layer = check_layers([cfg.layer], spec.num_layers, "layer")[0]
 
+        official = cfg.official_signals
+
         def choose(ctx):
-            vkeys = ctx.relevance("keys", tokens="visual")
-            tkeys = ctx.relevance("keys", tokens="text")
-            texts = ctx.relevance("text_states")
+            vkeys = ctx.relevance("keys", tokens="visual", rope=official)
+            tkeys = ctx.relevance("keys", tokens="text", rope=official)
+            feats = ctx.relevance("states", tokens="visual", final_norm=official)
+            texts = ctx.relevance("states", tokens="text", final_norm=official)
+            vpos = ctx.relevance("positions", tokens="visual")
+            tpos = ctx.relevance("positions", tokens="text")
             return [
                 dart_select(f, vk.float().abs().sum(-1), k, ts, tk.float().abs().sum(-1), cfg.image_pivots,
-                            cfg.text_pivots)
-                for f, vk, tk, ts, k in zip(ctx.features, vkeys, tkeys, texts, ctx.keep)
+                            cfg.text_pivots, vp, tp)
+                for f, vk, tk, ts, vp, tp, k in zip(feats, vkeys, tkeys, texts, vpos, tpos, ctx.keep)
             ]
 
-        plan = StagePlan("decoder_layer", choose, layer, label=f"dart (layer {layer})", signals=("keys", "text_states"))
+        plan = StagePlan("decoder_layer", choose, layer, label=f"dart (layer {layer})",
+                         signals=("keys", "states", "positions"))
         return make_stages(cfg, spec, [plan], method=self.name)
 
     @classmethod

@@ -7,6 +7,8 @@ that one query row (sdpa stays on). Layers 0..K-1 see every visual token, so a l
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
@@ -19,6 +21,8 @@ from prunekit_plugins.methods.common import DecoderStageConfig, relevance_topk
 
 class FastVConfig(DecoderStageConfig):
     layer: PositiveInt = Field(2, description="K: the first decoder layer that sees the pruned tokens (paper: K=2).")
+    positions: Literal["auto", "renumber", "original"] = Field(
+        "original", description="Position ids of kept tokens; FastV's code keeps the original ones (default).")
 
 
 class FastV(Method):

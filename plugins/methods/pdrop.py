@@ -1,12 +1,15 @@
 """PyramidDrop (CVPR'25, arXiv:2410.17247): FastV's rule at several depths, a pyramid of shrinking counts.
 
-At each stage layer the last instruction token's attention (query × all keys, recomputed with the layer's rotary
-embedding, softmax, mean over heads) ranks the visual tokens still present; the top ones go on. The paper keeps
+At each stage layer ℓ the last instruction token's attention ranks the visual tokens still present, computed as the
+official code does with layer ℓ's *own* norm, query and key projections on layer ℓ's input (query × all keys,
+rotary embedding, softmax, mean over heads) before layer ℓ runs on the survivors; the top ones go on. The paper keeps
 50 %, 25 %, 12.5 % after layers 8, 16, 24 of 32 (ratio λ = 0.5); prunekit keeps that shape and scales it so
 the layer-averaged count is the budget. Layers 0..7 see every token, so small budgets need earlier layers.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator
 
@@ -22,6 +25,9 @@ class PDropConfig(DecoderStageConfig):
         description="First decoder layers that see each stage's count; None: 8, 16, 24 of 32, scaled to depth.",
     )
     ratio: float = Field(0.5, gt=0.0, lt=1.0, description="λ: each stage keeps this fraction of the one before.")
+    attention_layer: Literal["next", "previous"] = Field(
+        "next", description="Whose attention ranks the tokens at stage layer ℓ: 'next' = layer ℓ's own on its input "
+        "(the official code), 'previous' = layer ℓ-1's (FastV's rule).")
 
     @field_validator("layers")
     @classmethod
@@ -45,7 +51,8 @@ class PDrop(Method):
         else:
             layers = scale_layers((8, 16, 24), spec.num_layers)
         plans = [
-            StagePlan("decoder_layer", relevance_topk("text_attention", raters=cfg.raters), layer,
+            StagePlan("decoder_layer", relevance_topk("text_attention", raters=cfg.raters, layer=cfg.attention_layer),
+                      layer,
                       shape=cfg.ratio ** (i + 1), label=f"pdrop stage {i + 1} (layer {layer})",
                       signals=("text_attention",))
             for i, layer in enumerate(layers)

@@ -18,7 +18,7 @@ def _heads(proj: Tensor, head_dim: int) -> Tensor:
     return proj.view(proj.shape[0], proj.shape[1], -1, head_dim)
 
 
-def _rows(t: Tensor, b: int, rows: Tensor | None = None) -> Tensor:
+def rows_of(t: Tensor, b: int, rows: Tensor | None = None) -> Tensor:
     """Sample ``b`` (kept as a batch of one) and, optionally, sequence ``rows`` of a (cos, sin) tensor laid out
     ``[..., B, L, D]`` (M-RoPE models on older releases lead with one row per axis)."""
     t = t.narrow(-3, b if t.shape[-3] > 1 else 0, 1)
@@ -50,8 +50,8 @@ def attention_rows(
     if position_embeddings is not None:
         cos, sin = position_embeddings
         rotate = C.ATTENTION_ROTARY.get(attn)
-        q = rotate(q, _rows(cos, b, query_rows), _rows(sin, b, query_rows))
-        k = rotate(k, _rows(cos, b), _rows(sin, b))
+        q = rotate(q, rows_of(cos, b, query_rows), rows_of(sin, b, query_rows))
+        k = rotate(k, rows_of(cos, b), rows_of(sin, b))
     q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

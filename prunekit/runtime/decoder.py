@@ -28,7 +28,7 @@ from .. import contracts as C
 from ..errors import PruningError
 from ..interfaces import Choice, Patch, Stage, StageContext
 from ..report import PruningReport, StageRecord
-from .attention import attention_rows, select_raters
+from .attention import attention_rows, rows_of, select_raters
 from .state import PerThread, ThreadStateMixin
 
 __all__ = ["DecoderPruner", "ModelHooks", "PruningError", "brings_images", "pad_left"]
@@ -686,39 +686,79 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return [self._text_similarity(embeds[b], vis_pos[b], valid[b]) for b in range(embeds.shape[0])]
         return self.hooks.projector_signal(name, options, n_visual)
 
+    #: signals inside the decoder and the options each takes (value -> allowed values)
+    LAYER_SIGNALS = {
+        "text_attention": {"raters": ("sparsevlm", "last_token", "all_text"), "layer": ("previous", "next")},
+        "keys": {"tokens": ("visual", "text"), "rope": (False, True)},
+        "states": {"tokens": ("visual", "text"), "final_norm": (False, True)},
+        "positions": {"tokens": ("visual", "text")},
+        "text_states": {},
+    }
+
     def _layer_signal(self, call: _Call, layer, j: int, name: str, options: dict, hidden_out: Tensor) -> list[Tensor]:
-        if name not in ("text_attention", "keys", "text_states"):
+        """A signal at the boundary between layer ``j`` (K-1) and ``j + 1`` (K, the first to see the pruned tokens).
+
+        ``text_attention``: attention of the raters to the visual tokens, recomputed for the rater rows; by
+        ``layer="previous"`` (K-1 on its input, as its forward computed it) or ``"next"`` (K on its input, before
+        K runs). ``keys``: K-1's keys of the visual or text tokens (``rope=True``: after the rotary embedding,
+        heads side by side). ``states``: K-1's output rows of the visual or text tokens (``final_norm=True``: through
+        the language model's final norm). ``positions``: where the visual or text tokens sit in the sequence,
+        counted from its first (non-padding) token. ``text_states``: K-1's output rows of the instruction."""
+        allowed = self.LAYER_SIGNALS.get(name)
+        if allowed is None:
             raise PruningError(
-                f"signal {name!r} is not available inside the decoder (offered: text_attention, keys, text_states)"
+                f"signal {name!r} is not available inside the decoder (offered: {', '.join(self.LAYER_SIGNALS)})"
             )
+        for key, value in options.items():
+            if key in allowed and value not in allowed[key]:
+                raise PruningError(f"signal {name!r}: {key} must be one of {list(allowed[key])}, got {value!r}")
         hidden_in, mask, pos_emb = call.captured[j]
         out = []
         for b in range(hidden_in.shape[0]):
             vis = call.vis_pos[b]
             text = self._text_after(vis, call.valid[b])
+            rows = vis if options.get("tokens", "visual") == "visual" else text
             if name == "text_states":
                 out.append(hidden_out[b, text])
-                continue
-            if name == "keys":
-                which = options.get("tokens", "visual")
-                if which not in ("visual", "text"):
-                    raise PruningError(f"signal 'keys': tokens must be 'visual' or 'text', got {which!r}")
-                rows = vis if which == "visual" else text
-                norm, attn = C.INPUT_NORM.get(layer), C.SELF_ATTENTION.get(layer)
-                out.append(C.K_PROJ.get(attn)(norm(hidden_in[b, rows])))
-                continue
-            if vis.numel() == 0:
+            elif name == "positions":  # counted from the row's first token (left padding does not count)
+                out.append(rows - int(call.valid[b].long().argmax()))
+            elif name == "states":
+                states = hidden_out[b, rows]
+                out.append(C.FINAL_NORM.get(self.lm)(states) if options.get("final_norm", False) else states)
+            elif name == "keys":
+                out.append(self._keys(layer, hidden_in, pos_emb, b, rows, options.get("rope", False)))
+            elif vis.numel() == 0:
                 out.append(torch.zeros(0, device=hidden_in.device))
-                continue
-            normed = C.INPUT_NORM.get(layer)(hidden_in[b])
-            raters = select_raters(options.get("raters", "sparsevlm"), normed, vis, text)
-            probs = attention_rows(layer, hidden_in, pos_emb, mask, b, raters)  # [H, R, L]
-            out.append(probs.mean((0, 1))[vis])
+            else:
+                rater_layer, states = layer, hidden_in
+                if options.get("layer", "previous") == "next":
+                    rater_layer, states = self.layers[j + 1], hidden_out
+                normed = C.INPUT_NORM.get(rater_layer)(states[b])
+                raters = select_raters(options.get("raters", "sparsevlm"), normed, vis, text)
+                probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters)  # [H, R, L]
+                out.append(probs.mean((0, 1))[vis])
         return out
+
+    @staticmethod
+    def _keys(layer, hidden_in: Tensor, pos_emb, b: int, rows: Tensor, rope: bool) -> Tensor:
+        """Layer keys of ``rows`` of sample ``b``: ``[R, kv_heads * head_dim]`` (after the rotary embedding if
+        ``rope``)."""
+        attn = C.SELF_ATTENTION.get(layer)
+        keys = C.K_PROJ.get(attn)(C.INPUT_NORM.get(layer)(hidden_in[b, rows]))
+        if not rope:
+            return keys
+        head_dim = C.HEAD_DIM.get(attn)
+        k = keys.view(1, rows.numel(), -1, head_dim).transpose(1, 2)  # [1, kv_heads, R, hd]
+        if C.K_NORM.has(attn):
+            k = C.K_NORM.get(attn)(k.transpose(1, 2)).transpose(1, 2)
+        cos, sin = pos_emb
+        k = C.ATTENTION_ROTARY.get(attn)(k, rows_of(cos, b, rows), rows_of(sin, b, rows))
+        return k.transpose(1, 2).reshape(rows.numel(), -1)
 
     # -- shared ---------------------------------------------------------------------------------------------
     #: signals with one row per visual token of the stage (split per image / frame); others describe the prompt
-    PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_similarity"})
+    PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_similarity", "states",
+                                   "positions"})
 
     def _stage(self, stage: Stage, call: _Call, feats: list[Tensor], n_orig: list[int], signal, grids=None):
         """Run ``stage`` on every sample (``budget_per="prompt"``) or on every image / frame of every sample."""
