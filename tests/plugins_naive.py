@@ -36,19 +36,23 @@ def naive_scope(x, cls, k, alpha):
 
 
 def naive_visionzip(x, cls, keys, k, contextual):
-    """VisionZip: dominant by [CLS] attention; the rest merged into `contextual` strided targets by key cosine."""
+    """VisionZip as its official code computes it on patch tokens: dominant = the top k − contextual by [CLS]
+    attention; the rest, in sequence order, give `contextual` targets at the stride max(1, rest // contextual); each
+    other token joins its most key-cosine-similar target (the first on ties); a contextual value is its target plus
+    the mean of the tokens that joined it. Returns the kept places in sequence order and, aligned with them, the
+    official sequence [dominant tokens in sequence order, contextual tokens in target order] and merged flags."""
     n = x.shape[0]
-    dominant = sorted(range(n), key=lambda i: (-float(cls[i]), i))[: k - contextual]
+    dominant = sorted(sorted(range(n), key=lambda i: (-float(cls[i]), i))[: k - contextual])
     rest = [i for i in range(n) if i not in dominant]
     step = max(1, len(rest) // contextual)
     targets = [rest[p] for p in range(0, len(rest), step)][:contextual]
-    groups = {t: [t] for t in targets}
+    joined = {t: [] for t in targets}
     for i in rest:
-        if i in targets:
-            continue
-        best = max(targets, key=lambda t: (_cos(keys[i], keys[t]), -targets.index(t)))
-        groups[best].append(i)
-    idx = dominant + targets
-    values = [x[i] for i in dominant] + [torch.stack([x[j] for j in groups[t]]).mean(0) for t in targets]
-    merged = [False] * len(dominant) + [len(groups[t]) > 1 for t in targets]
-    return idx, values, merged
+        if i not in targets:
+            sims = [_cos(keys[i], keys[t]) for t in targets]
+            joined[targets[sims.index(max(sims))]].append(i)
+    values = [x[i] for i in dominant]
+    for t in targets:
+        values.append(x[t] + torch.stack([x[j] for j in joined[t]]).mean(0) if joined[t] else x[t])
+    merged = [False] * len(dominant) + [bool(joined[t]) for t in targets]
+    return sorted(dominant + targets), values, merged

@@ -1,14 +1,21 @@
 """VisionZip (CVPR'25, arXiv:2412.04467): dominant tokens by [CLS] attention plus merged contextual tokens.
 
-On the vision features the projector reads: the ``k - C`` tokens with the highest [CLS] attention are kept as they
-are (dominant); the rest are merged into ``C`` contextual tokens: ``C`` targets at a uniform stride among them, and
-every other remaining token joins the target whose L2-normalised key (feature layer, mean over heads) is most
-similar; a target's value becomes the mean of its group. The paper splits 64 as 54 + 10, 128 as 108 + 20 and 192 as
-162 + 30, i.e. ``C ≈ 10/64 · k``. Contextual tokens sit at their target's position (the official code appends them
-after the dominant ones).
+On the vision features the projector reads, as the official code (dvlab-research/VisionZip) computes them: the
+``k - C`` tokens with the highest [CLS] attention (feature layer) are kept as they are (dominant); the rest, in
+sequence order, are merged into ``C`` contextual tokens: ``C`` targets at the uniform stride ``max(1, M // C)``
+over those ``M`` remaining tokens, every other remaining token assigned to the target whose L2-normalised key
+(feature layer, mean over heads) is most similar, and a contextual token's value is its target's feature plus the
+mean of the tokens assigned to it. The language model sees ``[dominant in sequence order, contextual in target
+order]``. The paper splits 64 as 54 + 10, 128 as 108 + 20 and 192 as 162 + 30, i.e. ``C = round(10/64 · k)``.
+
+The official code counts the [CLS] token as one of the dominant tokens (``dominant - 1`` patches plus [CLS]);
+prunekit's visual tokens are the model's patch placeholders and the [CLS] feature is not among them, so its place
+goes to the next patch by [CLS] attention: ``k - C`` dominant patches (docs/methods/visionzip.md).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -35,34 +42,59 @@ def contextual_count(k: int, ratio: float, fixed: int | None) -> int:
 
 
 def visionzip_choice(
-    features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, ratio: float = 10 / 64, fixed: int | None = None
+    features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, ratio: float = 10 / 64, fixed: int | None = None,
+    value: str = "target_plus_mean", order: str = "after",
 ) -> Choice:
     """One sample: ``features [n, D]``, ``cls_attention [n]``, ``keys [n, d]``; keep ``k``, ``C`` of them merged
-    (``C`` from :func:`contextual_count`). Keeping every token merges nothing."""
+    (``C`` from :func:`contextual_count`). Keeping every token merges nothing.
+
+    ``value``: ``"target_plus_mean"`` (official) or ``"mean"`` (the mean of the target and its tokens).
+    ``order``: ``"after"`` (official): the kept places, in sequence order, hold the dominant tokens in sequence
+    order and then the contextual ones in their targets' order; ``"target"``: every token at its own place."""
     n = features.shape[0]
     if k >= n:
         return Choice(torch.arange(n, device=features.device))
     contextual = contextual_count(k, ratio, fixed)
-    dominant = topk(cls_attention.float(), k - contextual)
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dominant = topk(cls_attention if cls_attention.dtype == torch.float64 else cls_attention.float(), k - contextual)
     rest = torch.ones(n, dtype=torch.bool, device=features.device)
     rest[dominant] = False
-    rest = rest.nonzero().squeeze(1)
+    rest = rest.nonzero().squeeze(1)  # the remaining tokens, in sequence order
     step = max(1, rest.numel() // contextual)
     targets = torch.arange(0, rest.numel(), step, device=features.device)[:contextual]
-    unit = torch.nn.functional.normalize(keys[rest].float(), dim=-1)
-    assignment = (unit @ unit[targets].T).argmax(-1)
-    assignment[targets] = torch.arange(targets.numel(), device=features.device)
-    sums = torch.zeros(targets.numel(), features.shape[1], device=features.device)
-    sums.index_add_(0, assignment, features[rest].float())
+    others = torch.ones(rest.numel(), dtype=torch.bool, device=features.device)
+    others[targets] = False
+    unit = torch.nn.functional.normalize(keys[rest].to(dtype), dim=-1)
+    assignment = (unit[others] @ unit[targets].T).argmax(-1)  # first target on ties
+    sums = torch.zeros(targets.numel(), features.shape[1], dtype=dtype, device=features.device)
+    sums.index_add_(0, assignment, features[rest[others]].to(dtype))
     sizes = torch.bincount(assignment, minlength=targets.numel())
-    values = torch.cat([features[dominant], (sums / sizes[:, None]).to(features.dtype)])
-    merged = torch.cat([torch.zeros(dominant.numel(), dtype=torch.bool, device=features.device), sizes > 1])
-    return Choice(torch.cat([dominant, rest[targets]]), values, merged)
+    own = features[rest[targets]].to(dtype)
+    if value == "target_plus_mean":
+        merged_values = own + sums / sizes.clamp_min(1)[:, None]
+    else:
+        merged_values = (own + sums) / (sizes + 1)[:, None]
+    values = torch.cat([features[dominant], merged_values.to(features.dtype)])
+    merged = torch.cat([torch.zeros(dominant.numel(), dtype=torch.bool, device=features.device), sizes > 0])
+    places = torch.cat([dominant, rest[targets]])
+    if order == "after":  # the same places, filled in the official order
+        places = places.sort().values
+    return Choice(places, values, merged)
 
 
 class VisionZipSelection(StrictModel):
     contextual_ratio: float = Field(10 / 64, gt=0.0, lt=1.0, description="C/k when contextual_tokens is None.")
     contextual_tokens: PositiveInt | None = Field(None, description="Fixed number C of contextual tokens.")
+    contextual_value: Literal["target_plus_mean", "mean"] = Field(
+        "target_plus_mean",
+        description="A contextual token's value: its target's feature plus the mean of the tokens assigned to it "
+        "(official), or the mean of the target and those tokens.",
+    )
+    contextual_order: Literal["after", "target"] = Field(
+        "after",
+        description="'after': the kept places hold the dominant tokens, then the contextual ones (the official "
+        "sequence); 'target': each contextual token sits at its target's place.",
+    )
 
 
 class VisionZipConfig(VisionZipSelection, MethodConfig):
@@ -75,14 +107,18 @@ class VisionZip(Method):
     SelectionConfig = VisionZipSelection
     description = "Dominant tokens by [CLS] attention + contextual tokens merged by key similarity."
 
+    @staticmethod
+    def _choice(features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, cfg: VisionZipSelection) -> Choice:
+        return visionzip_choice(features, cls_attention, keys, k, cfg.contextual_ratio, cfg.contextual_tokens,
+                                cfg.contextual_value, cfg.contextual_order)
+
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
 
         def choose(ctx):
             cls_attn = ctx.relevance("cls_attention")
             keys = ctx.relevance("keys")
-            return [visionzip_choice(f, a, kk, k, cfg.contextual_ratio, cfg.contextual_tokens)
-                    for f, a, kk, k in zip(ctx.features, cls_attn, keys, ctx.keep)]
+            return [self._choice(f, a, kk, k, cfg) for f, a, kk, k in zip(ctx.features, cls_attn, keys, ctx.keep)]
 
         least = 2 if cfg.contextual_tokens is None else cfg.contextual_tokens + 1
         plan = StagePlan("vision_features", choose, label="visionzip", signals=("cls_attention", "keys"))
@@ -93,8 +129,7 @@ class VisionZip(Method):
         """Model-free: ``relevance`` is the [CLS] attention; the features double as keys."""
         if relevance is None:
             raise ValueError("visionzip needs the [CLS] attention: pass relevance=[B, N]")
-        return stack_choices([visionzip_choice(f, r, f, k, config.contextual_ratio, config.contextual_tokens)
-                              for f, r in zip(features, relevance)], features)
+        return stack_choices([cls._choice(f, r, f, k, config) for f, r in zip(features, relevance)], features)
 
 
 @hookimpl

@@ -1,9 +1,11 @@
 """VisPruner (ICCV'25, arXiv:2412.01818v2): important tokens by [CLS] attention, then diverse ones by de-duplication.
 
-On the vision features: the ``round(k·r)`` tokens with the highest [CLS] attention are important; the rest are
-thinned until ``k - round(k·r)`` remain: split them (in sequence order) into alternating halves A (even places) and
-B (odd places), drop the up to ``step`` tokens of A most cosine-similar to B, and repeat, swapping the roles of the
-halves each round.
+On the vision features, as the official code (Theia-4869/VisPruner, ``llava/model/llava_arch.py``) computes them:
+the tokens are ordered by descending [CLS] attention; the first ``int(k·r)`` are important, the others form the
+residual. While the residual holds more than the ``k - int(k·r)`` diverse tokens wanted: split it into
+``A = residual[0::2]`` and ``B = residual[1::2]``, score each token of A by its highest cosine similarity to B, drop
+the ``min(step, excess)`` highest-scoring tokens of A, and let the new residual be the rest of A by descending score
+followed by B. The kept tokens stay in sequence order.
 """
 
 from __future__ import annotations
@@ -15,38 +17,40 @@ from torch import Tensor
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.planning import StagePlan, make_stages
-from prunekit.ops import cosine, topk
+from prunekit.ops import cosine
 
 
-def remove_duplicates(features: Tensor, candidates: Tensor, keep: int, step: int = 8) -> Tensor:
-    """Thin ``candidates`` (indices into ``features``, ascending) to ``keep`` by repeated bipartite de-duplication."""
-    rest = candidates
-    swap = False
-    while rest.numel() > keep:
-        a, b = (rest[1::2], rest[0::2]) if swap else (rest[0::2], rest[1::2])
-        if b.numel() == 0:  # one token left in a half: drop from the other
-            a, b = b, a
-        drop = min(step, rest.numel() - keep, a.numel())
-        sim = cosine(features[a], features[b]).amax(-1)
-        dropped = a[topk(sim, drop)]
-        rest = rest[~torch.isin(rest, dropped)]
-        swap = not swap
-    return rest
+def remove_duplicates(features: Tensor, residual: Tensor, keep: int, step: int = 8) -> Tensor:
+    """Thin ``residual`` (indices into ``features``, in the order that splits it) to ``keep`` tokens by repeated
+    bipartite de-duplication; returns the remaining indices in the loop's final order."""
+    while residual.numel() > keep:
+        a, b = residual[0::2], residual[1::2]
+        # the official count is min(step, excess); a count above A's size (only near the end of very small
+        # budgets, where the official indexing fails) is capped at it
+        drop = min(step, residual.numel() - keep, a.numel())
+        scores = cosine(features[a], features[b]).amax(-1)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        residual = torch.cat([a[order[drop:]], b])
+    return residual
 
 
 def vispruner_select(features: Tensor, cls_attention: Tensor, k: int, important_ratio: float = 0.5, step: int = 8) -> Tensor:
     n = features.shape[0]
     if k >= n:
         return torch.arange(n, device=features.device)
-    important = topk(cls_attention.float(), int(round(k * important_ratio)))
-    rest = torch.ones(n, dtype=torch.bool, device=features.device)
-    rest[important] = False
-    diverse = remove_duplicates(features, rest.nonzero().squeeze(1), k - important.numel(), step)
-    return torch.cat([important, diverse]).sort().values
+    important = int(k * important_ratio)
+    scores = cls_attention if cls_attention.dtype == torch.float64 else cls_attention.float()
+    ranked = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index first
+    kept = ranked[:important]
+    if k > important:
+        kept = torch.cat([kept, remove_duplicates(features, ranked[important:], k - important, step)])
+    return kept.sort().values
 
 
 class VisPrunerSelection(StrictModel):
-    important_ratio: float = Field(0.5, ge=0.0, le=1.0, description="r: share of the budget chosen by [CLS] attention.")
+    important_ratio: float = Field(
+        0.5, ge=0.0, le=1.0, description="r: share of the budget chosen by [CLS] attention (int(k·r) tokens)."
+    )
     step: PositiveInt = Field(8, description="Most tokens dropped per de-duplication round.")
 
 
