@@ -65,7 +65,7 @@ def test_cdpruner_model_free_matches_its_kernel_rule():
 
     feats, _ = _random(1, 20, 5, 3)
     query = torch.randn(1, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    kept = prunekit.select("cdpruner", feats, k=6, query=query)
+    kept = prunekit.select("cdpruner", feats, k=6, query=query, negate_relevance=False)  # the paper's sign
     unit = torch.nn.functional.normalize(feats[0], dim=-1)
     sim = (unit @ torch.nn.functional.normalize(query[0], dim=-1).T).mean(-1)
     r = (sim - sim.min()) / (sim.max() - sim.min())
@@ -201,7 +201,7 @@ def test_cdpruner_takes_a_relevance_computed_elsewhere():
     from prunekit_plugins.selectors.dpp import dpp_greedy_map
 
     feats, rel = _random(1, 16, 5, 4)
-    kept = prunekit.select("cdpruner", feats, rel, k=5, relevance_scorer="relevance")
+    kept = prunekit.select("cdpruner", feats, rel, k=5, relevance_scorer="relevance", negate_relevance=False)
     unit = torch.nn.functional.normalize(feats[0], dim=-1)
     r = (rel[0] - rel[0].min()) / (rel[0].max() - rel[0].min())
     L = r[:, None] * (unit @ unit.T) * r[None, :]

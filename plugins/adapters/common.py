@@ -97,8 +97,10 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
     # the encoder calls that produced the current prompt's visual tokens (set by _sync)
     records: list[tuple[str, dict]] = PerThread(list)  # (encoder method, its arguments), in call order
     units_of: list[list[int]] = PerThread(list)  # each of those calls' budget units (images, frames): token counts
-    cls: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches] [CLS] attention
-    keys: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches, head_dim]
+    # per tower pass, {"mean": over heads, "one": all heads as one wide head}: [crops, patches] [CLS] attention,
+    # and [crops, patches, head_dim] / [crops, patches, width] keys
+    cls: list[dict] = PerThread(list)
+    keys: list[dict] = PerThread(list)
     features: list[Tensor] = PerThread(list)  # per projector call: its input rows
     received: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches] attention each patch receives
 
@@ -242,13 +244,17 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         q, k = C.VISION_Q_PROJ.get(module)(rows), C.VISION_K_PROJ.get(module)(hidden)
         if C.VISION_Q_NORM.has(module):  # InternViT normalises q and k before the heads split
             q, k = C.VISION_Q_NORM.get(module)(q), C.VISION_K_NORM.get(module)(k)
+        whole_q, whole_k = q, k  # [n, rows, width], [n, L, width]: heads side by side
         q = q.view(n, -1, heads, hd).transpose(1, 2).float()
         k = k.view(n, L, heads, hd).transpose(1, 2).float()
         first = 1 if self.adapter.has_cls() else 0  # patches start after the [CLS] token
         if first:
             probs = ((q[:, :, :1] @ k.transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
-            self._pending["cls"].append(probs.mean(1)[:, 0, 1:])  # [CLS] → every patch, mean over heads
-            self._pending["keys"].append(k.mean(1)[:, 1:])
+            # heads="one": q and k over the whole width as a single head, scaled by width^-1/2 (PruMerge+'s code)
+            one = (whole_q[:, :1].float() @ whole_k.float().transpose(-1, -2)) * whole_k.shape[-1] ** -0.5
+            one = one.softmax(-1)  # [n, 1, L]
+            self._pending["cls"].append({"mean": probs.mean(1)[:, 0, 1:], "one": one[:, 0, 1:]})  # [CLS] → patches
+            self._pending["keys"].append({"mean": k.mean(1)[:, 1:], "one": whole_k[:, 1:]})
         if self._want_received:  # mean attention each patch receives from the patches, one head at a time
             received = torch.zeros(n, L - first, device=hidden.device)
             for h in range(heads):
@@ -276,7 +282,12 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
             raise PruningError(
                 f"no {name} was recorded: the images must be encoded by the patched model in this call"
             )
-        per_patch = torch.cat([c.reshape(-1, *c.shape[2:]) for c in captured])
+        allowed = ("mean", "one") if name in CLS_SIGNALS else ("mean",)
+        heads = options.get("heads", "mean")  # [CLS] signals: mean over heads, or "one" head over the whole width
+        if heads not in allowed:
+            raise PruningError(f"signal {name!r}: heads must be one of {list(allowed)}, got {heads!r}")
+        captured = [c[heads] if isinstance(c, dict) else c for c in captured]
+        per_patch = torch.cat([c.reshape(-1, *c.shape[2:]).float() for c in captured])
         sources = self.adapter.token_sources(self, visual_counts, per_patch.shape[0])
         out = []
         for src in sources:  # [n, g] indices into per_patch (-1: a token made by the model, e.g. a row break)

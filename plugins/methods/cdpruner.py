@@ -1,15 +1,18 @@
 """CDPruner (NeurIPS'25, arXiv:2506.10967): conditional diversity by a DPP over the projected visual tokens.
 
 The kernel is ``L = diag(r)·S·diag(r)``: ``S`` the cosine similarity of the projected tokens, ``r`` their relevance to
-the instruction, min-max normalised; the kept set is the DPP's greedy MAP (selector ``dpp``, O(k²·N)).
-LLaVA has no CLIP text tower, so relevance comes from a registered scorer: by default ``query_similarity``, the
+the instruction; the kept set is the DPP's greedy MAP (selector ``dpp``, O(k²·N)), in sequence order. As in the
+official code (Theia-4869/CDPruner, ``llava_arch.py``), ``r`` is the *negated* image–text similarity, min-max
+normalised as ``(r − min + 1e-6) / (max − min)``; ``negate_relevance=False`` takes the paper's sign instead.
+LLaVA has no CLIP text tower, so the similarity comes from a registered scorer: by default ``query_similarity``, the
 mean cosine between each visual token and the instruction's language-model input embeddings (the space the
 projector maps into). Any scorer can be named instead; ``relevance_scorer="relevance"`` with
-``prunekit.select(..., relevance=...)`` takes a relevance you computed yourself (e.g. with a CLIP text model).
+``prunekit.select(..., relevance=...)`` takes a similarity you computed yourself (e.g. with a CLIP text model).
 """
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
@@ -17,7 +20,6 @@ from prunekit import Method, ModelSpec, Stage, hookimpl, registry
 from prunekit.config import MethodConfig, StrictModel, registered_name
 from prunekit.interfaces import SelectionInput
 from prunekit.planning import StagePlan, make_stages
-from prunekit.ops import minmax
 from prunekit_plugins.selectors.dpp import DppSelector
 
 
@@ -26,7 +28,12 @@ class CDPrunerSelection(StrictModel):
         "query_similarity", description="Registered scorer giving r (needs the instruction when it reads a query)."
     )
     negate_relevance: bool = Field(
-        False, description="Use 1 − r (the official code negates the similarity before averaging)."
+        True, description="Negate the similarity before normalising it, as the official code does; False: the "
+        "paper's sign (the tokens most similar to the instruction are the most relevant)."
+    )
+    theta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="The official code's optional relevance weight (commented out there): "
+        "r ← exp(θ/(2(1−θ))·r); None: off, as by default there."
     )
 
     @field_validator("relevance_scorer")
@@ -36,8 +43,11 @@ class CDPrunerSelection(StrictModel):
 
     def relevance(self, inputs: SelectionInput) -> Tensor:
         r = registry.get("scorers", self.relevance_scorer)().start(inputs).gains()
-        r = minmax(r)
-        return 1.0 - r if self.negate_relevance else r
+        r = -r if self.negate_relevance else r
+        lo, hi = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
+        # the official normalisation; a constant row (a division by zero there) becomes all ones
+        r = torch.where(hi > lo, (r - lo + 1e-6) / (hi - lo).clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
+        return r if self.theta is None else torch.exp(self.theta / (2 * (1 - self.theta)) * r)
 
     def select(self, inputs: SelectionInput, k: int) -> Tensor:
         return DppSelector().select(SelectionInput(inputs.features, self.relevance(inputs)), k)

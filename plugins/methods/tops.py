@@ -6,13 +6,15 @@ necessary condition, greedily:
     score_i = N(r)_i + α·N(d)_i + λ·N(c)_i
 
 once after the projector (relevance = [CLS] attention) and again at two decoder layers p1 < p2 (relevance =
-attention from the text raters). Budgets follow the paper: stage I keeps 2T, p1 keeps T/2, p2 keeps T/4, which
-is a layer-averaged T at the paper's layers. Choices the paper leaves open are config fields, documented in
-docs/methods/tops.md.
+attention from the text raters). With a preset, ``keep_tokens=T`` is the paper's nominal T and each stage keeps
+the paper's count for it (Appendix C, Tables 9 and 10: LLaVA 2T → T → T/4); ``budget_meaning="layer_average"``
+(and every model without a preset) reads T as the layer-averaged count instead. Choices the paper leaves open are
+config fields, documented in docs/methods/tops.md.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
@@ -26,27 +28,79 @@ from prunekit_plugins.selectors.greedy import GreedySelector
 Principle = Literal["relevance", "coverage", "diversity"]
 Point = Literal["after_projector", "decoder_layer"]
 
-#: (α, λ) at the decoder stages per layer-averaged budget T (lowest T first), and the decoder layers.
+#: The stages TOPS can run, in order: stage I (after the projector) and stage II at p1 and p2.
+STAGES = ("after_projector", "p1", "p2")
+_LLAVA_COUNTS = {128: (256, 128, 32), 64: (128, 64, 16), 32: (64, 32, 8)}
+_NEXT_COUNTS = {640: (1280, 640, 160), 320: (640, 320, 80), 160: (320, 160, 40)}
+_QWEN_COUNTS = {512: (512, 281, 77), 256: (256, 139, 39), 128: (128, 71, 19)}
+
+#: Per backbone: the decoder layers (p1, p2); ``counts``: for each nominal T the paper lists, the tokens each of the
+#: preset's stages keeps (Appendix C, Tables 9 and 10; ``stages`` names them, default all three); and
+#: ``decoder_weights``: the stage-II (α, λ) the paper used at each T it gives them for.
 PRESETS: dict[str, dict] = {
     "llava-1.5-7b": {"family": "llava", "num_layers": 32, "layers": (12, 24), "model_id": "llava-hf/llava-1.5-7b-hf",
-                     "decoder_weights": [(64, (0.5, 1.0)), (128, (0.5, 0.5))]},
+                     "counts": _LLAVA_COUNTS, "decoder_weights": {128: (0.5, 0.5), 64: (0.5, 1.0), 32: (0.5, 1.0)}},
     "llava-1.5-13b": {"family": "llava", "num_layers": 40, "layers": (15, 30), "model_id": "llava-hf/llava-1.5-13b-hf",
-                      "decoder_weights": [(10**9, (0.5, 0.4))]},
+                      "counts": _LLAVA_COUNTS, "decoder_weights": {128: (0.5, 0.4), 64: (0.5, 0.4), 32: (0.5, 0.4)}},
     "llava-next-7b": {"family": "llava_next", "num_layers": 32, "layers": (12, 24),
-                      "model_id": "llava-hf/llava-v1.6-vicuna-7b-hf",
-                      "decoder_weights": [(240, (0.5, 0.5)), (480, (0.5, 0.4)), (10**9, (0.5, 0.5))]},
+                      "model_id": "llava-hf/llava-v1.6-vicuna-7b-hf", "counts": _NEXT_COUNTS,
+                      "decoder_weights": {640: (0.5, 0.5), 320: (0.5, 0.4), 160: (0.5, 0.5)}},
     "llava-next-13b": {"family": "llava_next", "num_layers": 40, "layers": (15, 30),
-                       "model_id": "llava-hf/llava-v1.6-vicuna-13b-hf", "decoder_weights": [(10**9, (0.5, 0.5))]},
+                       "model_id": "llava-hf/llava-v1.6-vicuna-13b-hf", "counts": _NEXT_COUNTS,
+                       "decoder_weights": {640: (0.5, 0.5), 320: (0.5, 0.5), 160: (0.5, 0.5)}},
     "qwen2.5-vl-7b": {"family": "qwen2_5_vl", "num_layers": 28, "layers": (12, 16),
-                      "model_id": "Qwen/Qwen2.5-VL-7B-Instruct", "decoder_weights": [(10**9, (0.5, 0.4))]},
+                      "model_id": "Qwen/Qwen2.5-VL-7B-Instruct", "counts": _QWEN_COUNTS,
+                      "decoder_weights": {512: (0.5, 0.4), 256: (0.5, 0.4), 128: (0.5, 0.4)}},
+    # (α, λ) given at 80 % and 90 % pruned of 1,280 tokens (T = 256, 128); none for T = 512.
     "internvl3-8b": {"family": "internvl", "num_layers": 28, "layers": (12, 16), "model_id": "OpenGVLab/InternVL3-8B-hf",
-                     "decoder_weights": [(192, (0.3, 0.2)), (10**9, (0.2, 0.2))]},
-    # Pre-LLM only with per-frame budgets; named only (LLaVA-OneVision-7B images share the class and depth).
+                     "counts": _QWEN_COUNTS, "decoder_weights": {256: (0.2, 0.2), 128: (0.3, 0.2)}},
+    # Stage I only, T per frame; named only (LLaVA-OneVision-7B images share the class and depth).
     "llava-video-7b": {"family": "llava_onevision", "num_layers": 28, "layers": None, "auto": False,
-                       "model_id": "llava-hf/LLaVA-Video-7B-Qwen2-hf", "decoder_weights": [(10**9, (0.5, 0.5))],
+                       "model_id": "llava-hf/LLaVA-Video-7B-Qwen2-hf", "stages": ("after_projector",),
+                       "counts": {64: (64,), 32: (32,), 16: (16,)}, "decoder_weights": {64: (0.5, 0.5)},
                        "insertion_points": ["after_projector"], "budget_per": "image"},
 }
-STAGE_SHAPE = {"after_projector": 2.0, "p1": 0.5, "p2": 0.25}
+#: Stage shape of a model without a preset: the paper's LLaVA schedule 2T → T → T/4.
+STAGE_SHAPE = {"after_projector": 2.0, "p1": 1.0, "p2": 0.25}
+
+
+def nearest_listed(listed, budget: float) -> int:
+    """The listed T closest to ``budget`` (a tie goes to the smaller T)."""
+    return min(sorted(listed), key=lambda t: abs(t - budget))
+
+
+def check_listed(preset: dict, stages: tuple[str, ...]) -> None:
+    """Raise when the paper gives the preset no counts for one of ``stages``."""
+    missing = [s for s in stages if s not in preset.get("stages", STAGES)]
+    if missing:
+        raise ValueError(f"the paper gives no counts for TOPS stage(s) {missing} with this preset; set "
+                         "budget_meaning='layer_average' or an explicit schedule")
+
+
+def preset_shape(preset: dict, budget: float) -> dict[str, float]:
+    """Each stage's count as a multiple of T, from the listed T nearest to ``budget``."""
+    ref = nearest_listed(preset["counts"], budget)
+    return {stage: count / ref for stage, count in zip(preset.get("stages", STAGES), preset["counts"][ref])}
+
+
+def paper_counts(preset: dict, budget: float, n: int, stages: tuple[str, ...] | None = None) -> list[int]:
+    """The tokens each stage keeps at nominal budget ``budget`` with ``n`` visual tokens.
+
+    A T the paper lists gives its counts; any other T scales those of the nearest listed T by ``T / T_listed``,
+    rounded half up. Every count is at least 1, at most the stage before's and at most ``n``; ``T >= n`` keeps
+    everything (as every method does at ``keep_ratio=1.0``).
+    """
+    stages = tuple(preset.get("stages", STAGES)) if stages is None else stages
+    check_listed(preset, stages)
+    ref = nearest_listed(preset["counts"], budget)
+    listed = dict(zip(preset.get("stages", STAGES), preset["counts"][ref]))
+    if budget >= n:
+        return [n for _ in stages]
+    out, cap = [], n
+    for stage in stages:
+        cap = min(cap, max(1, math.floor(listed[stage] * budget / ref + 0.5)))
+        out.append(cap)
+    return out
 
 
 class TopsSelection(StrictModel):
@@ -112,6 +166,13 @@ class TopsConfig(TopsSelection, MethodConfig):
     insertion_points: list[Point] = Field(
         default_factory=lambda: ["after_projector", "decoder_layer"], min_length=1,
         description="Stages to run: stage I after the projector, stage II at the decoder layers.",
+    )
+    budget_meaning: Literal["nominal", "layer_average"] = Field(
+        "nominal",
+        description="'nominal': with a preset, keep_tokens (or keep_ratio × tokens) is the paper's T and each stage "
+        "keeps the paper's count for it (LLaVA: 2T, T, T/4); without a preset T is the layer average. "
+        "'layer_average': T is always the layer-averaged count (the preset's stage proportions scaled to it), "
+        "to compare with other methods at equal compute.",
     )
     layers: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="(p1, p2): first decoder layers that see the stage-II counts. None: preset or 12/32, 24/32 of depth."
@@ -182,12 +243,7 @@ class Tops(Method):
     def _decoder_weights(self, preset: dict | None, budget_hint: float | None) -> tuple[float, float]:
         alpha, lam = self.config.diversity_weight, self.config.coverage_weight
         if preset is not None and budget_hint is not None:
-            for upto, weights in preset["decoder_weights"]:
-                if budget_hint <= upto:
-                    alpha, lam = weights
-                    break
-            else:
-                alpha, lam = preset["decoder_weights"][-1][1]
+            alpha, lam = preset["decoder_weights"][nearest_listed(preset["decoder_weights"], budget_hint)]
         if self.config.decoder_diversity_weight is not None:
             alpha = self.config.decoder_diversity_weight
         if self.config.decoder_coverage_weight is not None:
@@ -203,23 +259,31 @@ class Tops(Method):
                 insertion_points = preset["insertion_points"]
             if "budget_per" in preset and "budget_per" not in cfg.model_fields_set:
                 cfg.budget_per = preset["budget_per"]
-        points: list[tuple[str, int | None, float, str]] = []  # point, layer, shape, label
+        points: list[tuple[str, int | None, str, str]] = []  # point, layer, stage key, label
         if "after_projector" in insertion_points:
-            points.append(("after_projector", None, STAGE_SHAPE["after_projector"], "stage I"))
+            points.append(("after_projector", None, "after_projector", "stage I"))
         if "decoder_layer" in insertion_points:
             p1, p2 = self._layers(spec, preset)
-            points += [("decoder_layer", p1, STAGE_SHAPE["p1"], "stage II (p1)"),
-                       ("decoder_layer", p2, STAGE_SHAPE["p2"], "stage II (p2)")]
+            points += [("decoder_layer", p1, "p1", "stage II (p1)"), ("decoder_layer", p2, "p2", "stage II (p2)")]
         if cfg.schedule is not None and len(cfg.schedule) != len(points):
             raise ValueError(f"schedule has {len(cfg.schedule)} counts but TOPS runs {len(points)} stages here")
-        placements = [StagePlacement(0 if layer is None else layer, shape) for _, layer, shape, _ in points]
+        keys = tuple(key for _, _, key, _ in points)
+        nominal = preset is not None and cfg.budget_meaning == "nominal"
+        if nominal and cfg.schedule is None:
+            check_listed(preset, keys)
+        listed = preset is not None and all(key in preset.get("stages", STAGES) for key in keys)
         counts_cache: dict[int, list[int]] = {}
 
         def counts(n: int) -> list[int]:
             if n not in counts_cache:
                 if cfg.schedule is not None:
                     counts_cache[n] = [min(n, k) for k in cfg.schedule]
+                elif nominal:
+                    counts_cache[n] = paper_counts(preset, cfg.target(n), n, keys)
                 else:
+                    shape = preset_shape(preset, cfg.target(n)) if listed else STAGE_SHAPE
+                    placements = [StagePlacement(0 if layer is None else layer, shape[key])
+                                  for _, layer, key, _ in points]
                     counts_cache[n] = resolve_counts(n, cfg.target(n), placements, spec.num_layers)
             return counts_cache[n]
 

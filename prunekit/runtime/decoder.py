@@ -758,7 +758,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
     # -- shared ---------------------------------------------------------------------------------------------
     #: signals with one row per visual token of the stage (split per image / frame); others describe the prompt
     PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_similarity", "states",
-                                   "positions"})
+                                   "positions", "attention_received"})
 
     def _stage(self, stage: Stage, call: _Call, feats: list[Tensor], n_orig: list[int], signal, grids=None):
         """Run ``stage`` on every sample (``budget_per="prompt"``) or on every image / frame of every sample."""
