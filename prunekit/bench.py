@@ -52,6 +52,27 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+class _StepClock:
+    """A logits processor that changes nothing and notes when each step's scores arrive: the time between two
+    steps is one decode step, measured directly (not as the difference of two runs, which noise can make
+    negative)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def step_ms(self) -> float:
+        """Median time of one decode step (ms) over the last generate call's steps."""
+        steps = [(b - a) * 1000.0 for a, b in zip(self.stamps, self.stamps[1:])]
+        self.stamps = []
+        return statistics.median(steps)
+
+
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
     """Peak memory that ``fn`` allocates above what was allocated before it (MiB).
 
@@ -410,11 +431,12 @@ def _measure(model, inputs, setting: ModelSetting, *, repeats: int, new_tokens: 
             in_layers.append(layers)
         decode = decode_scaled = None
         if new_tokens > 1:
+            clock = _StepClock(device)
             generate = lambda n: model.generate(  # noqa: E731
-                **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            t1 = _timed(lambda: generate(1), device)
-            tn, _, layers = depth.time(lambda: generate(new_tokens))
-            decode = (tn - t1) / (new_tokens - 1)
+                **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                logits_processor=[clock])
+            _, _, layers = depth.time(lambda: generate(new_tokens))
+            decode = clock.step_ms()
             # decoder-layer time of the decode steps: generate(n)'s minus one prefill's
             decode_layers = max(0.0, layers - statistics.median(in_layers)) / (new_tokens - 1)
             decode_scaled = decode + depth.dec_scale * decode_layers
