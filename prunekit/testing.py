@@ -140,3 +140,18 @@ def tiny_adapter_model(name: str, num_layers: int = 4) -> tuple:
     model, rows = _TINY[key]
     api.remove(model)
     return model, rows
+
+
+def batch_of(model, rows: list[dict]) -> dict:
+    """``rows`` (single-prompt inputs) collated into one left-padded batch with ``model``'s pad token."""
+    return collate(rows, pad_token_id=model.config.get_text_config().pad_token_id or 0)
+
+
+def prunable_points(adapter_name: str) -> list[str]:
+    """The insertion points a conformance run prunes at on adapter ``adapter_name``: before the LLM, and inside it
+    unless the adapter refuses in-LLM pruning."""
+    from .registry import registry
+
+    cls = registry.get("adapters", adapter_name)
+    points = {"after_projector"} | ({"decoder_layer"} if not cls.no_decoder_pruning else set())
+    return sorted(points & cls.insertion_points)

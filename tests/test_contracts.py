@@ -13,7 +13,7 @@ import torch
 import prunekit
 from prunekit import contracts as C
 from prunekit.registry import registry
-from prunekit.testing import collate, tiny_adapter_model
+from prunekit.testing import batch_of, prunable_points, tiny_adapter_model
 
 ADAPTERS = registry.names("adapters")
 
@@ -22,14 +22,7 @@ def tiny(name):
     return tiny_adapter_model(name)
 
 
-def batch_of(model, rows):
-    return collate(rows, pad_token_id=model.config.get_text_config().pad_token_id or 0)
-
-
-def points_of(name):
-    cls = registry.get("adapters", name)
-    points = {"after_projector"} | ({"decoder_layer"} if not cls.no_decoder_pruning else set())
-    return sorted(points & cls.insertion_points)
+points_of = prunable_points
 
 
 def pairs():

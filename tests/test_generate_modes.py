@@ -11,7 +11,7 @@ import torch
 import prunekit
 from prunekit import contracts as C
 from prunekit.registry import registry
-from prunekit.testing import collate, tiny_adapter_model, tiny_llava
+from prunekit.testing import batch_of, prunable_points, tiny_adapter_model, tiny_llava
 
 from generate_reference import generate_with_features, short_prompt
 
@@ -23,14 +23,7 @@ def llava():
     return tiny_adapter_model("llava")
 
 
-def batch_of(model, rows):
-    return collate(rows, pad_token_id=model.config.get_text_config().pad_token_id or 0)
-
-
-def points_of(name):
-    cls = registry.get("adapters", name)
-    points = {"after_projector"} | ({"decoder_layer"} if not cls.no_decoder_pruning else set())
-    return sorted(points & cls.insertion_points)
+points_of = prunable_points
 
 
 def beam_rows(rows):
