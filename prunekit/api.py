@@ -141,22 +141,44 @@ def inspect(model: Any) -> PruningReport | None:
 
 
 def _run_select(method: str, features: Tensor, relevance: Tensor | None, k: int, query: Tensor | None, config: dict):
+    """Validate the arguments of :func:`select` / :func:`reduce` (each error names the argument and what it takes),
+    then run the method's model-free selection."""
     import inspect as _inspect
+
+    import torch
 
     cls = get_method(method)
     if cls.SelectionConfig is None:
         raise ValueError(f"method {method!r} needs a model to select tokens; use prunekit.build")
     cfg = cls.SelectionConfig(**config)
-    if not isinstance(features, Tensor) or features.dim() != 3:
-        raise ValueError(f"features must be a tensor of shape [B, N, D], got {getattr(features, 'shape', features)}")
-    N = features.shape[1]
+
+    def check(name: str, value: Any, shape: str, dims: int) -> None:
+        if not isinstance(value, Tensor) or value.dim() != dims:
+            raise ValueError(f"{name} must be a tensor of shape {shape}, got {getattr(value, 'shape', value)!r}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must hold real numbers (a floating or integer tensor), got {value.dtype}")
+        # NaN and ±inf show in the min or the max (two reductions, no copy): count them only then
+        if value.is_floating_point() and value.numel() and not torch.isfinite(torch.stack(torch.aminmax(value))).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{name} must be finite (no NaN or ±inf); got {bad} non-finite value(s) of {value.numel()}")
+
+    check("features", features, "[B, N, D]", 3)
+    B, N, D = features.shape
+    if not (B and N and D):
+        raise ValueError(f"features must have at least one sample, token and channel (B, N, D >= 1); "
+                         f"got shape {tuple(features.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
         raise ValueError(f"k must be an int in 1..{N} (the tokens present), got {k!r}")
-    if relevance is not None and relevance.shape != features.shape[:2]:
-        raise ValueError(f"relevance must have shape [B, N] = {tuple(features.shape[:2])}, got {tuple(relevance.shape)}")
+    if relevance is not None:
+        check("relevance", relevance, f"[B, N] = {[B, N]}", 2)
+        if relevance.shape != features.shape[:2]:
+            raise ValueError(f"relevance must have shape [B, N] = {[B, N]}, got {list(relevance.shape)}")
     if query is not None:
         if "query" not in _inspect.signature(cls.select).parameters:
             raise ValueError(f"method {method!r} does not read a query")
+        check("query", query, f"[B, Q, D] = [{B}, Q, {D}]", 3)
+        if query.shape[0] != B or query.shape[2] != D:
+            raise ValueError(f"query must have shape [B, Q, D] = [{B}, Q, {D}], got {list(query.shape)}")
         return cls.select(features, relevance, k, cfg, query=query)
     return cls.select(features, relevance, k, cfg)
 

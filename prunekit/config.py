@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import numbers
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 #: Used when no budget is given: 64 of LLaVA-1.5's 576 tokens, the paper's central setting.
 DEFAULT_KEEP_RATIO = 64 / 576
@@ -20,8 +24,64 @@ def registered_name(kind: str, value: str) -> str:
     return value
 
 
+_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (annotated_types.Lt, "lt", "<"),
+           (annotated_types.Le, "le", "<="))
+_KINDS = {int: "an int", float: "a finite number", bool: "a bool", str: "a string"}
+
+
+def _describe_type(annotation: Any, metadata: tuple = ()) -> str:
+    """The values a field of type ``annotation`` (with pydantic/annotated-types ``metadata``) accepts, in words."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _describe_type(args[0], (*args[1:], *metadata))
+    if origin in (Union, types.UnionType):
+        return ", or ".join(_describe_type(a, () if a is type(None) else metadata) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return "(" + ", ".join(_describe_type(a) for a in args) + ")"
+    if origin in (list, tuple, set, frozenset):
+        return f"a list of ({_describe_type(args[0]) if args else 'anything'})"
+    bounds = [f"{sign} {getattr(m, attr)}" for m in metadata for kind, attr, sign in _BOUNDS if isinstance(m, kind)]
+    text = _KINDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    return text + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_accepts_bool(a) for a in get_args(annotation))
+
+
+def _leaves(value: Any):
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    """Base of every config: unknown fields are errors; no field takes a bool unless it is declared bool (no
+    ``keep_tokens=True`` meaning 1) and no number may be NaN or infinite. Errors name the field and what it takes."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_or_non_finite(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name]
+        for leaf in _leaves(value):
+            if isinstance(leaf, bool) and not _accepts_bool(field.annotation):
+                problem = "a bool"
+            elif isinstance(leaf, numbers.Real) and not isinstance(leaf, numbers.Integral) and not math.isfinite(leaf):
+                problem = "not finite"
+            else:
+                continue
+            allowed = _describe_type(field.annotation, tuple(field.metadata))
+            detail = problem if leaf is value else f"{leaf!r} is {problem}"
+            raise ValueError(f"{info.field_name} takes {allowed}; got {value!r} ({detail})")
+        return value
 
 
 class BudgetConfig(StrictModel):

@@ -15,6 +15,8 @@ methods only through :class:`Stage` objects. Neither imports the other.
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -35,14 +37,27 @@ if TYPE_CHECKING:  # pragma: no cover
 class SelectionInput:
     """Features ``[B, N, D]`` and optional relevance ``[B, N]`` of one pruning point, with shared derived tensors.
 
-    The cosine-similarity matrix ``F`` is exactly symmetric. Scorers that only need some rows of it (the greedy
-    scorers) read them with :meth:`similarity_rows` / :meth:`similarity_to`: when the whole ``[B, N, N]`` matrix
-    would take more than ``max_similarity_bytes`` (video-scale N), those rows are computed on demand from the
-    normalised features instead of being cut from a held matrix, so memory stays ``O(N·rows)``.
+    The cosine-similarity matrix ``F`` is computed exactly: each normalised feature is rounded to the grid
+    ``2^-FEATURE_BITS`` (``2^-26``, finer than float32 near 1), and the dot products of those grid vectors are
+    exact in float64, whatever the order of their sums (every product and partial sum is a multiple of ``2^-52``
+    below 2 in magnitude: by Cauchy–Schwarz, at most the product of two norms of about 1), then rounded once to
+    the features' dtype. So ``F[i, j]`` depends on tokens ``i`` and ``j`` only, never on the other rows of the
+    matrix product that computed it: ``F`` is exactly symmetric, a row computed alone equals that row of the
+    whole matrix bit for bit, and a selection is the same batched or row by row, held or streamed, on any BLAS.
+
+    Scorers that only need some rows of F (the greedy scorers) read them with :meth:`similarity_rows` /
+    :meth:`similarity_block` / :meth:`similarity_to`. When the whole ``[B, N, N]`` matrix would take more than
+    ``max_similarity_bytes`` (video-scale N) those rows are computed on demand from the features instead of being
+    cut from a held matrix (:attr:`streamed`), and readers take them a block at a time (:meth:`block_rows`), so the
+    memory of a selection stays within ``max_similarity_bytes`` plus ``O(N·D)``.
     """
 
     #: default memory cap for holding the whole similarity matrix (bytes, all batch rows together)
     MAX_SIMILARITY_BYTES: ClassVar[int] = 1 << 30
+    #: fraction bits of the grid the normalised features are rounded to before their exact dot products
+    FEATURE_BITS: ClassVar[int] = 26
+    #: the least rows of F a work block holds whatever the cap (a block is never smaller than the features)
+    MIN_BLOCK_ROWS: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -67,18 +82,48 @@ class SelectionInput:
         self.query = None if query is None else query.to(dtype)
         self._similarity: Tensor | None = None
         self._normalized: Tensor | None = None
+        self._grid: Tensor | None = None
         self._last_column: tuple[Tensor, Tensor] | None = None
+        self._held_extra = 0  # bytes of N×N matrices scorers hold besides F (see hold)
         #: True when rows of F are computed on demand instead of cut from a held matrix
         self.streamed = False
+        #: the memory cap in bytes (see limit_similarity)
+        self.max_similarity_bytes = self.MAX_SIMILARITY_BYTES
         self.limit_similarity(self.MAX_SIMILARITY_BYTES if max_similarity_bytes is None else max_similarity_bytes)
 
     def limit_similarity(self, max_bytes: int) -> None:
         """Hold the whole similarity matrix only when it fits ``max_bytes`` (call before anything reads it)."""
-        if max_bytes < 0:
-            raise ValueError(f"max_similarity_bytes must be >= 0, got {max_bytes}")
+        valid = isinstance(max_bytes, numbers.Real) and not isinstance(max_bytes, bool)
+        if not (valid and 0 <= max_bytes < math.inf):
+            raise ValueError(f"max_similarity_bytes must be a finite number of bytes >= 0, got {max_bytes!r}")
         if self._similarity is None:
-            B, N = self.features.shape[:2]
-            self.streamed = B * N * N * self.features.element_size() > max_bytes
+            self.max_similarity_bytes = max_bytes
+            self.streamed = self._matrix_bytes(self.features.element_size()) > max_bytes
+
+    def _matrix_bytes(self, element_size: int) -> int:
+        B, N = self.features.shape[:2]
+        return B * N * N * element_size
+
+    def _held(self) -> int:
+        return (0 if self.streamed else self._matrix_bytes(self.features.element_size())) + self._held_extra
+
+    def hold(self, element_size: int) -> bool:
+        """Whether a scorer may hold one more ``[B, N, N]`` matrix of ``element_size`` bytes per element next to F
+        within the cap; True reserves it. Never while streamed."""
+        nbytes = self._matrix_bytes(element_size)
+        if self.streamed or self._held() + nbytes > self.max_similarity_bytes:
+            return False
+        self._held_extra += nbytes
+        return True
+
+    def block_rows(self, bytes_per_element: int) -> int:
+        """Rows of F to work on at once: a ``[B, rows, N]`` block of ``bytes_per_element`` (all its temporaries
+        counted) fits the memory the cap leaves beside what is held, or, below that, the size of the features
+        (at least :attr:`MIN_BLOCK_ROWS` rows)."""
+        B, N, D = self.features.shape
+        floor = B * N * max(D * self.features.element_size(), self.MIN_BLOCK_ROWS * bytes_per_element)
+        budget = max(self.max_similarity_bytes - self._held(), floor)
+        return max(1, min(N, int(budget // max(1, B * N * bytes_per_element))))
 
     @property
     def batch_size(self) -> int:
@@ -96,28 +141,57 @@ class SelectionInput:
         return self._normalized
 
     @property
+    def _grid_features(self) -> Tensor:
+        """The normalised features rounded to the grid ``2^-FEATURE_BITS``, in float64, ``[B, N, D]``."""
+        if self._grid is None:
+            scale = 2.0**self.FEATURE_BITS
+            self._grid = self.normalized.to(torch.float64, copy=True).mul_(scale).round_().div_(scale)
+        return self._grid
+
+    def _exact(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``F`` between grid features ``rows`` ``[B, R, D]`` and ``cols`` ``[B, C, D]``, ``[B, R, C]``: every
+        product and partial sum is a multiple of ``2^-2·FEATURE_BITS`` below 2 in magnitude, so float64 holds it
+        exactly and the result is the same for any BLAS and any blocking; then rounded once to the features'
+        dtype."""
+        dot = rows @ cols.transpose(-1, -2)
+        return dot if self.features.dtype == torch.float64 else dot.to(self.features.dtype)
+
+    @property
     def similarity(self) -> Tensor:
-        """Cosine similarity of the rows, ``[B, N, N]``, exactly symmetric (computed once, shared by all scorers)."""
+        """Cosine similarity of the rows, ``[B, N, N]``, exactly symmetric (computed once, shared by all scorers).
+
+        Large matrices are built a band of rows at a time, each band only from the diagonal on (the rest is its
+        mirror image): fewer products, and no band outgrows the memory cap."""
         if self._similarity is None:
-            sim = self.normalized @ self.normalized.transpose(-1, -2)
-            # BLAS need not round F[i, j] and F[j, i] alike; averaging makes the matrix exactly symmetric (IEEE
-            # addition commutes) and leaves an already symmetric one unchanged, so rows can stand for columns.
-            self._similarity = (sim + sim.transpose(-1, -2)) / 2
+            B, N = self.features.shape[:2]
+            grid = self._grid_features
+            step = min(self.block_rows(8 + self.features.element_size()), N if N < 256 else -(-N // 4))
+            if step >= N:  # one band: the whole matrix
+                self._similarity = self._exact(grid, grid)
+                return self._similarity
+            out = torch.empty(B, N, N, dtype=self.features.dtype, device=self.features.device)
+            for start in range(0, N, step):
+                end = min(N, start + step)
+                out[:, start:end, start:].copy_(grid[:, start:end] @ grid[:, start:].transpose(-1, -2))  # as _exact
+                out[:, end:, start:end].copy_(out[:, start:end, end:].transpose(-1, -2))
+            self._similarity = out
         return self._similarity
 
     def similarity_rows(self, index: Tensor) -> Tensor:
-        """Rows ``F[b, index[b, u], :]`` as ``[B, U, N]`` (equal to the columns, F being symmetric)."""
+        """Rows ``F[b, index[b, u], :]`` as ``[B, U, N]`` (equal to the columns, F being symmetric).
+
+        Streamed, this computes ``U`` whole rows at once: read many rows through :meth:`block_rows` blocks."""
         if not self.streamed:
             return take_rows(self.similarity, index)
-        x = self.normalized
-        return take_rows(x, index) @ x.transpose(-1, -2)
+        grid = self._grid_features
+        return self._exact(take_rows(grid, index), grid)
 
     def similarity_block(self, start: int, end: int) -> Tensor:
         """Rows ``start:end`` of F for every sample, ``[B, end - start, N]``."""
         if not self.streamed:
             return self.similarity[:, start:end]
-        x = self.normalized
-        return x[:, start:end] @ x.transpose(-1, -2)
+        grid = self._grid_features
+        return self._exact(grid[:, start:end], grid)
 
     def similarity_to(self, picked: Tensor) -> Tensor:
         """``F[b, :, picked[b]]`` as ``[B, N]``: every token's similarity to one token per sample."""

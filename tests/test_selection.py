@@ -218,7 +218,7 @@ def test_exact_ties_are_ties():
 
 @pytest.mark.parametrize("principles", [["coverage"], PRINCIPLES], ids=["C", "R+D+C"])
 def test_streamed_similarity_rows_select_the_same(principles):
-    """Rows computed on demand (no held N×N matrix) give the held-matrix selection (float64, no exact ties)."""
+    """Rows computed on demand (no held N×N matrix) give the held-matrix selection (exactly: F is exact)."""
     H, r = _data(21, B=2, N=150, D=48)
     held = _select(H, r, 40, "facility_location", principles=principles)
     assert SelectionInput(H, max_similarity_bytes=0).streamed
@@ -248,3 +248,42 @@ def test_tops_max_similarity_mib_streams_rows():
     assert torch.equal(prunekit.select("tops", H, r, k=30, max_similarity_mib=0), held)
     with pytest.raises(ValidationError, match="max_similarity_mib"):
         prunekit.select("tops", H, r, k=30, max_similarity_mib=-1)
+
+
+def _peak_torch_bytes(fn):
+    """``(peak, result)``: the most bytes torch's CPU allocator held at once during ``fn()``, above what it held before.
+
+    Measured with the profiler's memory events (``profile_memory=True``): every allocation and free of torch's CPU
+    allocator, with its size and time, whoever makes it (selection code, ATen kernels and their temporaries). The
+    running sum of the sizes in time order is the memory in use; its maximum is the peak. Unlike ``tracemalloc``
+    it sees torch's memory, unlike the process's peak RSS it is exact and free of allocator and import noise, and
+    unlike a hook on operator outputs it also sees the buffers operators allocate inside."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, result
+
+
+def test_max_similarity_mib_caps_the_peak_memory():
+    """With ``max_similarity_mib`` = M, a selection's peak memory stays under M MiB plus ``(24·D + 1024)·N`` bytes per
+    sample (docs/methods/tops.md), and the selection is the one without a cap, token for token."""
+    B, N, D, k = 1, 3000, 8, 8
+    H, r = _data(30, B=B, N=N, D=D, dtype=torch.float32, ties=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory does not depend on it; time does, on a busy machine (hundreds of small blocks)
+    try:
+        held_peak, held = _peak_torch_bytes(lambda: prunekit.select("tops", H, r, k=k))
+        assert held_peak >= B * N * N * 4  # the instrument sees the held similarity matrix (and its integer copy)
+        working_set = B * N * (24 * D + 1024)
+        for mib in (0, 1, 4, 16, 64):  # 64 MiB holds the float matrix (34 MiB) but not its int64 copy as well
+            peak, kept = _peak_torch_bytes(lambda: prunekit.select("tops", H, r, k=k, max_similarity_mib=mib))
+            assert peak <= mib * 2**20 + working_set, f"cap {mib} MiB: peak {peak / 2**20:.2f} MiB"
+            assert torch.equal(kept, held)
+    finally:
+        torch.set_num_threads(threads)

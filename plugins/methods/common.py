@@ -52,4 +52,5 @@ class DecoderStageConfig(MethodConfig):
 
 
 class SeedSelection(StrictModel):
-    seed: int = Field(0, description="Seed of the random choice (the same for every sample, so batches equal rows).")
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1,  # the seeds torch.Generator.manual_seed takes
+                      description="Seed of the random choice (the same for every sample, so batches equal rows).")

@@ -12,7 +12,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
@@ -76,7 +76,7 @@ def pool_grids(features: Tensor, grids: list[tuple[int, int]], k: int) -> Choice
 
 
 class PoolSelection(StrictModel):
-    grid: tuple[int, int] | None = Field(
+    grid: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="(rows, cols) of the token grid for prunekit.select; None: a square grid of N tokens."
     )
 

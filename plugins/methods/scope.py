@@ -2,7 +2,8 @@
 
 Each step picks the token maximising ``coverage_gain(i) · cls_attention(i)^α``, where the coverage gain is the
 facility-location gain ``Σ_j max(0, sim(j, i) − m_j)`` of the cosine similarity (``m_j``: best similarity of ``j`` to the
-chosen set). It is TOPS's greedy engine with the shared scorers combined by product instead of a weighted sum.
+chosen set, never below 0: the official running maximum starts from zeros). It is TOPS's greedy engine with the
+shared scorers combined by product instead of a weighted sum.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ScopeSelection(StrictModel):
     alpha: float = Field(1.0, ge=0.0, description="α, exponent of the saliency ([CLS] attention).")
 
     def selector(self) -> GreedySelector:
-        coverage = registry.get("scorers", "facility_location")()
+        coverage = registry.get("scorers", "facility_location")(floor=0.0)  # SCOPE's running maximum starts at 0
         saliency = registry.get("scorers", "relevance")()
         return GreedySelector([(coverage, 1.0), (saliency, self.alpha)], combine="product", normalize="none")
 

@@ -26,10 +26,10 @@ from torch import Tensor
 from prunekit import Scorer, ScorerRun, SelectionInput, hookimpl
 from prunekit.ops import take_rows
 
-#: elements of F processed at once when the full gains are (re)computed block by block
-_BLOCK_ELEMENTS = 1 << 24
 #: stands for "+inf" in fixed point: a term max(0, F - _OUT) is always 0
 _OUT = 1 << 62
+#: bytes per element of a block of grid rows while it is made and used (float rows, int64 rows, int64 result)
+_BLOCK_BYTES = 16
 
 
 def fixed_point_bits(num_tokens: int) -> int:
@@ -40,27 +40,48 @@ def fixed_point_bits(num_tokens: int) -> int:
 class _Fixed:
     """Similarities of one selection on the fixed-point grid, read from the :class:`SelectionInput`.
 
-    When the input holds the whole float matrix, the grid matrix is held too (int64); otherwise (``streamed``)
-    rows are put on the grid as they are computed."""
+    When the input holds the whole float matrix and the cap leaves room, the grid matrix is held too (int64);
+    otherwise rows are put on the grid as they are read. Rows are read a block at a time
+    (:meth:`SelectionInput.block_rows`), so no work tensor outgrows the cap; sums over blocks are exact integers,
+    so the block size never changes a result."""
 
     def __init__(self, inputs: SelectionInput, hold: bool) -> None:
         self.inputs = inputs
         self.bits = fixed_point_bits(inputs.num_tokens)
         self.scale = float(2**self.bits)
-        self.matrix = self.q(inputs.similarity) if hold and not inputs.streamed else None
+        self.step: int | None = None
+        self.matrix = self._grid_matrix() if hold and inputs.hold(8) else None
 
-    def q(self, x: Tensor) -> Tensor:
-        return torch.round(x * self.scale).to(torch.int64)
+    def _grid_matrix(self) -> Tensor:
+        sim = self.inputs.similarity
+        blocks = self.blocks(sim.shape[1])
+        if len(blocks) == 1:
+            return self.q(sim)
+        out = torch.empty(sim.shape, dtype=torch.int64, device=sim.device)
+        for start, end in blocks:
+            out[:, start:end] = self.q(sim[:, start:end])
+        return out
+
+    def blocks(self, count: int) -> list[tuple[int, int]]:
+        """``(start, end)`` spans of at most one work block of rows each, covering ``0..count``."""
+        if self.step is None:  # fixed once the scorers have started (they reserve what they hold first)
+            self.step = self.inputs.block_rows(_BLOCK_BYTES)
+        return [(start, min(count, start + self.step)) for start in range(0, count, self.step)]
+
+    def q(self, x: Tensor, owned: bool = False) -> Tensor:
+        """``x`` on the grid (int64); ``owned``: ``x`` is a temporary that may be overwritten."""
+        x = x.mul_(self.scale) if owned else x * self.scale
+        return x.round_().to(torch.int64)
 
     def to_float(self, c: Tensor) -> Tensor:
         # float64 whatever the features: float32 would merge gains closer than 2^-24 into false ties
         return c.to(torch.float64) / self.scale
 
     def rows(self, index: Tensor) -> Tensor:
-        """Grid rows ``[B, U, N]`` of the tokens ``index`` ``[B, U]``."""
+        """Grid rows ``[B, U, N]`` of the tokens ``index`` ``[B, U]`` (a new tensor; read many through blocks)."""
         if self.matrix is not None:
             return take_rows(self.matrix, index)
-        return self.q(self.inputs.similarity_rows(index))
+        return self.q(self.inputs.similarity_rows(index), owned=True)
 
     def column(self, picked: Tensor) -> Tensor:
         if self.matrix is not None:
@@ -72,15 +93,14 @@ class _Fixed:
         B, N = chosen.shape
         out = torch.empty(B, N, dtype=torch.int64, device=chosen.device)
         base = torch.zeros(B, N, dtype=torch.int64, device=chosen.device) if best is None else best
-        step = max(1, _BLOCK_ELEMENTS // max(1, B * N))
         open_ = (~chosen)[:, None, :]
-        for start in range(0, N, step):
-            end = min(N, start + step)
+        for start, end in self.blocks(N):
             if self.matrix is not None:
                 rows = self.matrix[:, start:end]
             else:
-                rows = self.q(self.inputs.similarity_block(start, end))
-            out[:, start:end] = ((rows - base[:, None, :]).clamp_min(0) * open_).sum(-1)
+                rows = self.q(self.inputs.similarity_block(start, end), owned=self.inputs.streamed)
+            out[:, start:end] = (rows - base[:, None, :]).clamp_min_(0).mul_(open_).sum(-1)
+            del rows  # before the next block is made: one block at a time
         return out
 
 
@@ -89,8 +109,9 @@ class _NaiveRun(ScorerRun):
 
     hold = False  # whether to hold the grid matrix (only worth it when rows are read every step)
 
-    def __init__(self, inputs: SelectionInput) -> None:
+    def __init__(self, inputs: SelectionInput, floor: float | None = None) -> None:
         self.fixed = _Fixed(inputs, hold=self.hold)
+        self.floor = None if floor is None else round(floor * self.fixed.scale)  # the least m_j, on the grid
         B, N = inputs.features.shape[:2]
         device = inputs.features.device
         self.best: Tensor | None = None  # m_j on the grid
@@ -102,7 +123,9 @@ class _NaiveRun(ScorerRun):
 
     def _grown(self, column: Tensor) -> Tensor:
         """``m`` once the token with similarities ``column`` joins the set."""
-        return column if self.best is None else torch.maximum(self.best, column)
+        if self.best is None:
+            return column if self.floor is None else column.clamp_min(self.floor)
+        return torch.maximum(self.best, column)
 
     def _add(self, picked: Tensor, best: Tensor) -> None:
         self.best = best
@@ -117,8 +140,8 @@ class _IncrementalRun(_NaiveRun):
 
     hold = True
 
-    def __init__(self, inputs: SelectionInput) -> None:
-        super().__init__(inputs)
+    def __init__(self, inputs: SelectionInput, floor: float | None = None) -> None:
+        super().__init__(inputs, floor)
         self.gain: Tensor | None = None  # c_i on the grid, None until needed
 
     def gains(self) -> Tensor:
@@ -146,21 +169,30 @@ class _IncrementalRun(_NaiveRun):
             old = self.best.gather(1, index).masked_fill(~valid, 0)
             new = new_best.gather(1, index).masked_fill(~valid, 0)
         new = new.masked_fill(index == picked[:, None], _OUT)  # p leaves the sum: its term becomes 0
-        # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows.
-        rows = self.fixed.rows(index)  # [B, U, N]: F[j, i] = F[i, j]
-        self.gain -= torch.clamp(rows, old[..., None], new[..., None]).sum(1) - old.sum(1, keepdim=True)
+        # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows,
+        # a block of rows at a time (exact integer sums: the blocks never change the result).
+        self.gain += old.sum(1, keepdim=True)
+        for start, end in self.fixed.blocks(index.shape[1]):
+            rows = self.fixed.rows(index[:, start:end])  # [B, u, N]: F[j, i] = F[i, j]
+            self.gain -= torch.clamp(rows, old[:, start:end, None], new[:, start:end, None], out=rows).sum(1)
+            del rows  # before the next block is made: one block at a time
         self._add(picked, new_best)
 
 
 class FacilityLocationCoverage(Scorer):
     """``c_i = Σ_{j∉S} max(0, F_ij − m_j)``, ``m_j = max_{s∈S} F_js``: how much new content token ``i`` covers.
 
-    Exact integer sums, updated incrementally (see the module docstring)."""
+    Exact integer sums, updated incrementally (see the module docstring). ``floor``: ``m_j`` never goes below it
+    (SCOPE: 0, its running maximum starts from zeros, so a token unlike every chosen one is not covered more by
+    a token unlike it too); None, as registered (TOPS): ``m_j`` is the plain maximum over the set."""
 
     name = "facility_location"
 
+    def __init__(self, floor: float | None = None) -> None:
+        self.floor = floor
+
     def start(self, inputs: SelectionInput) -> ScorerRun:
-        return _IncrementalRun(inputs)
+        return _IncrementalRun(inputs, self.floor)
 
 
 class NaiveFacilityLocationCoverage(Scorer):
@@ -168,8 +200,11 @@ class NaiveFacilityLocationCoverage(Scorer):
 
     name = "facility_location_naive"
 
+    def __init__(self, floor: float | None = None) -> None:
+        self.floor = floor
+
     def start(self, inputs: SelectionInput) -> ScorerRun:
-        return _NaiveRun(inputs)
+        return _NaiveRun(inputs, self.floor)
 
 
 @hookimpl

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal, Sequence
 
 import torch
@@ -30,6 +32,17 @@ def normalize_over(x: Tensor, penalty: Tensor, how: Normalize) -> Tensor:
     raise ValueError(f"normalize must be one of 'minmax', 'mean', 'none'; got {how!r}")
 
 
+def _best_candidate(score: Tensor, penalty: Tensor) -> Tensor:
+    """Per row, the lowest-index candidate (``penalty`` 0) with the largest score. Scores are first made finite
+    (NaN and -inf: the lowest float, +inf: the highest), so a chosen token (-inf after the penalty) is never
+    picked again, whatever the scores hold."""
+    if not score.is_floating_point():
+        score = score.to(torch.float64)
+    info = torch.finfo(score.dtype)
+    finite = torch.nan_to_num(score, nan=info.min, posinf=info.max, neginf=info.min)
+    return (finite - penalty.to(score.dtype)).argmax(-1)
+
+
 class GreedySelector(Selector):
     """Pick ``k`` tokens one at a time, each maximising the combined gain of the scorers.
 
@@ -51,8 +64,15 @@ class GreedySelector(Selector):
     ) -> None:
         if not terms:
             raise ValueError("GreedySelector needs at least one (scorer, weight) term")
+        for scorer, weight in terms:
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+                raise ValueError(f"weight of scorer {getattr(scorer, 'name', scorer)!r} must be a finite number >= 0, "
+                                 f"got {weight!r}")
         if combine not in ("sum", "product"):
             raise ValueError(f"combine must be 'sum' or 'product'; got {combine!r}")
+        limit = max_similarity_bytes
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"max_similarity_bytes must be None or an int >= 0, got {limit!r}")
         self.terms = list(terms)
         self.combine = combine
         self.normalize = normalize
@@ -91,7 +111,7 @@ class GreedySelector(Selector):
                 score = self.seed.start(inputs).gains()
             else:
                 score = self._score(runs, penalty)
-            picked = (score - penalty.to(score.dtype)).argmax(-1)
+            picked = _best_candidate(score, penalty)
             penalty[rows, picked] = float("inf")
             picks.append(picked)
             if step + 1 < k:
