@@ -33,7 +33,7 @@ class DecoderLayer(InsertionPoint):
     description = (
         "Between two decoder layers: visual rows are removed from the hidden states before layer K; features are "
         "layer K-1's output. Signals (recomputed for the needed rows, no eager switch): text_attention "
-        "(raters=sparsevlm|last_token|all_text; layer=previous: K-1's attention on its input, next: K's on its "
+        "(raters=above_mean_similarity|last_token|all_text; layer=previous: K-1's attention on its input, next: K's on its "
         "input), keys (tokens=visual|text; rope=True: after the rotary embedding), states (tokens=visual|text; "
         "final_norm=True: through the final norm), positions (tokens=visual|text: sequence positions), "
         "text_states."

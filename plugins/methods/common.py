@@ -43,6 +43,16 @@ def stack_choices(choices: list[Choice], features: Tensor) -> Reduction:
     return Reduction(idx, values, merged)
 
 
+#: the methods' names of the rater rules -> the rules the runtime computes ("sparsevlm": SparseVLM's rule, the text
+#: tokens whose softmax-over-text similarity to the visual tokens is above its mean)
+RATER_RULES = {"sparsevlm": "above_mean_similarity", "last_token": "last_token", "all_text": "all_text"}
+
+
+def rater_rule(name: str) -> str:
+    """The runtime's rule for a method's ``raters`` setting."""
+    return RATER_RULES[name]
+
+
 class DecoderStageConfig(MethodConfig):
     """Base for methods that prune inside the language model at fixed layers."""
 

@@ -16,7 +16,7 @@ from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import StrictModel
 from prunekit.planning import StagePlan, check_layers, make_stages
 from prunekit.ops import topk
-from prunekit_plugins.methods.common import DecoderStageConfig, relevance_topk
+from prunekit_plugins.methods.common import DecoderStageConfig, rater_rule, relevance_topk
 
 
 class FastVConfig(DecoderStageConfig):
@@ -34,7 +34,7 @@ class FastV(Method):
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
         layer = check_layers([cfg.layer], spec.num_layers, "layer")[0]
-        choose = relevance_topk("text_attention", raters=cfg.raters)
+        choose = relevance_topk("text_attention", raters=rater_rule(cfg.raters))
         plan = StagePlan("decoder_layer", choose, layer, label=f"fastv (layer {layer})", signals=("text_attention",))
         return make_stages(cfg, spec, [plan], method=self.name)
 

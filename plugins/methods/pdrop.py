@@ -15,7 +15,7 @@ from pydantic import Field, PositiveInt, field_validator
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.planning import StagePlan, check_layers, make_stages, scale_layers
-from prunekit_plugins.methods.common import DecoderStageConfig, relevance_topk
+from prunekit_plugins.methods.common import DecoderStageConfig, rater_rule, relevance_topk
 from prunekit_plugins.methods.fastv import FastV
 
 
@@ -51,7 +51,8 @@ class PDrop(Method):
         else:
             layers = scale_layers((8, 16, 24), spec.num_layers)
         plans = [
-            StagePlan("decoder_layer", relevance_topk("text_attention", raters=cfg.raters, layer=cfg.attention_layer),
+            StagePlan("decoder_layer", relevance_topk("text_attention", raters=rater_rule(cfg.raters),
+                                                       layer=cfg.attention_layer),
                       layer,
                       shape=cfg.ratio ** (i + 1), label=f"pdrop stage {i + 1} (layer {layer})",
                       signals=("text_attention",))

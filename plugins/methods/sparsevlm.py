@@ -22,7 +22,7 @@ from prunekit.config import StrictModel
 from prunekit.interfaces import Choice, Reduction
 from prunekit.planning import StagePlan, check_layers, make_stages, scale_layers
 from prunekit.ops import topk
-from prunekit_plugins.methods.common import DecoderStageConfig, stack_choices
+from prunekit_plugins.methods.common import DecoderStageConfig, rater_rule, stack_choices
 
 #: the paper's per-stage counts on LLaVA-1.5-7B (layers 2, 6, 15), by layer-averaged budget
 PAPER_SCHEDULES = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -114,7 +114,7 @@ class SparseVLM(Method):
             shape = [0.5 ** i for i in range(len(layers))]
 
         def choose(ctx):
-            relevance = ctx.relevance("text_attention", raters=cfg.raters)
+            relevance = ctx.relevance("text_attention", raters=rater_rule(cfg.raters))
             return [sparsevlm_choice(f, r.float(), k, cfg.recycle, cfg.recycle_ratio, cfg.cluster_size)
                     for f, r, k in zip(ctx.features, relevance, ctx.keep)]
 

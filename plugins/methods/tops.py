@@ -24,6 +24,7 @@ from prunekit import Method, ModelSpec, Stage, StageContext, hookimpl, registry
 from prunekit.budget import StagePlacement, resolve_counts
 from prunekit.config import MethodConfig, StrictModel, registered_name
 from prunekit_plugins.selectors.greedy import GreedySelector
+from prunekit_plugins.methods.common import rater_rule
 
 Principle = Literal["relevance", "coverage", "diversity"]
 Point = Literal["after_projector", "decoder_layer"]
@@ -304,7 +305,7 @@ class Tops(Method):
                 options: dict = {}
             else:
                 selector = cfg.selector(*decoder_weights)
-                signal, options = "text_attention", {"raters": cfg.raters}
+                signal, options = "text_attention", {"raters": rater_rule(cfg.raters)}
             stages.append(Stage(
                 point=point, layer=layer, label=label,
                 keep=lambda n, i=i: counts(n)[i],

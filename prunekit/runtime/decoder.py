@@ -28,7 +28,7 @@ from .. import contracts as C
 from ..errors import PruningError
 from ..interfaces import Choice, Patch, Stage, StageContext
 from ..report import PruningReport, StageRecord
-from .attention import attention_rows, rows_of, select_raters
+from .attention import RATER_RULES, attention_rows, rows_of, select_raters
 from .state import PerThread, ThreadStateMixin
 
 __all__ = ["DecoderPruner", "ModelHooks", "PruningError", "brings_images", "pad_left"]
@@ -688,7 +688,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
 
     #: signals inside the decoder and the options each takes (value -> allowed values)
     LAYER_SIGNALS = {
-        "text_attention": {"raters": ("sparsevlm", "last_token", "all_text"), "layer": ("previous", "next")},
+        "text_attention": {"raters": RATER_RULES, "layer": ("previous", "next")},
         "keys": {"tokens": ("visual", "text"), "rope": (False, True)},
         "states": {"tokens": ("visual", "text"), "final_norm": (False, True)},
         "positions": {"tokens": ("visual", "text")},
@@ -734,7 +734,9 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 if options.get("layer", "previous") == "next":
                     rater_layer, states = self.layers[j + 1], hidden_out
                 normed = C.INPUT_NORM.get(rater_layer)(states[b])
-                raters = select_raters(options.get("raters", "sparsevlm"), normed, vis, text)
+                if "raters" not in options:
+                    raise PruningError(f"signal 'text_attention' needs raters= one of {list(RATER_RULES)}")
+                raters = select_raters(options["raters"], normed, vis, text)
                 probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters)  # [H, R, L]
                 out.append(probs.mean((0, 1))[vis])
         return out
