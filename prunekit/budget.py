@@ -2,8 +2,9 @@
 
 A method that prunes at several depths keeps different counts in different layers. Papers quote the
 layer-averaged count ``T``: ``(sum over layers of the visual tokens that layer sees) / L``. Given a shape
-(TOPS: ``2T → T/2 → T/4``) we scale it by ``c`` so that the average is exactly ``T``; each stage is capped
-by the one before (and the first by ``n``). At the paper's layers and budgets ``c = 1``.
+(TOPS without a preset: the paper's ``2T → T → T/4``) we scale it by ``c`` so that the average is ``T``; each
+stage is capped by the one before (and the first by ``n``). (A paper's nominal budgets, which are not layer
+averages, are reproduced by the method's presets instead.)
 """
 
 from __future__ import annotations
