@@ -49,10 +49,11 @@ class _Recorder:
 
     def __init__(self, original: Callable, name: str, record: Callable[[str, dict, Any], None]) -> None:
         self.original, self.name, self.record = original, name, record
+        self.signature = inspect.signature(original)
         functools.update_wrapper(self, original)
 
     def __call__(self, *args, **kwargs):
-        bound = inspect.signature(self.original).bind_partial(*args, **kwargs)
+        bound = self.signature.bind_partial(*args, **kwargs)
         output = self.original(*args, **kwargs)
         self.record(self.name, dict(bound.arguments), output)
         return output

@@ -17,6 +17,7 @@ The adapter supplies only what is model-specific (:class:`ModelHooks`).
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -254,18 +255,16 @@ class DecoderPruner(ThreadStateMixin, Patch):
             first = self.layer_stages[0].layer - 1
             prune_after = frozenset(s.layer - 1 for s in self.layer_stages)
             for j in range(first, len(self.layers)):
-                self._handles.append(
-                    self.layers[j].register_forward_pre_hook(_LayerPre(self, j, j in prune_after), with_kwargs=True)
-                )
+                pre = functools.partial(self._layer_pre, j, j in prune_after)
+                self._handles.append(self.layers[j].register_forward_pre_hook(pre, with_kwargs=True))
             for stage in self.layer_stages:
-                self._handles.append(
-                    self.layers[stage.layer - 1].register_forward_hook(_LayerPost(self, stage), with_kwargs=True)
-                )
+                post = functools.partial(self._layer_post, stage)
+                self._handles.append(self.layers[stage.layer - 1].register_forward_hook(post, with_kwargs=True))
 
     # -- copies -------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> "DecoderPruner":
-        """``copy.deepcopy`` of a patched model copies its patch along: the copy's hooks (objects, not closures)
-        run the copied pruner on the copied modules, and removing either patch leaves the other in place."""
+        """``copy.deepcopy`` of a patched model copies its patch along: the copy's hooks (partials of bound
+        methods, not closures) run the copied pruner on the copied modules, and removing either patch leaves the other in place."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__getstate__().items():
@@ -342,21 +341,22 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 self._report = PruningReport(self.method, len(self.layers), visual.sum(1).tolist(), enabled=False)
             return None
         self._gen = self._gens.get(cache) if cache is not None else None
-        if past == 0 and visual is not None and bool(visual.any()):
-            self._refuse_unsupported(cache)
-        if visual is not None and past == 0 and not bool(visual.any()) and self.hooks.images_in_call():
-            raise PruningError(
-                f"{self.method}: this call brings images or videos, but none of its tokens is a visual placeholder "
-                f"({self.hooks.placeholder_description()}; transformers {C.installed()}, prunekit supports "
-                f"{C.SUPPORTED}): prunekit cannot find the visual tokens to prune"
-            )
-        if visual is not None and past == 0 and not bool(visual.any()) and self.hooks.found_by_embeddings():
-            raise PruningError(
-                f"{self.method}: the model was called with inputs_embeds that hold no image placeholder embedding; "
-                "prunekit finds visual tokens by their placeholders, so it cannot tell merged image features from "
-                "text. Pass input_ids (and the images) instead, or run text-only embeddings inside "
-                "prunekit.disabled(model)"
-            )
+        if visual is not None and past == 0:
+            if bool(visual.any()):
+                self._refuse_unsupported(cache)
+            elif self.hooks.images_in_call():
+                raise PruningError(
+                    f"{self.method}: this call brings images or videos, but none of its tokens is a visual "
+                    f"placeholder ({self.hooks.placeholder_description()}; transformers {C.installed()}, prunekit "
+                    f"supports {C.SUPPORTED}): prunekit cannot find the visual tokens to prune"
+                )
+            elif self.hooks.found_by_embeddings():
+                raise PruningError(
+                    f"{self.method}: the model was called with inputs_embeds that hold no image placeholder "
+                    "embedding; prunekit finds visual tokens by their placeholders, so it cannot tell merged image "
+                    "features from text. Pass input_ids (and the images) instead, or run text-only embeddings "
+                    "inside prunekit.disabled(model)"
+                )
         if visual is not None and embeds is not None and past == 0:
             return (args, kwargs) if self._prefill(kwargs, visual) else None
         if visual is not None and bool(visual.any()) and self.hooks.images_in_call():
@@ -507,7 +507,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         pos = C.LM_POSITION_IDS.get(kwargs)
         device = (embeds if embeds is not None else C.LM_INPUT_IDS.get(kwargs)).device
         if pos is None:  # what the unpatched model would use: the unpruned sequence continued
-            base = gen.orig_len + past - self._prefill_len(None)
+            base = gen.orig_len + past - gen.prefill_length
             pos = base + torch.arange(q, device=device)[None].expand(gen.dropped.shape[0], q)
         pos, style = _positions_in(pos.to(device), gen.dropped.shape[0], q, device)
         pos = pos - gen.shift.to(device)[:, None, None]
@@ -552,7 +552,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
 
                 emb = (take(cos), take(sin))
         else:
-            L1 = self._prefill_len(call)
+            L1 = self._gen.prefill_length
             if mask is not None or seg.pad is not None:
                 if mask is not None:
                     m = mask.expand(B, *mask.shape[1:])
@@ -576,11 +576,6 @@ class DecoderPruner(ThreadStateMixin, Patch):
             out[C.LAYER_POSITION_IDS.key] = pos[..., 0]
         call.remapped[idx] = out
         return out
-
-    def _prefill_len(self, call: _Call | None) -> int:
-        gen = self._gen
-        assert gen is not None
-        return gen.prefill_length
 
     def _layer_pre(self, j: int, prunes_after: bool, module, args, kwargs):
         call = self._call
@@ -712,6 +707,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
         for key, value in options.items():
             if key in allowed and value not in allowed[key]:
                 raise PruningError(f"signal {name!r}: {key} must be one of {list(allowed[key])}, got {value!r}")
+        if name == "text_attention" and "raters" not in options:
+            raise PruningError(f"signal 'text_attention' needs raters= one of {list(RATER_RULES)}")
         hidden_in, mask, pos_emb = call.captured[j]
         out = []
         for b in range(hidden_in.shape[0]):
@@ -734,8 +731,6 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 if options.get("layer", "previous") == "next":
                     rater_layer, states = self.layers[j + 1], hidden_out
                 normed = C.INPUT_NORM.get(rater_layer)(states[b])
-                if "raters" not in options:
-                    raise PruningError(f"signal 'text_attention' needs raters= one of {list(RATER_RULES)}")
                 raters = select_raters(options["raters"], normed, vis, text)
                 probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters)  # [H, R, L]
                 out.append(probs.mean((0, 1))[vis])
@@ -847,22 +842,3 @@ class DecoderPruner(ThreadStateMixin, Patch):
             merged.append(flags)
         return kept, values, merged
 
-
-class _LayerPre:
-    """Pre-hook of decoder layer ``j`` (an object, not a closure: a copied model's hooks follow its copied pruner)."""
-
-    def __init__(self, pruner: DecoderPruner, j: int, prunes_after: bool) -> None:
-        self.pruner, self.j, self.prunes_after = pruner, j, prunes_after
-
-    def __call__(self, module, args, kwargs):
-        return self.pruner._layer_pre(self.j, self.prunes_after, module, args, kwargs)
-
-
-class _LayerPost:
-    """Forward hook of the layer before ``stage.layer``: runs the stage and gathers the kept rows."""
-
-    def __init__(self, pruner: DecoderPruner, stage: Stage) -> None:
-        self.pruner, self.stage = pruner, stage
-
-    def __call__(self, module, args, kwargs, output):
-        return self.pruner._layer_post(self.stage, module, args, kwargs, output)

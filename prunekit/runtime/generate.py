@@ -96,10 +96,10 @@ def _continued_prefix(patch: Any, args: list, kwargs: dict):
     pruned one) as the length of the conversation it holds, and feed part of it again. Hand it only the new tokens
     (the 2-D mask still spans the whole conversation, so no slicing happens) and return the held prefix, to be put
     back in front of the output."""
-    cache = C.LM_CACHE.get(kwargs)
+    cache = C.MODEL_CACHE.get(kwargs)
     gen = patch.generation_for(cache) if cache is not None else None
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    mask = kwargs.get("attention_mask")
+    ids = C.MODEL_INPUT_IDS.get(kwargs, args[0] if args else None)  # generate hands these on to the forward
+    mask = C.MODEL_ATTENTION_MASK.get(kwargs)
     if gen is None or ids is None or (mask is not None and mask.shape[1] != ids.shape[1]):
         return None
     held = gen.orig_len + cache.get_seq_length() - gen.prefill_length
@@ -111,7 +111,7 @@ def _continued_prefix(patch: Any, args: list, kwargs: dict):
     if args:
         args[0] = ids[:, held:]
     else:
-        kwargs["input_ids"] = ids[:, held:]
+        C.MODEL_INPUT_IDS.set(kwargs, ids[:, held:])
     if mask is None:
-        kwargs["attention_mask"] = torch.ones_like(ids)
+        C.MODEL_ATTENTION_MASK.set(kwargs, torch.ones_like(ids))
     return ids[:, :held]
