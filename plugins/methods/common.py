@@ -53,6 +53,13 @@ def rater_rule(name: str) -> str:
     return RATER_RULES[name]
 
 
+class OriginalPositionsConfig(MethodConfig):
+    """Base for methods whose official code keeps the kept tokens' original position ids (FastV, DART)."""
+
+    positions: Literal["auto", "renumber", "original"] = Field(
+        "original", description="Position ids of kept tokens; the official code keeps the original ones (default).")
+
+
 class DecoderStageConfig(MethodConfig):
     """Base for methods that prune inside the language model at fixed layers."""
 

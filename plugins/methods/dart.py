@@ -13,16 +13,15 @@ kept tokens keep their original positions.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
-from prunekit.config import MethodConfig, StrictModel
+from prunekit.config import StrictModel
 from prunekit.planning import StagePlan, check_layers, make_stages
 from prunekit.ops import cosine, topk
+from prunekit_plugins.methods.common import OriginalPositionsConfig
 
 
 def _largest(norms: Tensor, k: int) -> Tensor:
@@ -74,10 +73,8 @@ class DartSelection(StrictModel):
     text_pivots: NonNegativeInt = Field(4, description="Instruction pivots (largest key L1 norm).")
 
 
-class DartConfig(DartSelection, MethodConfig):
+class DartConfig(DartSelection, OriginalPositionsConfig):
     layer: PositiveInt = Field(2, description="K: first decoder layer that sees the pruned tokens (paper: 2).")
-    positions: Literal["auto", "renumber", "original"] = Field(
-        "original", description="Position ids of kept tokens; DART's code keeps the original ones (default).")
     official_signals: bool = Field(
         True, description="Keys after the rotary embedding and final-normed states, as the official code; False: "
         "keys before the rotary embedding and raw layer outputs (prunekit's earlier reading of the paper).")

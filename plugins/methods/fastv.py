@@ -7,8 +7,6 @@ that one query row (sdpa stays on). Layers 0..K-1 see every visual token, so a l
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
@@ -16,13 +14,11 @@ from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import StrictModel
 from prunekit.planning import StagePlan, check_layers, make_stages
 from prunekit.ops import topk
-from prunekit_plugins.methods.common import DecoderStageConfig, rater_rule, relevance_topk
+from prunekit_plugins.methods.common import DecoderStageConfig, OriginalPositionsConfig, rater_rule, relevance_topk
 
 
-class FastVConfig(DecoderStageConfig):
+class FastVConfig(OriginalPositionsConfig, DecoderStageConfig):
     layer: PositiveInt = Field(2, description="K: the first decoder layer that sees the pruned tokens (paper: K=2).")
-    positions: Literal["auto", "renumber", "original"] = Field(
-        "original", description="Position ids of kept tokens; FastV's code keeps the original ones (default).")
 
 
 class FastV(Method):
