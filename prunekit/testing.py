@@ -155,3 +155,14 @@ def prunable_points(adapter_name: str) -> list[str]:
     cls = registry.get("adapters", adapter_name)
     points = {"after_projector"} | ({"decoder_layer"} if not cls.no_decoder_pruning else set())
     return sorted(points & cls.insertion_points)
+
+
+def assert_pruned(model):
+    """Assert that the patched ``model``'s last prefill pruned: stages ran and every sample's layer-averaged
+    visual-token count is below what it brought. Returns the report."""
+    from . import api
+
+    report = api.inspect(model)
+    assert report is not None and report.enabled and report.stages, f"no pruning was recorded: {report}"
+    assert all(a < n for a, n in zip(report.layer_average, report.visual_tokens)), str(report)
+    return report

@@ -11,7 +11,7 @@ import torch
 import prunekit
 from prunekit import contracts as C
 from prunekit.registry import registry
-from prunekit.testing import batch_of, prunable_points, tiny_adapter_model, tiny_llava
+from prunekit.testing import assert_pruned, batch_of, prunable_points, tiny_adapter_model, tiny_llava
 
 from generate_reference import generate_with_features, short_prompt
 
@@ -95,7 +95,7 @@ def test_a_continued_conversation_equals_the_short_prompt():
     follow = torch.tensor([[5, 6, 7]])
     prunekit.build("tops", model, **PRE_LLM)
     out = model.generate(**row, **GEN)
-    kept = prunekit.inspect(model).stages[0].kept[0]
+    kept = assert_pruned(model).stages[0].kept[0]
     out2 = _continue(model, out, follow, **GEN)
     prunekit.remove(model)
     short, mask, per_image = short_prompt(model, row, kept)
@@ -119,7 +119,7 @@ def test_a_continued_conversation_with_in_llm_pruning_is_the_same_either_way(dee
     results = []
     for whole in (True, False):
         out = model.generate(**inputs, **GEN)
-        assert any(s.layer is not None for s in prunekit.inspect(model).stages)
+        assert any(s.layer is not None for s in assert_pruned(model).stages)
         ids = torch.cat([out.sequences, follow.expand(2, -1)], 1)
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, ids.shape[1] - inputs["attention_mask"].shape[1],
                                                                 dtype=torch.long)], 1)
@@ -138,6 +138,7 @@ def test_an_older_cache_still_decodes_after_another_prompt():
     alone = _continue(model, a, follow, **GEN).sequences
     a = model.generate(**rows[0], **GEN)
     model.generate(**rows[1], **GEN)  # another prompt in between
+    assert_pruned(model)
     assert torch.equal(_continue(model, a, follow, **GEN).sequences, alone)
     prunekit.remove(model)
 
@@ -192,7 +193,7 @@ def test_gradient_checkpointing_with_in_llm_pruning_is_refused():
     prunekit.build("tops", model, **PRE_LLM)  # before the LLM only: training works
     with torch.enable_grad():
         model(**rows).logits.sum().backward()
-    assert prunekit.inspect(model).stages
+    assert_pruned(model)
     prunekit.remove(model)
 
 
@@ -213,7 +214,7 @@ def test_inspect_reports_a_disabled_call():
     model, rows = llava()
     prunekit.build("tops", model, keep_ratio=0.5)
     model.generate(**rows[0], max_new_tokens=2, do_sample=False)
-    assert prunekit.inspect(model).stages
+    assert_pruned(model)
     with prunekit.disabled(model):
         model.generate(**rows[1], max_new_tokens=2, do_sample=False)
     report = prunekit.inspect(model)
@@ -243,6 +244,7 @@ def test_one_patched_model_serves_several_threads():
         for t in threads:
             t.join()
     assert not errors, errors
+    assert_pruned(model)
     for i, outs in results.items():
         for out in outs:
             assert torch.equal(out, alone[i % 2])
@@ -259,7 +261,8 @@ def test_a_deepcopy_is_independently_patched():
     assert torch.equal(twin(**inputs).logits, pruned)
     prunekit.remove(model)  # the copy keeps its patch
     assert torch.equal(model(**inputs).logits, unpatched)
-    assert torch.equal(twin(**inputs).logits, pruned) and prunekit.inspect(twin).stages
+    assert torch.equal(twin(**inputs).logits, pruned)
+    assert_pruned(twin)
     with torch.no_grad():  # the copy encodes with its own tower
         for p in model.model.vision_tower.parameters():
             p.add_(1.0)

@@ -11,7 +11,7 @@ import torch
 
 import prunekit
 from prunekit import contracts as C
-from prunekit.testing import tiny_llava, tiny_llava_inputs
+from prunekit.testing import assert_pruned, tiny_llava, tiny_llava_inputs
 
 #: kind of method -> (representative method, build options)
 KINDS = {
@@ -23,24 +23,19 @@ KINDS = {
 WORKS, REFUSED = "works", "refused"
 
 
-def _pruned(model):
-    report = prunekit.inspect(model)
-    assert report.stages and all(a < n for a, n in zip(report.layer_average, report.visual_tokens))
-
-
 def greedy(model, inputs):
     model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    _pruned(model)
+    assert_pruned(model)
 
 
 def sampling(model, inputs):
     model.generate(**inputs, max_new_tokens=3, do_sample=True, top_k=5)
-    _pruned(model)
+    assert_pruned(model)
 
 
 def beams(model, inputs):
     model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
-    _pruned(model)
+    assert_pruned(model)
     kept = prunekit.inspect(model).stages[0].kept
     assert all(torch.equal(kept[i], kept[i - i % 2]) for i in range(len(kept)))
 
@@ -53,6 +48,7 @@ def continued(model, inputs):
     again = model.generate(input_ids=ids, attention_mask=mask, **{C.MODEL_CACHE.key: C.OUTPUT_CACHE.get(out)},
                            max_new_tokens=3, do_sample=False)
     assert torch.equal(again[:, : ids.shape[1]], ids) and again.shape[1] == ids.shape[1] + 3
+    assert_pruned(model)
 
 
 def threads(model, inputs):
@@ -69,13 +65,14 @@ def threads(model, inputs):
     for w in workers:
         w.join()
     assert len(outs) == 3 and all(torch.equal(o, alone) for o in outs)
+    assert_pruned(model)
 
 
 def deepcopy(model, inputs):
     twin = copy.deepcopy(model)
     assert torch.equal(twin.generate(**inputs, max_new_tokens=3, do_sample=False),
                        model.generate(**inputs, max_new_tokens=3, do_sample=False))
-    _pruned(twin)
+    assert_pruned(twin)
 
 
 def _refused(match, call):
@@ -116,7 +113,7 @@ def checkpointing(model, inputs):
                 _refused("gradient checkpointing", lambda: model(**inputs))
             else:
                 model(**inputs).logits.sum().backward()
-                _pruned(model)
+                assert_pruned(model)
     finally:
         model.eval()
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
