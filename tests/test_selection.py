@@ -251,23 +251,13 @@ def test_tops_max_similarity_mib_streams_rows():
 
 
 def _peak_torch_bytes(fn):
-    """``(peak, result)``: the most bytes torch's CPU allocator held at once during ``fn()``, above what it held before.
+    """``(peak, result)``: the most bytes torch's CPU allocator held at once during ``fn()``, above what it held before
+    (``prunekit.bench.peak_memory_mib``: the profiler's timeline of every tensor allocation and free)."""
+    from prunekit.bench import peak_memory_mib
 
-    Measured with the profiler's memory events (``profile_memory=True``): every allocation and free of torch's CPU
-    allocator, with its size and time, whoever makes it (selection code, ATen kernels and their temporaries). The
-    running sum of the sizes in time order is the memory in use; its maximum is the peak. Unlike ``tracemalloc``
-    it sees torch's memory, unlike the process's peak RSS it is exact and free of allocator and import noise, and
-    unlike a hook on operator outputs it also sees the buffers operators allocate inside."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak, result
+    out = []
+    peak = peak_memory_mib(lambda: out.append(fn()), torch.device("cpu"))
+    return peak * 2**20, out[0]
 
 
 def test_max_similarity_mib_caps_the_peak_memory():
