@@ -70,14 +70,46 @@ def adapter_for(model: Any) -> ModelAdapter:
     )
 
 
-def build(method: str | MethodConfig, model: Any, **overrides: Any) -> Any:
+#: why a model may lack a budget unit, for the error that refuses it
+_NO_UNIT = {
+    "crop": "its images are not split into crops",
+    "image": "its adapter cannot tell its images or video frames apart",
+}
+
+
+def budget_unit(cls: type[Method], config: MethodConfig, adapter: ModelAdapter) -> str:
+    """The budget unit a patch runs with: ``config.budget_per``, where ``"auto"`` is the method's official unit
+    (:attr:`~prunekit.Method.official_budget_per`) when the adapter offers it, else ``"prompt"``. A unit the adapter
+    cannot tell apart is an error naming the option and the model, never silently replaced."""
+    unit = config.budget_per
+    if unit == "auto":
+        return cls.official_budget_per if cls.official_budget_per in adapter.budget_units else "prompt"
+    if unit not in adapter.budget_units:
+        raise ValueError(
+            f"budget_per={unit!r} cannot apply to {type(adapter.model).__name__}: "
+            f"{_NO_UNIT.get(unit, f'its adapter {adapter.name!r} offers no such unit')} (units it offers: "
+            f"{', '.join(sorted(adapter.budget_units))})"
+        )
+    return unit
+
+
+def build(method: str | MethodConfig | Any, model: Any = None, **overrides: Any) -> Any:
     """Patch ``model`` in place so that its forward passes (and ``generate``) prune visual tokens; return it.
 
-    ``method`` is a registered method name or a method config; ``overrides`` are config fields. Building on a
-    patched model replaces the old patch. Raises :class:`~prunekit.contracts.UnsupportedTransformersError` outside
+    ``method`` is a registered method name or a method config; ``overrides`` are config fields. ``build(model)``
+    applies the configuration saved with the model (the ``prunekit`` block of its config, :mod:`prunekit.saved`).
+    Building on a patched model replaces the old patch. Raises :class:`~prunekit.contracts.UnsupportedTransformersError` outside
     the supported transformers releases, and :class:`~prunekit.contracts.ContractError` when the model breaks a
     contract prunekit relies on.
     """
+    if model is None:
+        from .saved import KEY, saved_config
+
+        model, method = method, saved_config(method)
+        if method is None:
+            raise ValueError(f"build(model) applies the pruning configuration saved with the model, and this model's "
+                             f"config has no '{KEY}' block: pass a method (build('tops', model, keep_tokens=64)) or "
+                             f"save one with prunekit.save_config")
     contracts.check_version()
     cls, config = make_config(method, **overrides)
     adapter = adapter_for(model)
@@ -95,8 +127,9 @@ def build(method: str | MethodConfig, model: Any, **overrides: Any) -> Any:
         unknown = set(stage.signals) - set(point.signals)
         if unknown:
             raise ValueError(f"{stage.label or stage.point} asks for {sorted(unknown)}; {point.name} offers {sorted(point.signals)}")
+    unit = budget_unit(cls, config, adapter)
     remove(model)
-    patch = adapter.patch(stages, config, cls.name)
+    patch = adapter.patch(stages, config.model_copy(update={"budget_per": unit}), cls.name)
     patch.config = config
     model.__dict__[_ATTR] = patch  # a plain attribute: not a submodule, not in the state dict
     return model

@@ -356,6 +356,7 @@ class ModelRow:
     method: str
     keep_tokens: int | None
     tokens_layer_average: float | None
+    budget_meaning: str = "nominal"
     prefill_ms: float | None = None
     prefill_ms_scaled: float | None = None
     decode_ms: float | None = None
@@ -384,6 +385,7 @@ class _DepthScaler:
 
     def __init__(self, model, setting: ModelSetting, device) -> None:
         dec_layers, vis_layers = _layers(model)
+        self.model = model
         self.device = device
         self.dec, self.vis = LayerClock(dec_layers, device), LayerClock(vis_layers, device)
         self.dec_scale = setting.real_decoder_layers / setting.decoder_layers - 1
@@ -408,8 +410,14 @@ class _DepthScaler:
         return t, t + self.dec_scale * self.dec.total + self.vis_scale * self.vis.total, self.dec.total
 
     def flops(self, *fns: Callable[[], Any]) -> tuple[int, int]:
-        """Exact FLOPs of ``fns`` together: measured and scaled."""
-        counts = [count_flops(fn, self.groups) for fn in fns]
+        """Exact FLOPs of ``fns`` together: measured and scaled. Counted with eager attention, which computes the
+        same products as sdpa: torch's counter has no formula for the CPU sdpa kernel and would leave attention out."""
+        before = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            counts = [count_flops(fn, self.groups) for fn in fns]
+        finally:
+            self.model.set_attn_implementation(before)
         total = sum(c["total"] for c in counts)
         inside = sum(self.dec_scale * c["decoder_layers"] + self.vis_scale * c["vision_layers"] for c in counts)
         return total, int(total + inside)
@@ -488,9 +496,11 @@ def model_benchmark(
     new_tokens: int = 8,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    budget_meaning: str = "nominal",
     progress: bool = True,
 ) -> tuple[ModelSetting, list[ModelRow]]:
-    """Unpruned and every (method, budget) on one model; a budget a method cannot reach is a row with ``error``."""
+    """Unpruned and every (method, budget) on one model; a budget a method cannot reach is a row with ``error``.
+    ``budget_meaning``: what each method's budget T counts (see :class:`prunekit.config.BudgetConfig`)."""
     import prunekit
 
     device = torch.device(device)
@@ -516,7 +526,7 @@ def model_benchmark(
             row.efficiency = row.speedup / row.ideal_speedup
         else:
             try:  # a budget a method cannot reach raises at build or at the first forward (BudgetError)
-                prunekit.build(method, model, keep_tokens=budget)
+                prunekit.build(method, model, keep_tokens=budget, budget_meaning=budget_meaning)
                 try:
                     measured = _measure(model, inputs, setting, repeats=repeats, new_tokens=new_tokens,
                                         device=device)
@@ -525,10 +535,11 @@ def model_benchmark(
                 finally:
                     prunekit.remove(model)
             except (ValueError, RuntimeError) as err:
-                rows.append(ModelRow(setting.name, method, budget, None, error=str(err).splitlines()[0]))
+                rows.append(ModelRow(setting.name, method, budget, None, budget_meaning,
+                                     error=str(err).splitlines()[0]))
                 _say(f"  {method} T={budget}: not run: {rows[-1].error}", progress)
                 continue
-            row = ModelRow(setting.name, method, budget, avg)
+            row = ModelRow(setting.name, method, budget, avg, budget_meaning)
             row.__dict__.update(measured)
             assert base is not None
             row.speedup = row.baseline_ms_scaled / row.prefill_ms_scaled
@@ -600,7 +611,8 @@ def tables(selection: Sequence[SelectionRow], models: Sequence[ModelRow], target
                          f"{_fmt(r.prefill_ms_32_layers, '.0f')} | {_pct(r.fraction_of_prefill)} |")
         lines.append("")
     if models:
-        lines += ["| model | method | T | tokens (layer avg) | prefill ms (scaled) | decode ms/token (scaled) | "
+        meaning = next((r.budget_meaning for r in models if r.method not in ("unpruned", "oracle")), "nominal")
+        lines += [f"| model | method | T ({meaning}) | tokens (layer avg) | prefill ms (scaled) | decode ms/token (scaled) | "
                   "peak MiB | TFLOPs (scaled) | speed-up | FLOP ideal | speed-up / ideal |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in models:
@@ -701,6 +713,7 @@ def run(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     prefill: bool = True,
+    budget_meaning: str = "nominal",
     progress: bool = True,
 ) -> dict:
     """Run the chosen parts, print the tables, write ``bench.json``, ``bench.md`` and the plots into ``out``."""
@@ -717,7 +730,8 @@ def run(
         for kind in models:
             setting, rows = model_benchmark(kind, methods, budgets, decoder_layers=decoder_layers,
                                             vision_layers=vision_layers, repeats=repeats, new_tokens=new_tokens,
-                                            device=device, dtype=dtype, progress=progress)
+                                            device=device, dtype=dtype, budget_meaning=budget_meaning,
+                                            progress=progress)
             settings.append(asdict(setting))
             model_rows += rows
     targets = check_targets(selection, model_rows)
@@ -726,6 +740,7 @@ def run(
         "dtype": str(dtype).replace("torch.", ""),
         "scaling": "time and FLOPs inside vision-encoder and decoder layers are scaled from the layers used to "
                    f"{REAL_VISION_LAYERS} and {REAL_DECODER_LAYERS}; selection prefill = one decoder layer x 32",
+        "budget_meaning": budget_meaning,
         "models": settings,
         "selection": [asdict(r) for r in selection],
         "model": [asdict(r) for r in model_rows],

@@ -101,7 +101,7 @@ def _bundled_demo(args: argparse.Namespace) -> int:
         return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     base_answer, base_ms = ask(), _prefill_ms(model, inputs, args.repeats)
-    prunekit.build(args.method, model, keep_tokens=args.keep_tokens)
+    prunekit.build(args.method, model, keep_tokens=args.keep_tokens, budget_meaning=args.budget_meaning)
     pruned_answer = ask()
     report = prunekit.inspect(model)
     pruned_ms = _prefill_ms(model, inputs, args.repeats)
@@ -138,7 +138,7 @@ def _random_demo(args: argparse.Namespace) -> int:
     base_ms = _prefill_ms(model, inputs, args.repeats)
     with torch.no_grad():
         base_tokens = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)[0, len(prompt):]
-    prunekit.build(args.method, model, keep_tokens=args.keep_tokens)
+    prunekit.build(args.method, model, keep_tokens=args.keep_tokens, budget_meaning=args.budget_meaning)
     pruned_ms = _prefill_ms(model, inputs, args.repeats)
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)[0, len(prompt):]
@@ -169,7 +169,7 @@ def bench(args: argparse.Namespace) -> int:
         args.out, parts=args.parts, models=models, methods=args.methods, budgets=budgets, sizes=sizes, dim=dim,
         decoder_layers=args.decoder_layers, vision_layers=args.vision_layers, repeats=repeats,
         new_tokens=new_tokens, device=args.device, dtype=dtypes[args.dtype], prefill=prefill,
-        progress=not args.no_progress,
+        budget_meaning=args.budget_meaning, progress=not args.no_progress,
     )
     print(f"\nwrote {args.out}/bench.json, bench.md and plots")
     return 0
@@ -213,10 +213,12 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.relevance:
         variants += ev.tops_relevance_variants()
     results = ev.evaluate(model, processor, samples, variants, budgets=args.budgets, positions=args.positions,
-                          batch_size=args.batch_size, progress=not args.no_progress)
+                          budget_meanings=args.budget_meaning, batch_size=args.batch_size,
+                          progress=not args.no_progress)
     meta = {"command": "prunekit eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "",
             "model": args.model, "data": data, "samples": len(samples), "budgets": args.budgets,
-            "positions": args.positions, "torch": torch.__version__, "threads": args.threads}
+            "positions": args.positions, "budget_meanings": args.budget_meaning, "torch": torch.__version__,
+            "threads": args.threads}
     files = ev.write(results, args.out, meta)
     print(ev.table(results))
     print(f"\nwrote {', '.join(str(f) for f in files)}")
@@ -261,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bundled: the trained shapes LLaVA (144 tokens); random: a random-weight LLaVA with 576 tokens")
     p.add_argument("--method", default="tops", help="any registered method (prunekit list)")
     p.add_argument("--keep-tokens", type=int, default=None,
-                   help="layer-averaged visual tokens kept (default: 16 of 144 bundled, 64 of 576 random)")
+                   help="visual-token budget T (default: 16 of 144 bundled, 64 of 576 random)")
+    p.add_argument("--budget-meaning", default="nominal", choices=["nominal", "layer_average"],
+                   help="nominal: T as the method's paper counts it; layer_average: T tokens averaged over layers")
     p.add_argument("--sample", type=int, default=0, help="which test image of the shapes benchmark (bundled)")
     p.add_argument("--question", default=None, help="ask your own question about that image (bundled)")
     p.add_argument("--picture", default="prunekit-demo.png", help="where to save the kept-patch picture ('' = none)")
@@ -276,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="7b: LLaVA-1.5-7B widths with fewer layers (scaled); demo: the demo model")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(DEFAULT_BUDGETS),
-                   help="layer-averaged visual tokens T")
+                   help="visual-token budgets T (counted as --budget-meaning says)")
+    p.add_argument("--budget-meaning", default="nominal", choices=["nominal", "layer_average"],
+                   help="nominal: each method's own accounting; layer_average: equal layer-averaged tokens")
     p.add_argument("--n", nargs="+", type=int, default=[n for n, _ in SELECTION_SIZES], help="selection sizes N")
     p.add_argument("--k", nargs="+", type=int, default=[k for _, k in SELECTION_SIZES], help="kept K per N")
     p.add_argument("--dim", type=int, default=4096, help="feature width for the selection part")
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=bench)
-    from .evaluation import DEFAULT_BUDGETS as EVAL_BUDGETS, POSITION_MODES
+    from .evaluation import BUDGET_MEANINGS, DEFAULT_BUDGETS as EVAL_BUDGETS, POSITION_MODES
 
     p = sub.add_parser("eval", help="accuracy of methods x budgets on the bundled model and data (or your own)")
     p.add_argument("--model", default="bundled", help="'bundled' or a local folder saved with save_pretrained")
@@ -307,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=list(EVAL_BUDGETS),
                    help="layer-averaged fractions of the visual tokens kept")
     p.add_argument("--positions", nargs="+", default=list(POSITION_MODES), choices=POSITION_MODES)
+    p.add_argument("--budget-meaning", nargs="+", default=list(BUDGET_MEANINGS), choices=BUDGET_MEANINGS,
+                   help="nominal: each method's own accounting; layer_average: equal layer-averaged tokens (both: "
+                   "methods whose stages are the same under both run once)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="smoke run: 24 samples, 3 methods, 2 budgets")

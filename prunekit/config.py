@@ -88,7 +88,8 @@ class BudgetConfig(StrictModel):
     """How many visual tokens a method keeps. Set at most one of the three fields."""
 
     keep_tokens: PositiveInt | None = Field(
-        None, description="Layer-averaged number of visual tokens kept (the count papers quote)."
+        None, description="Visual tokens kept: the method's nominal budget T, counted as its paper counts it, or "
+        "the layer-averaged count (see budget_meaning)."
     )
     keep_ratio: float | None = Field(
         None, gt=0.0, le=1.0, description="keep_tokens as a fraction of each sample's visual tokens; 1.0 prunes nothing."
@@ -103,10 +104,23 @@ class BudgetConfig(StrictModel):
         "positions, original on M-RoPE (Qwen-VL), where renumbering is not defined.",
     )
 
-    budget_per: Literal["prompt", "image"] = Field(
-        "prompt",
+    budget_meaning: Literal["nominal", "layer_average"] = Field(
+        "nominal",
+        description="'nominal': keep_tokens (or keep_ratio × tokens) is T as the method's own paper and code count "
+        "it (FastV and DART: the count kept from layer K on, DART's pivots added as its code does; a method that "
+        "prunes once before the LLM: the count kept), so its published tables can be reproduced; each method page "
+        "says what its T is. 'layer_average': T is the layer-averaged visual-token count (the method's stage "
+        "proportions scaled to it), to compare methods at equal compute.",
+    )
+
+    budget_per: Literal["auto", "prompt", "image", "crop"] = Field(
+        "auto",
         description="'prompt': the budget covers all visual tokens of a prompt; 'image': it applies to each image "
-        "or video frame separately (LLaVA-Video's per-frame budgets; keep_tokens is then per frame).",
+        "or video frame separately (LLaVA-Video's per-frame budgets; keep_tokens is then per frame); 'crop': to "
+        "each crop of an AnyRes image (LLaVA-NeXT, LLaVA-OneVision: the base view and every tile; keep_tokens is "
+        "then per crop, and the row-break tokens, which belong to no crop, are kept outside every budget); "
+        "'auto': the unit the method's official code budgets per where the model has it, else 'prompt' (each "
+        "method page says which).",
     )
 
     @model_validator(mode="after")
@@ -124,7 +138,8 @@ class BudgetConfig(StrictModel):
         return v
 
     def target(self, n_visual: int) -> float:
-        """The layer-averaged count this budget asks for, for a sample with ``n_visual`` visual tokens."""
+        """The budget ``T`` for a sample with ``n_visual`` visual tokens (nominal or layer-averaged, as
+        ``budget_meaning`` says)."""
         if self.keep_tokens is not None:
             return float(self.keep_tokens)
         ratio = DEFAULT_KEEP_RATIO if self.keep_ratio is None else self.keep_ratio

@@ -304,6 +304,8 @@ ENCODED_TOKENS = _at("encoder_output.pooler_output", "encoder_output", "one [n_i
 ARG_IMAGE_SIZES = _kw("get_image_features.image_sizes", "encode_images", "LLaVA-NeXT: each image's size")
 ARG_IMAGE_GRID = _kw("get_image_features.image_grid_thw", "encode_images", "Qwen-VL: each image's patch grid")
 ARG_VIDEO_GRID = _kw("get_video_features.video_grid_thw", "encode_videos", "Qwen-VL: each video's patch grid")
+ARG_VISION_ASPECT_RATIO = _kw("get_image_features.vision_aspect_ratio", "encode_images",
+                              "LLaVA-OneVision: how far large images are downsized (crops of each token)")
 ONEVISION_VIDEO_NEWLINE = Behaviour(
     "llava_onevision.video_newline", "LLaVA-OneVision: the token that ends a video is added by forward ('forward') or "
     "is already in get_video_features' output ('encoder')", None, (("5.0", "forward"), ("5.18", "encoder")))
@@ -337,7 +339,8 @@ VISION_HEAD_DIM = _at("vision_attention.head_dim", "vision_attention", "encoder 
 VISION_TOWER = _at("model.vision_tower", "inner", "the vision encoder")
 VISION_MODEL = _at("model.vision_model", "inner", "Idefics3: the vision encoder")
 PROJECTOR = _at("model.multi_modal_projector", "inner", "maps vision features to the LLM (vision_features point)")
-PACK_IMAGE_FEATURES = _at("model.pack_image_features", "inner", "LLaVA-NeXT: crops → packed tokens (run on indices)")
+PACK_IMAGE_FEATURES = _at("model.pack_image_features", "inner",
+                          "LLaVA-NeXT, LLaVA-OneVision: crops → packed tokens (run on indices and crop labels)")
 PIXEL_SHUFFLE = _at("model.pixel_shuffle", "inner", "InternVL: patches → tokens (run on indices)")
 CONNECTOR_PIXEL_SHUFFLE = _at("model.connector.pixel_shuffle", "inner", "Idefics3: patches → tokens (run on indices)")
 

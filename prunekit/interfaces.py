@@ -207,13 +207,21 @@ class Choice:
 
     ``indices`` are kept indices into the stage's visual tokens; ``values`` (``[k, D]``, aligned with
     ``indices``, in the stage's feature space) replace those tokens' features; ``merged`` (``[k]`` bool) marks
-    the tokens whose value is a merge of several tokens, so that reports can tell them apart. A plain tensor of
+    the tokens whose value is a merge of several tokens, or no visual token's own (such as the encoder's [CLS]
+    feature), so that reports can tell them apart. A plain tensor of
     indices is the same as ``Choice(indices)``.
+
+    ``ordered``: by default each kept token stays at its own index's place in the sequence. With ``ordered=True``
+    the tokens fill the places of ``indices`` (taken in sequence order) in the order given: the i-th token of the
+    Choice goes to the i-th kept place. A method appends merged tokens after the kept ones this way (SparseVLM's
+    recycled tokens). Reports list the tokens in sequence order. (Per-image budgets, ``budget_per="image"``, and
+    model-free :class:`Reduction` results keep index order.)
     """
 
     indices: Tensor
     values: Tensor | None = None
     merged: Tensor | None = None
+    ordered: bool = False
 
     def __post_init__(self) -> None:
         k = self.indices.numel()
@@ -400,6 +408,9 @@ class ModelAdapter(ABC):
     #: class names of the supported ``transformers`` models (matched by name, so nothing is imported).
     model_classes: ClassVar[tuple[str, ...]]
     insertion_points: ClassVar[frozenset[str]]
+    #: the budget units (``budget_per`` values) this adapter can tell apart in a prompt: ``"prompt"``, ``"image"``
+    #: (images and video frames) and, for models that split images into crops (AnyRes), ``"crop"``
+    budget_units: ClassVar[frozenset[str]] = frozenset({"prompt", "image"})
 
     @classmethod
     def supports(cls, model: Any) -> bool:
@@ -425,6 +436,9 @@ class Method(ABC):
     #: Config accepted by ``prunekit.select`` (selection-only fields), or None if selection needs a model.
     SelectionConfig: ClassVar[type | None] = None
     description: ClassVar[str] = ""
+    #: what ``budget_per="auto"`` means for this method: the unit its official code budgets per (``"crop"``: each
+    #: crop of an AnyRes image on its own), used on models whose adapter offers that unit, else ``"prompt"``
+    official_budget_per: ClassVar[str] = "prompt"
 
     def __init__(self, config: "MethodConfig") -> None:
         self.config = config

@@ -67,11 +67,15 @@ def make_stages(
     plans: Sequence[StagePlan],
     minimum: Callable[[int], int] | None = None,
     method: str = "",
+    nominal: Callable[[int, float], Sequence[int]] | None = None,
 ) -> list[Stage]:
-    """Stages whose counts give the budget's layer-averaged target (or follow ``cfg.schedule``).
+    """Stages whose counts follow ``cfg.schedule``, the method's nominal accounting or the layer-averaged target.
 
-    ``minimum(n)``: the least count the method can keep at a stage (e.g. VisionZip needs one dominant and one
-    contextual token); a budget that would go below it is an error, never a silent change.
+    ``nominal(n, T)``: the per-stage counts the method's own paper and code keep for a budget ``T`` of ``n``
+    visual tokens (used when ``cfg.budget_meaning == "nominal"``); without it the nominal ``T`` is the
+    layer-averaged count (true for a method with one stage before the LLM). ``minimum(n)``: the least count the
+    method can keep at a stage (e.g. VisionZip needs one dominant and one contextual token); a budget that would go
+    below it is an error, never a silent change.
     """
     if cfg.schedule is not None and len(cfg.schedule) != len(plans):
         raise ValueError(
@@ -84,6 +88,16 @@ def make_stages(
         if n not in cache:
             if cfg.schedule is not None:
                 out = [min(n, k) for k in cfg.schedule]
+            elif nominal is not None and cfg.budget_meaning == "nominal":
+                target = cfg.target(n)
+                if target > n:
+                    raise BudgetError(f"keep_tokens={target:g} is more than the {n} visual tokens present")
+                out, cap = [], n
+                for k in nominal(n, target):
+                    cap = max(1, min(cap, int(k)))
+                    out.append(cap)
+                if len(out) != len(plans):
+                    raise ValueError(f"{method}: nominal counts {out} do not match its {len(plans)} stages")
             else:
                 out = resolve_counts(n, cfg.target(n), placements, spec.num_layers)
             if minimum is not None:

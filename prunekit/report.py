@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .flops import LayerCost, prefill_flops
+
 
 @dataclass
 class StageRecord:
@@ -35,6 +37,16 @@ class PruningReport:
     stages: list[StageRecord] = field(default_factory=list)
     #: False when the prefill ran inside ``prunekit.disabled``: nothing was pruned
     enabled: bool = True
+    #: per sample, the nominal budget ``T`` the method was given (None: no single number, e.g. a schedule)
+    budget: list[float | None] = field(default_factory=list)
+    #: what ``budget`` counts: "nominal" (the method's own accounting), "layer_average" or "schedule"
+    budget_meaning: str = "nominal"
+    #: what one budget covers: "prompt", or each "image" / video frame, or each "crop" of an image
+    budget_per: str = "prompt"
+    #: per sample, the tokens of its prefill at the language model's input before any pruning (text + visual)
+    sequence_lengths: list[int] = field(default_factory=list)
+    #: the cost of each decoder layer (for :attr:`prefill_flops`); empty when unknown
+    layer_costs: list[LayerCost] = field(default_factory=list)
 
     @property
     def layer_counts(self) -> list[list[int]]:
@@ -56,8 +68,39 @@ class PruningReport:
         """Per sample, the layer-averaged visual-token count (the number papers quote)."""
         return [sum(row) / len(row) if row else 0.0 for row in self.layer_counts]
 
+    def _flops(self, layer_counts: list[list[int]]) -> list[int | None]:
+        if not self.layer_costs or len(self.sequence_lengths) != len(self.visual_tokens):
+            return [None] * len(self.visual_tokens)
+        return [prefill_flops(self.layer_costs, [s - n + c for c in row])
+                for s, n, row in zip(self.sequence_lengths, self.visual_tokens, layer_counts)]
+
+    @property
+    def prefill_flops(self) -> list[int | None]:
+        """Per sample, the decoder layers' prefill FLOPs with this pruning (analytic, :mod:`prunekit.flops`)."""
+        return self._flops(self.layer_counts)
+
+    @property
+    def prefill_flops_unpruned(self) -> list[int | None]:
+        """Per sample, the same prefill's FLOPs with every visual token in every layer."""
+        return self._flops([[n] * self.num_layers for n in self.visual_tokens])
+
+    def as_dict(self) -> dict:
+        """The numbers of this report, for results files (JSON-ready)."""
+        return {
+            "method": self.method, "enabled": self.enabled, "budget": self.budget,
+            "budget_meaning": self.budget_meaning, "budget_per": self.budget_per, "visual_tokens": self.visual_tokens,
+            "layer_average": self.layer_average, "prefill_flops": self.prefill_flops,
+            "prefill_flops_unpruned": self.prefill_flops_unpruned,
+            "stages": [{"label": s.label, "point": s.point, "layer": s.layer, "kept": s.counts,
+                        "merged": s.merged_counts} for s in self.stages],
+        }
+
     def summary(self) -> str:
         lines = [f"method {self.method}: visual tokens per sample {self.visual_tokens}"]
+        if self.budget and any(b is not None for b in self.budget):
+            budget = ", ".join("-" if b is None else f"{b:g}" for b in self.budget)
+            per = "" if self.budget_per == "prompt" else f", per {self.budget_per}"
+            lines.append(f"  budget ({self.budget_meaning}{per}): {budget}")
         if not self.enabled:
             lines.append("  disabled (prunekit.disabled): nothing was pruned")
         for s in self.stages:
@@ -66,6 +109,10 @@ class PruningReport:
             lines.append(f"  {s.label or s.point} ({where}): kept {s.counts}{merged}")
         avg = ", ".join(f"{a:.1f}" for a in self.layer_average)
         lines.append(f"  layer-averaged visual tokens: {avg}")
+        flops, full = self.prefill_flops, self.prefill_flops_unpruned
+        if flops and flops[0] is not None:
+            shown = ", ".join(f"{f / 1e9:.3g} ({100 * f / u:.0f}%)" if u else f"{f / 1e9:.3g}" for f, u in zip(flops, full))
+            lines.append(f"  LLM prefill GFLOPs (% of unpruned): {shown}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

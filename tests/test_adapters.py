@@ -4,13 +4,16 @@ A new adapter is tested here the moment it registers: it must build a tiny model
 inputs with different visual-token counts (``tiny_rows``).
 """
 
+import types
+
 import pytest
 import torch
 
 import prunekit
 from prunekit import contracts as C
+from prunekit.config import MethodConfig
 from prunekit.registry import registry
-from prunekit.testing import collate, tiny_adapter_model
+from prunekit.testing import assert_pruned, collate, registered, tiny_adapter_model
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
 ADAPTERS = registry.names("adapters")
@@ -161,14 +164,23 @@ VISION_FEATURE_ADAPTERS = [n for n in ADAPTERS if "vision_features" in registry.
 @pytest.mark.parametrize("name", VISION_FEATURE_ADAPTERS)
 @pytest.mark.parametrize("method", ["fastervlm", "visionzip"])
 def test_vision_features_point_keep_all_and_batch(name, method):
-    """At vision_features: keep-all is bit-exact; merged values (VisionZip) batch like rows alone."""
+    """At vision_features: keep-all is bit-exact; merged values (VisionZip) batch like rows alone. Where the
+    [CLS] feature cannot go through the projector (InternVL's pixel shuffle), VisionZip's default refuses and
+    cls_token=False runs."""
     model, rows = tiny(name)
     inputs = batch_of(model, rows)
     ref = model(**inputs).logits
-    prunekit.build(method, model, keep_ratio=1.0)
+    options = {}
+    if method == "visionzip" and prunekit.adapter_for(model).cls_feature_unavailable() is not None:
+        with pytest.raises(prunekit.PruningError, match=f"'cls_feature'.*{type(model).__name__}"):
+            prunekit.build(method, model, keep_ratio=0.3)
+        assert not prunekit.is_patched(model)
+        options = {"cls_token": False}
+    prunekit.build(method, model, keep_ratio=1.0, **options)
     assert torch.equal(model(**inputs).logits, ref)
-    prunekit.build(method, model, keep_ratio=0.3)
+    prunekit.build(method, model, keep_ratio=0.3, **options)
     batch = model.generate(**inputs, **GEN)
+    assert_pruned(model)
     assert any(m.any() for m in prunekit.inspect(model).stages[0].merged) == (method == "visionzip")
     for b, row in enumerate(rows):
         assert_row_matches(model, batch, b, row)
@@ -283,3 +295,141 @@ def test_attention_received_matches_eager_attention():
     eager = _eager_copy(model).model.vision_tower(rows[0]["pixel_values"], output_attentions=True)
     attn = eager.attentions[model.config.vision_feature_layer]  # [1, H, L, L], [CLS] first
     torch.testing.assert_close(seen[0][0], attn[0, :, 1:, 1:].mean((0, 1)), rtol=1e-5, atol=1e-7)
+
+
+# --- vision-side signals: the [CLS] feature, and the layer after the feature layer --------------------------------
+class SignalProbe(prunekit.Method):
+    """Keeps every token and records the vision signals in ``READ`` ((name, options) pairs)."""
+
+    name = "signal_probe"
+    Config = MethodConfig
+    READ: list = []
+    SEEN: list = []
+
+    def plan(self, spec):
+        def choose(ctx):
+            SignalProbe.SEEN.append([ctx.relevance(name, **options) for name, options in SignalProbe.READ])
+            return [torch.arange(f.shape[0]) for f in ctx.features]
+
+        signals = tuple(dict.fromkeys(name for name, _ in SignalProbe.READ))
+        return [prunekit.Stage(point="after_projector", keep=lambda n: n, choose=choose, signals=signals)]
+
+
+PROBE = types.SimpleNamespace(prunekit_register_methods=prunekit.hookimpl(lambda register: register(SignalProbe)))
+
+
+def probe(model, row, *read):
+    """The signals ``read`` ((name, options) pairs) of the patched ``model`` on ``row``, per sample."""
+    SignalProbe.READ, SignalProbe.SEEN = list(read), []
+    with registered(PROBE, "signal_probe_plugin"):
+        prunekit.build("signal_probe", model)
+        try:
+            model(**row)
+        finally:
+            prunekit.remove(model)
+    return SignalProbe.SEEN[0]
+
+
+def test_cls_feature_is_each_tokens_cls_row_at_the_feature_layer():
+    """LLaVA: every token of an image carries that image's [CLS] row of hidden_states[vision_feature_layer]."""
+    model, rows = tiny("llava")
+    row = rows[1]  # two images
+    (cls,) = probe(model, row, ("cls_feature", {}))
+    states = model.model.vision_tower(row["pixel_values"], output_hidden_states=True).hidden_states
+    expect = states[model.config.vision_feature_layer][:, 0]  # [images, width]
+    per_image = cls[0].shape[0] // 2
+    torch.testing.assert_close(cls[0], expect.repeat_interleave(per_image, 0), rtol=0, atol=0)
+
+
+def test_cls_feature_on_llava_next_follows_crops_and_newlines():
+    """LLaVA-NeXT: a token carries the [CLS] row of the crop it comes from; newline tokens (from no crop) zeros."""
+    model, rows = tiny("llava_next")
+    row = rows[0]  # one image: its base view first, then its crops with a newline ending each row
+    (cls,) = probe(model, row, ("cls_feature", {}))
+    crops = int((row["pixel_values"][0].flatten(1) != 0).any(-1).sum())  # the crops the image uses
+    states = model.model.vision_tower(row["pixel_values"][0, :crops], output_hidden_states=True).hidden_states
+    crop_cls = states[model.config.vision_feature_layer][:, 0]  # [crops, width]
+    per_crop = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    rows_seen = cls[0]
+    torch.testing.assert_close(rows_seen[:per_crop], crop_cls[0].expand(per_crop, -1), rtol=1e-5, atol=1e-6)
+    zero = ~(rows_seen != 0).any(-1)
+    newline = (model.model.get_image_features(pixel_values=row["pixel_values"], image_sizes=row["image_sizes"])
+               .pooler_output[0] == model.model.image_newline).all(-1)
+    assert zero.tolist() == newline.tolist() and newline.any()
+    for r in rows_seen[~zero][per_crop:]:  # the crops' tokens: one of the crops' [CLS] rows
+        assert torch.isclose(r[None], crop_cls[1:], rtol=1e-5, atol=1e-6).all(-1).any()
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen2_vl", "internvl"])
+def test_cls_feature_is_refused_naming_the_signal_and_the_model(name):
+    """SigLIP and Qwen-VL encoders have no [CLS]; InternVL's projector reads pixel-shuffled groups of patches."""
+    model, rows = tiny(name)
+    SignalProbe.READ = [("cls_feature", {})]
+    with registered(PROBE, "signal_probe_plugin"):
+        with pytest.raises(prunekit.PruningError, match=f"cls_feature.*{type(model).__name__}"):
+            prunekit.build("signal_probe", model)
+    assert not prunekit.is_patched(model)
+
+
+def test_next_layer_signals_equal_the_next_layers_eager_attention():
+    """layer="next": the [CLS] attention, keys and received attention of the layer after the feature layer (the
+    tiny tower's last), equal to what that layer computes in an eager forward."""
+    from test_llava import _eager_copy
+
+    model, rows = tiny("llava")
+    row = rows[0]
+    assert model.config.vision_feature_layer == -2
+    cls, keys, one, received, feature = probe(
+        model, row, ("cls_attention", {"layer": "next"}), ("keys", {"layer": "next"}),
+        ("cls_attention", {"layer": "next", "heads": "one"}), ("attention_received", {"layer": "next"}),
+        ("cls_attention", {}))
+    tower = _eager_copy(model).model.vision_tower
+    out = tower(row["pixel_values"], output_attentions=True, output_hidden_states=True)
+    attn = out.attentions[-1][0]  # the last layer's, [H, L, L]
+    torch.testing.assert_close(cls[0], attn[:, 0, 1:].mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(received[0], attn[:, 1:, 1:].mean((0, 1)), rtol=1e-5, atol=1e-7)
+    last = tower.encoder.layers[-1]
+    x = last.layer_norm1(out.hidden_states[-2][0])  # the next layer's input is the feature layer's output
+    k = last.self_attn.k_proj(x)
+    heads = last.self_attn.num_heads
+    torch.testing.assert_close(keys[0], k[1:].view(-1, heads, k.shape[-1] // heads).mean(1), rtol=1e-5, atol=1e-6)
+    q = last.self_attn.q_proj(x[:1])
+    torch.testing.assert_close(one[0], ((q @ k.T) * k.shape[-1] ** -0.5).softmax(-1)[0, 1:], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(feature[0], cls[0])  # the default still reads the feature layer
+
+
+def test_last_layer_is_the_next_or_the_feature_layer():
+    """layer="last" reads the encoder's last layer: the one after the feature layer, or the feature layer itself
+    when the projector reads the last layer; farther back it is refused."""
+    from prunekit.testing import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava(seed=5)  # its own: the test changes the feature layer
+    row = tiny_llava_inputs(model, batch=1, left_pad=(0,))
+    last, after, feature = probe(model, row, ("cls_attention", {"layer": "last"}), ("cls_attention", {"layer": "next"}),
+                                 ("cls_attention", {}))
+    assert torch.equal(last[0], after[0]) and not torch.equal(last[0], feature[0])
+    model.config.vision_feature_layer = -1
+    last, feature = probe(model, row, ("cls_attention", {"layer": "last"}), ("cls_attention", {}))
+    assert torch.equal(last[0], feature[0])
+    model.config.vision_feature_layer = -3
+    with pytest.raises(prunekit.PruningError, match=f"layer='last'.*{type(model).__name__}"):
+        probe(model, row, ("cls_attention", {"layer": "last"}))
+
+
+def test_next_layer_is_refused_when_the_feature_layer_is_the_last():
+    model, rows = tiny("internvl")  # its projector reads the last vision layer
+    SignalProbe.READ, SignalProbe.SEEN = [("cls_attention", {"layer": "next"})], []
+    with registered(PROBE, "signal_probe_plugin"):
+        prunekit.build("signal_probe", model)
+        try:
+            with pytest.raises(prunekit.PruningError, match=f"layer='next'.*{type(model).__name__}"):
+                model(**rows[0])
+        finally:
+            prunekit.remove(model)
+
+
+def test_vision_signal_options_are_checked():
+    model, rows = tiny("llava")
+    for options, message in (({"layer": "first"}, "layer must be one of"), ({"tokens": "visual"}, "no option")):
+        with pytest.raises(prunekit.PruningError, match=message):
+            probe(model, rows[0], ("cls_attention", options))

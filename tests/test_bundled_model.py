@@ -72,5 +72,5 @@ def test_eval_quick_on_the_bundled_model(tmp_path, capsys):
 
     assert main(["eval", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert rows[0]["label"] == "unpruned" and len(rows) == 1 + 3 * 2 * 2
+    assert rows[0]["label"] == "unpruned" and len(rows) == 1 + 3 * 2 * 2 * 2  # methods x budgets x positions x meanings
     assert all(r["status"] == "ok" for r in rows)

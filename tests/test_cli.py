@@ -9,7 +9,8 @@ def test_list_shows_every_method(capsys):
 
 
 def test_demo_reports_an_unreachable_budget_without_a_traceback(capsys):
-    assert main(["demo", "--model", "random", "--method", "fastv", "--keep-tokens", "64", "--repeats", "1", "--new-tokens", "1"]) == 2
+    assert main(["demo", "--model", "random", "--method", "fastv", "--keep-tokens", "64", "--budget-meaning",
+                 "layer_average", "--repeats", "1", "--new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "out of reach" in err and "Traceback" not in err
 
@@ -23,7 +24,7 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
     import json
 
     assert main(["bench", "--quick", "--no-progress", "--methods", "tops", "visionzip", "fastv",
-                 "--out", str(tmp_path)]) == 0
+                 "--budget-meaning", "layer_average", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert {r["n"] for r in result["selection"]} == {64, 256}
     assert all(r["identical"] for r in result["selection"])  # the incremental greedy equals the naive loop
@@ -38,7 +39,8 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
     assert (tmp_path / "selection_time.png").stat().st_size > 0
     assert list(tmp_path.glob("speedup_*.png"))
     out = capsys.readouterr().out
-    assert "| model | method |" in out and "selection / prefill" in out
+    assert "| model | method | T (layer_average) |" in out and "selection / prefill" in out
+    assert result["budget_meaning"] == "layer_average"
 
 
 def test_bench_rejects_mismatched_sizes(capsys):

@@ -77,7 +77,7 @@ def test_every_method_runs_through_eval(method, tiny, samples):
     of the tokens the method either runs and uses about that many, or says why it cannot."""
     model, processor = tiny
     results = ev.evaluate(model, processor, samples, ev.method_variants([method]), budgets=[1.0, 0.333],
-                          positions=["renumber"], batch_size=4, progress=False)
+                          positions=["renumber"], budget_meanings=["layer_average"], batch_size=4, progress=False)
     base, full, third = results
     assert base.label == "unpruned" and base.tokens == 144 and base.n == len(samples)
     assert full.status == "ok", full.status
@@ -90,6 +90,27 @@ def test_every_method_runs_through_eval(method, tiny, samples):
     assert 0 <= third.agreement <= 1 and third.kl >= 0 and 0 <= third.ci_low <= third.accuracy <= third.ci_high <= 1
     assert third.tokens == pytest.approx(0.333 * 144, abs=3)
     assert set(third.per_type) == {s.type for s in samples}
+    assert full.flops_relative == pytest.approx(100.0) and third.gflops < full.gflops and third.flops_relative < 100
+
+
+def test_both_budget_meanings_side_by_side(tiny, samples, tmp_path):
+    """FastV's nominal T is the count kept from layer K on (more tokens on average than T); a method that prunes once
+    before the LLM keeps the same under both meanings and is run once."""
+    model, processor = tiny
+    results = ev.evaluate(model, processor, samples, ev.method_variants(["fastv", "random"]), budgets=[0.333],
+                          positions=["renumber"], budget_meanings=list(ev.BUDGET_MEANINGS), batch_size=8,
+                          progress=False)
+    by = {(r.label, r.budget_meaning): r for r in results[1:]}
+    nominal, averaged = by["fastv", "nominal"], by["fastv", "layer_average"]
+    assert nominal.status == averaged.status == "ok"
+    assert averaged.tokens == pytest.approx(0.333 * 144, abs=3) and averaged.tokens < nominal.tokens
+    assert averaged.gflops < nominal.gflops
+    same, other = by["random", "nominal"], by["random", "layer_average"]
+    assert same.hits == other.hits and same.tokens == other.tokens == pytest.approx(0.333 * 144, abs=1)
+    text = ev.table(results) + ev.summary(results)
+    assert "fastv (nominal)" in text and "fastv (layer_average)" in text and "GFLOPs" in text
+    ev.write(results, tmp_path, {})
+    assert "budget_meaning" in (tmp_path / "results.csv").read_text()
 
 
 def test_both_position_modes_and_outputs(tiny, samples, tmp_path):
@@ -105,7 +126,8 @@ def test_both_position_modes_and_outputs(tiny, samples, tmp_path):
     assert (tmp_path / "results.csv").read_text().count("\n") == len(results) + 1
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     summary = ev.summary(results).splitlines()
-    assert summary[0].startswith("| method (renumber / original); unpruned") and "11.1% (16 tokens)" in summary[0]
+    assert summary[0].startswith("| method (renumber / original); unpruned") and "11.1% of the visual tokens" in summary[0]
+    assert all("(16 tok)" in line for line in summary[2:])
     assert [line.split(" | ")[0] for line in summary[2:]] == ["| tops[R]", "| tops[C]"]
     assert ev.summary(results) in (tmp_path / "results.md").read_text()
 
@@ -123,6 +145,7 @@ def test_cli_eval_on_a_saved_model_and_a_jsonl_file(tiny_saved, samples, tmp_pat
                "random", "--budgets", "0.222", "--positions", "original", "--no-progress", "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())["results"]
-    assert [r["label"] for r in rows] == ["unpruned", "tops", "random"] and rows[0]["n"] == 4
-    assert "| tops | 22.2% | original |" in capsys.readouterr().out
+    assert [(r["label"], r["budget_meaning"]) for r in rows[1:]] == [
+        (m, b) for m in ("tops", "random") for b in ("nominal", "layer_average")] and rows[0]["n"] == 4
+    assert "| tops | 22.2% | nominal | original |" in capsys.readouterr().out
     assert main(["eval", "--model", str(tmp_path), "--quick"]) == 2  # no config.json there: a clear error

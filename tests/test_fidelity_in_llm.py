@@ -126,3 +126,5 @@ def test_dart_matches_the_official_pivot_loop(setup, K, token_topk):
     assert len(ref) == 4 + 8 * token_topk  # the official count: B + image pivots
     _kept.inputs = inputs
     assert _kept(model, "dart", layer=K, schedule=[len(ref)]) == ref
+    # the nominal budget B is the official code's: 8 pivots claim B // 8 each, the 4 visual pivots on top
+    assert _kept(model, "dart", layer=K, keep_tokens=8 * token_topk) == ref

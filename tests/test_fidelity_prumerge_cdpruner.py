@@ -8,9 +8,12 @@ numpy and never call prunekit. They were written from reading:
   ``forward`` (L300, ``if_adaptive=True``);
 * CDPruner: Theia-4869/CDPruner @ 9541616, ``llava/model/llava_arch.py``, ``encode_images`` (L141-187).
 
-Only what prunekit documents as substituted is substituted: PruMerge+'s q/k come from the vision layer prunekit
-reads (the one whose output feeds the projector; the official code reads the layer after it), and CDPruner's
-image–text similarity is prunekit's instruction similarity (there is no CLIP text tower in a LLaVA checkpoint).
+Only what prunekit documents as substituted is substituted: CDPruner's image–text similarity is prunekit's
+instruction similarity (there is no CLIP text tower in a LLaVA checkpoint). PruMerge+'s q/k come, as in the
+official code (``layers[23]``, L182-183, the last of CLIP-L's 24), from the encoder's last layer
+(``attention_layer="last"``, the default): on LLaVA the layer after the one whose output feeds the projector, on
+that output (``"next"``); ``attention_layer="feature"`` reads the feature layer's own and is compared with the same
+transcription fed that layer's q/k.
 PruMerge+ is compared at the budget that equals the official adaptive count (for that budget the official result
 is defined); token for token, in the official order, and value for value.
 """
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from prunekit.testing import tiny_llava, tiny_llava_inputs
+from prunekit.testing import assert_pruned, tiny_llava, tiny_llava_inputs
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -168,22 +171,30 @@ def test_prumerge_plus_budgets_other_than_the_official_count():
 
 
 # --- on the tiny LLaVA, through prunekit.build ----------------------------------------------------------------------
-def _sharpened_llava(seed: int, scale: float):
-    """A tiny LLaVA whose feature layer's [CLS] attention is peaked enough to have IQR outliers."""
+#: the tiny LLaVA's vision layer read by each attention_layer (its tower has 3 layers; the projector reads [-2])
+READ_LAYER = {"last": -1, "next": -1, "feature": -2}
+
+
+def _sharpened_llava(seed: int, scale: float, attention_layer: str = "last"):
+    """A tiny LLaVA whose [CLS] attention at the layer read is peaked enough to have IQR outliers."""
     model = tiny_llava(seed=seed)
-    attn = model.model.vision_tower.encoder.layers[-2].self_attn
+    attn = model.model.vision_tower.encoder.layers[READ_LAYER[attention_layer]].self_attn
     with torch.no_grad():
         attn.q_proj.weight.mul_(scale)
         attn.q_proj.bias.mul_(scale)
     return model
 
 
-def _official_signals(model, pixel_values):
-    """The tiny LLaVA's vision features, and the official [CLS] attention and keys of the layer prunekit reads."""
+def _official_signals(model, pixel_values, attention_layer: str = "last"):
+    """The tiny LLaVA's vision features (``hidden_states[-2]``), and the [CLS] attention and keys (L198-201) of the
+    q_proj/k_proj outputs of the layer read: the official code's, the last layer (whose input is the features,
+    L182-183 hook ``layers[23]`` of CLIP-L's 24), or the feature layer itself (``attention_layer="feature"``)."""
     tower = model.model.vision_tower
     out = tower(pixel_values, output_hidden_states=True)
-    layer = tower.encoder.layers[-2]  # produces hidden_states[-2], LLaVA's features; the official code reads [-1]
-    normed = layer.layer_norm1(out.hidden_states[-3])
+    assert model.config.vision_feature_layer == -2 and len(tower.encoder.layers) == 3
+    index = READ_LAYER[attention_layer]
+    layer = tower.encoder.layers[index]
+    normed = layer.layer_norm1(out.hidden_states[index - 1])  # hidden_states[i] is the input of layers[i]
     q, k = layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
     feats = out.hidden_states[-2][:, 1:]
     return feats, official_cls_attention(q, k, feats.shape[-1]), k[:, 1:]
@@ -198,22 +209,25 @@ def _lm_inputs(model):
 
 @pytest.mark.parametrize("seed,scale,image", [(1, 6.0, 1), (2, 3.0, 1), (2, 6.0, 1), (0, 6.0, 2)])
 @pytest.mark.parametrize("order", ["official", "sequence"])
-def test_prumerge_plus_in_the_model_gives_the_llm_the_official_tokens(seed, scale, image, order):
-    model = _sharpened_llava(seed, scale)
+@pytest.mark.parametrize("attention_layer", ["last", "next", "feature"])
+def test_prumerge_plus_in_the_model_gives_the_llm_the_official_tokens(seed, scale, image, order, attention_layer):
+    model = _sharpened_llava(seed, scale, attention_layer)
     x = tiny_llava_inputs(model, batch=1, left_pad=(0,), seed=image)
     with torch.no_grad():
-        kept, tokens = official_prumerge_plus(*_official_signals(model, x["pixel_values"]))
+        kept, tokens = official_prumerge_plus(*_official_signals(model, x["pixel_values"], attention_layer))
         projected = model.model.multi_modal_projector(tokens[0])
         embeds = model.get_input_embeddings()(x["input_ids"][0])
     K = tokens.shape[1]
-    prunekit.build("prumerge_plus", model, keep_tokens=K, order=order)
+    assert K < 64, "the official count must prune"
+    options = {} if attention_layer == "last" else {"attention_layer": attention_layer}  # "last": the default
+    prunekit.build("prumerge_plus", model, keep_tokens=K, order=order, **options)
     seen, handle = _lm_inputs(model)
     try:
         with torch.no_grad():
             model(**x)
     finally:
         handle.remove()
-    report = prunekit.inspect(model)
+    report = assert_pruned(model)
     prunekit.remove(model)
 
     places = _places(kept, 64)
@@ -228,8 +242,10 @@ def test_prumerge_plus_in_the_model_gives_the_llm_the_official_tokens(seed, scal
     torch.testing.assert_close(seen[0][0, first + K:], embeds[int(vis[-1]) + 1:])
 
 
-def test_prumerge_plus_reads_one_head_over_the_whole_width(model, inputs, monkeypatch):
-    """The captured signals (heads="one") equal the [CLS] attention and keys computed by hand from the weights."""
+@pytest.mark.parametrize("attention_layer", ["last", "next", "feature"])
+def test_prumerge_plus_reads_one_head_over_the_whole_width(model, inputs, monkeypatch, attention_layer):
+    """The captured signals (heads="one") equal the [CLS] attention and keys computed by hand from the weights of
+    the layer read (by default the last one, as the official code: here the one after the feature layer)."""
     from prunekit_plugins.methods import prumerge_plus as pm
 
     captured = {"attn": [], "keys": []}
@@ -241,12 +257,45 @@ def test_prumerge_plus_reads_one_head_over_the_whole_width(model, inputs, monkey
         return original(features, attn, keys, k, *args)
 
     monkeypatch.setattr(pm, "prumerge_plus_choice", spy)
-    prunekit.build("prumerge_plus", model, keep_tokens=20)
+    options = {} if attention_layer == "last" else {"attention_layer": attention_layer}
+    prunekit.build("prumerge_plus", model, keep_tokens=20, **options)
     model(**inputs)
+    assert_pruned(model)
     prunekit.remove(model)
-    _, cls_attn, keys = _official_signals(model, inputs["pixel_values"])
+    _, cls_attn, keys = _official_signals(model, inputs["pixel_values"], attention_layer)
     torch.testing.assert_close(torch.stack(captured["attn"]), cls_attn, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack(captured["keys"]), keys, rtol=1e-5, atol=1e-6)
+
+
+def test_prumerge_plus_reads_the_last_layer_where_the_projector_reads_it(monkeypatch):
+    """A projector that reads the encoder's last layer (the bundled model's vision_feature_layer=-1): the default
+    reads that layer's own q/k, the official code's rule (its last layer); attention_layer="next" has no layer."""
+    from prunekit_plugins.methods import prumerge_plus as pm
+
+    model = tiny_llava(seed=3)
+    model.config.vision_feature_layer = -1
+    x = tiny_llava_inputs(model, batch=1, left_pad=(0,))
+    seen = []
+    original = pm.prumerge_plus_choice
+    monkeypatch.setattr(pm, "prumerge_plus_choice", lambda f, a, kk, k, *args: seen.append((a, kk)) or original(
+        f, a, kk, k, *args))
+    prunekit.build("prumerge_plus", model, keep_tokens=20)
+    model(**x)
+    assert_pruned(model)
+    prunekit.remove(model)
+    tower = model.model.vision_tower
+    states = tower(x["pixel_values"], output_hidden_states=True).hidden_states
+    last = tower.encoder.layers[-1]
+    normed = last.layer_norm1(states[-2])  # the last layer's input
+    q, k = last.self_attn.q_proj(normed), last.self_attn.k_proj(normed)
+    torch.testing.assert_close(seen[0][0], official_cls_attention(q, k, k.shape[-1])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen[0][1], k[0, 1:], rtol=1e-5, atol=1e-6)
+    prunekit.build("prumerge_plus", model, keep_tokens=20, attention_layer="next")
+    try:
+        with pytest.raises(prunekit.PruningError, match="layer='next'"):
+            model(**x)
+    finally:
+        prunekit.remove(model)
 
 
 def test_prumerge_plus_official_order_refuses_original_positions(model):

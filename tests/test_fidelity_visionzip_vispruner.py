@@ -12,11 +12,13 @@ prunekit. Line numbers are those of the official files:
   ``llava/model/multimodal_encoder/clip_encoder.py`` L36-52 (features and [CLS] attention of ``select_layer``
   without the [CLS] row/column).
 
-prunekit's visual tokens are the model's patch placeholders: the [CLS] feature the official VisionZip feeds to the
-LLM is not among them, so prunekit gives that place to the next patch by [CLS] attention. A prunekit budget of
-``D + C`` is therefore compared with the official code called with ``dominant = D + 1`` (the [CLS] plus ``D``
-patches) and ``contextual = C``, its [CLS] row left out (docs/methods/visionzip.md, "Differences from the official
-code").
+prunekit's visual tokens are the model's patch placeholders. By default (``cls_token=True``) the [CLS] feature the
+official VisionZip feeds to the LLM fills one of their places: a prunekit budget of ``D + C`` equals the official
+code called with ``dominant = D`` (the [CLS] plus ``D - 1`` patches) and ``contextual = C``, every row included; the
+[CLS] feature's place is the first patch that is neither dominant nor a target (prunekit's rule: the official code
+has no places). With ``cls_token=False``, and in the model-free ``reduce`` (which has no [CLS] feature), that place
+goes to the next patch by [CLS] attention: ``D + C`` is compared with the official code called with
+``dominant = D + 1``, its [CLS] row left out (docs/methods/visionzip.md, "Differences from the official code").
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import pytest
 import torch
 
 import prunekit
+from prunekit.testing import assert_pruned, tiny_adapter_model
+from prunekit_plugins.methods.visionzip import visionzip_choice
 from test_llava import _eager_copy
 
 #: the official budgets: (dominant, contextual) of VisionZip's paper for 64 / 128 / 192 tokens of 576
@@ -77,6 +81,13 @@ def official_visionzip(attn_weights, hidden_states, metric, dominant, contextual
     return out
 
 
+def cls_place(off, n: int) -> int:
+    """prunekit's place for the official [CLS] row: the first of the ``n`` patches that is neither one of the
+    official dominant patches nor a target."""
+    taken = set((torch.cat([off["dominant"][1:], off["targets"]]) - 1).tolist())
+    return min(set(range(n)) - taken)
+
+
 def official_vispruner(image_features, image_attentions, visual_token_num, important_ratio):
     """The kept-token mask of VisPruner's ``encode_images`` for ``[B, N, C]`` patch features and ``[B, H, N]``
     [CLS] attention rows over the patches (``feature_select`` with 'patch')."""
@@ -115,10 +126,35 @@ def _random_tower(seed: int, B: int = 2, n: int = 576, width: int = 24):
 
 @pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("dominant, contextual", VISIONZIP_SPLITS)
+def test_visionzip_with_its_cls_row_equals_the_official_code(dominant, contextual, seed):
+    """The model default (the [CLS] feature given) at k = D + C, C = round(10/64 · k): the paper's 54 + 10,
+    108 + 20, 162 + 30 with the [CLS] among the dominant (README L128). Every official row, the [CLS] first, value
+    for value and in the official order; the [CLS] place is marked merged (it is no patch's own value)."""
+    hidden, attn = _random_tower(seed)
+    k = dominant + contextual
+    relevance = attn[:, :, 0, 1:].mean(1)
+    official = official_visionzip(attn, hidden, hidden, dominant, contextual)
+    for b, off in enumerate(official):
+        got = visionzip_choice(hidden[b, 1:], relevance[b], hidden[b, 1:], k, cls_feature=hidden[b, 0])
+        patches = (torch.cat([off["dominant"][1:], off["targets"]]) - 1).tolist()
+        place = cls_place(off, 576)
+        assert off["tokens"].shape[0] == k and len(patches) == k - 1
+        assert got.indices.tolist() == sorted([place] + patches)
+        torch.testing.assert_close(got.values, off["tokens"], rtol=1e-12, atol=1e-12)
+        assert got.merged.tolist() == [True] + [False] * (dominant - 1) + [j > 0 for j in off["joined"]]
+        # contextual_order="target": every row at its own place, the [CLS] at the place prunekit gives it
+        by_position = visionzip_choice(hidden[b, 1:], relevance[b], hidden[b, 1:], k, order="target",
+                                       cls_feature=hidden[b, 0])
+        assert by_position.indices.tolist() == [place] + patches
+        torch.testing.assert_close(by_position.values, off["tokens"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("dominant, contextual", VISIONZIP_SPLITS)
 def test_visionzip_reduce_equals_the_official_code(dominant, contextual, seed):
-    """Default config at k = D + C (so C = round(10/64 · k) gives the paper's 54 + 10, 108 + 20, 162 + 30; README
-    L128): the same tokens, the same values, in the official order. The model-free ``reduce`` reads the features as
-    keys, so the official metric is the hidden states here."""
+    """Without a [CLS] feature (the model-free ``reduce``; ``cls_token=False`` on a model) at k = D + C: the official
+    code called with one more dominant token, its [CLS] row left out. The model-free ``reduce`` reads the features
+    as keys, so the official metric is the hidden states here."""
     hidden, attn = _random_tower(seed)
     k = dominant + contextual
     relevance = attn[:, :, 0, 1:].mean(1)  # what prunekit's cls_attention signal is: the mean over heads
@@ -212,24 +248,58 @@ def _llm_visual_inputs(model, inputs, k):
     return seen["embeds"][:, -question - k:-question]
 
 
+@pytest.mark.parametrize("cls_token", [True, False])
 @pytest.mark.parametrize("keep, contextual", [(16, 2), (32, 5), (10, None)])
-def test_visionzip_in_the_model_equals_the_official_code(model, inputs, keep, contextual):
+def test_visionzip_in_the_model_equals_the_official_code(model, inputs, keep, contextual, cls_token):
     """Kept tokens, their order and the projected values the LLM receives, against the official code run on the
-    same vision tower (called with dominant = D + 1 for prunekit's D, its [CLS] row left out)."""
+    same vision tower: by default called with dominant = k - C, every row (the [CLS] first) projected;
+    with cls_token=False called with dominant = k - C + 1, its [CLS] row left out."""
     options = {} if contextual is None else {"contextual_tokens": contextual}
-    prunekit.build("visionzip", model, keep_tokens=keep, **options)
+    prunekit.build("visionzip", model, keep_tokens=keep, cls_token=cls_token, **options)
     received = _llm_visual_inputs(model, inputs, keep)
-    report = prunekit.inspect(model)
+    report = assert_pruned(model)
     prunekit.remove(model)
     C = contextual if contextual is not None else round(keep * 10 / 64)
     weights, hidden, metric = _official_tower(model, inputs["pixel_values"])
-    official = official_visionzip(weights, hidden, metric, keep - C + 1, C)
+    official = official_visionzip(weights, hidden, metric, keep - C + (not cls_token), C)
+    n = hidden.shape[1] - 1
     for b, off in enumerate(official):
-        patches = torch.cat([off["dominant"][1:], off["targets"]]) - 1
-        assert report.stages[0].kept[b].tolist() == sorted(patches.tolist())
-        assert report.stages[0].merged[b].tolist() == [False] * (keep - C) + [j > 0 for j in off["joined"]]
-        expect = model.model.multi_modal_projector(off["tokens"][1:])
+        patches = (torch.cat([off["dominant"][1:], off["targets"]]) - 1).tolist()
+        joined = [j > 0 for j in off["joined"]]
+        if cls_token:
+            assert report.stages[0].kept[b].tolist() == sorted([cls_place(off, n)] + patches)
+            assert report.stages[0].merged[b].tolist() == [True] + [False] * (keep - C - 1) + joined
+            expect = model.model.multi_modal_projector(off["tokens"])
+        else:
+            assert report.stages[0].kept[b].tolist() == sorted(patches)
+            assert report.stages[0].merged[b].tolist() == [False] * (keep - C) + joined
+            expect = model.model.multi_modal_projector(off["tokens"][1:])
         torch.testing.assert_close(received[b], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_visionzip_on_llava_next_puts_the_base_views_cls_first():
+    """LLaVA-NeXT (AnyRes): the prompt's first visual token is the base view's, so the [CLS] feature it carries is
+    the base view's (crop 0) at the feature layer, projected, in the first place the LLM sees."""
+    model, rows = tiny_adapter_model("llava_next")
+    row = rows[0]  # one image
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+
+    prunekit.build("visionzip", model, keep_ratio=0.3)
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)  # after prunekit's
+    try:
+        model(**row)
+    finally:
+        handle.remove()
+    report = assert_pruned(model)
+    prunekit.remove(model)
+    first = int((row["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    states = model.model.vision_tower(row["pixel_values"][0, :1], output_hidden_states=True).hidden_states
+    expect = model.model.multi_modal_projector(states[model.config.vision_feature_layer][0, :1])[0]
+    torch.testing.assert_close(seen["embeds"][0, first], expect, rtol=1e-4, atol=1e-5)
+    assert bool(report.stages[0].merged[0][0])
 
 
 @pytest.mark.parametrize("keep", [16, 24, 32])

@@ -30,12 +30,13 @@ def test_keep_all_is_exact(deep_model, inputs, name):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("keep_tokens", [40, 12])
 def test_generate_counts_batches_and_determinism(deep_model, inputs, name, keep_tokens):
-    """Exact layer-averaged counts inside generate (KV cache, sdpa); padded batch = rows alone; deterministic.
+    """Exact layer-averaged counts inside generate (KV cache, sdpa) at budget_meaning="layer_average"; padded batch =
+    rows alone; deterministic.
 
     A budget a method cannot reach (in-LLM methods keep every token before their first layer) must be a clear
     BudgetError, never a silent change; every method must reach 40 of 64 on 8 layers.
     """
-    prunekit.build(name, deep_model, keep_tokens=keep_tokens)
+    prunekit.build(name, deep_model, keep_tokens=keep_tokens, budget_meaning="layer_average")
     try:
         out = deep_model.generate(**inputs, **GEN)
     except BudgetError as err:
@@ -64,7 +65,7 @@ def test_generate_counts_batches_and_determinism(deep_model, inputs, name, keep_
 
 @pytest.mark.parametrize("name", METHODS)
 def test_keep_ratio_budget(deep_model, inputs, name):
-    prunekit.build(name, deep_model, keep_ratio=0.75)
+    prunekit.build(name, deep_model, keep_ratio=0.75, budget_meaning="layer_average")
     deep_model(**inputs)
     assert all(abs(a - 48) <= 1.0 for a in prunekit.inspect(deep_model).layer_average)
 

@@ -17,14 +17,19 @@ from torch import Tensor
 from prunekit import ModelAdapter, ModelSpec, Stage
 from prunekit import contracts as C
 from prunekit.contracts import Contract
-from prunekit.runtime.decoder import DecoderPruner, ModelHooks, PruningError, brings_images
+from prunekit.runtime.decoder import BudgetUnits, DecoderPruner, ModelHooks, PruningError, brings_images
 from prunekit.runtime.generate import GenerateGuard
 from prunekit.runtime.state import PerThread, ThreadStateMixin
 
 #: Signals read from the vision encoder (the rest come from the language model's input or its layers).
-VISION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received"})
+VISION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received", "cls_feature"})
 #: ... of which these need a [CLS] token
-CLS_SIGNALS = frozenset({"cls_attention", "keys"})
+CLS_SIGNALS = frozenset({"cls_attention", "keys", "cls_feature"})
+#: ... of which these are read from an encoder layer's attention (option ``layer``: "feature", the layer whose
+#: output the projector reads; "next", the layer after it, on that output; "last", the encoder's last layer, which
+#: must be one of those two)
+ATTENTION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received"})
+VISION_LAYERS = ("feature", "next", "last")
 
 
 class MethodHook:
@@ -104,6 +109,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
     keys: list[dict] = PerThread(list)
     features: list[Tensor] = PerThread(list)  # per projector call: its input rows
     received: list[Tensor] = PerThread(list)  # per tower pass: [crops, patches] attention each patch receives
+    outputs: list[Tensor] = PerThread(list)  # per tower pass: [crops, L, width] output of the feature layer
 
     def __init__(self, adapter: "MultimodalAdapter", signals: set[str], want_features: bool = False) -> None:
         self.adapter = adapter
@@ -114,12 +120,19 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
                 f"{sorted(signals & CLS_SIGNALS)} need a vision encoder with a [CLS] token; {name}'s encoder has "
                 "none (relevance without it: 'text_similarity' or 'attention_received')"
             )
-        attn = adapter.feature_attention_module() if signals & VISION_SIGNALS else None
-        if signals & VISION_SIGNALS and attn is None:
+        if "cls_feature" in signals and adapter.cls_feature_unavailable() is not None:
             raise PruningError(
-                f"{sorted(signals & VISION_SIGNALS)} are not available on {name}: its adapter reads no vision-encoder "
-                "attention (relevance without it: 'text_similarity')"
+                f"signal 'cls_feature' (the [CLS] token's feature at the vision layer the projector reads) is not "
+                f"available on {name}: {adapter.cls_feature_unavailable()}"
             )
+        attn = adapter.feature_attention_module() if signals & ATTENTION_SIGNALS else None
+        if signals & ATTENTION_SIGNALS and attn is None:
+            raise PruningError(
+                f"{sorted(signals & ATTENTION_SIGNALS)} are not available on {name}: its adapter reads no "
+                "vision-encoder attention (relevance without it: 'text_similarity')"
+            )
+        # the feature layer's output: the [CLS] feature, and the next layer's signals (computed when asked for)
+        feature_layer = adapter.vision_layer() if signals & VISION_SIGNALS else None
         self._want_received = "attention_received" in signals
         self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
                                    self.inner.register_forward_hook(self._check_consumed)]
@@ -128,6 +141,8 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
                 self.handles.append(MethodHook(self.inner, name, self._record))
         if attn is not None:
             self.handles.append(attn.register_forward_pre_hook(self._capture_attention, with_kwargs=True))
+        if feature_layer is not None:
+            self.handles.append(feature_layer[0].register_forward_hook(self._capture_output))
         if want_features:
             self.handles.append(adapter.projector().register_forward_pre_hook(self._capture_features))
 
@@ -140,7 +155,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
 
     @staticmethod
     def _empty() -> dict[str, list[Tensor]]:
-        return {"cls": [], "keys": [], "features": [], "received": []}
+        return {"cls": [], "keys": [], "features": [], "received": [], "outputs": []}
 
     def _sync(self, visual_counts: list[int]) -> int:
         """Pick the latest encoder calls whose tokens add up to the prompt's visual tokens (earlier calls, e.g. a
@@ -187,6 +202,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         self.keys = [t for c in chosen for t in c["keys"]]
         self.features = [t for c in chosen for t in c["features"]]
         self.received = [t for c in chosen for t in c["received"]]
+        self.outputs = [t for c in chosen for t in c["outputs"]]
 
     def _capture_features(self, module, args):
         self._pending["features"].append(args[0])
@@ -239,9 +255,20 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
 
     def _capture_attention(self, module, args, kwargs):
         hidden = C.LAYER_HIDDEN_STATES.get(kwargs, args[0] if args else None)
+        for key, value in self._attention_signals(module, hidden, self._want_received).items():
+            self._pending[key].append(value)
+        return None
+
+    def _capture_output(self, module, args, output):
+        self._pending["outputs"].append(output[0] if isinstance(output, tuple) else output)
+        return None
+
+    def _attention_signals(self, module, hidden: Tensor, received: bool) -> dict[str, Any]:
+        """The signals of the attention ``module`` on its input ``hidden`` ``[n, L, width]`` (after the layer's
+        norm): ``cls`` and ``keys`` (with a [CLS] token) and ``received`` (when asked for)."""
         n, L, _ = hidden.shape
         heads, hd = self.adapter.attention_heads(module)
-        rows = hidden if self._want_received else hidden[:, :1]
+        rows = hidden if received else hidden[:, :1]
         q, k = C.VISION_Q_PROJ.get(module)(rows), C.VISION_K_PROJ.get(module)(hidden)
         if C.VISION_Q_NORM.has(module):  # InternViT normalises q and k before the heads split
             q, k = C.VISION_Q_NORM.get(module)(q), C.VISION_K_NORM.get(module)(k)
@@ -249,20 +276,52 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         q = q.view(n, -1, heads, hd).transpose(1, 2).float()
         k = k.view(n, L, heads, hd).transpose(1, 2).float()
         first = 1 if self.adapter.has_cls() else 0  # patches start after the [CLS] token
+        out: dict[str, Any] = {}
         if first:
             probs = ((q[:, :, :1] @ k.transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
             # heads="one": q and k over the whole width as a single head, scaled by width^-1/2 (PruMerge+'s code)
             one = (whole_q[:, :1].float() @ whole_k.float().transpose(-1, -2)) * whole_k.shape[-1] ** -0.5
             one = one.softmax(-1)  # [n, 1, L]
-            self._pending["cls"].append({"mean": probs.mean(1)[:, 0, 1:], "one": one[:, 0, 1:]})  # [CLS] → patches
-            self._pending["keys"].append({"mean": k.mean(1)[:, 1:], "one": whole_k[:, 1:]})
-        if self._want_received:  # mean attention each patch receives from the patches, one head at a time
-            received = torch.zeros(n, L - first, device=hidden.device)
+            out["cls"] = {"mean": probs.mean(1)[:, 0, 1:], "one": one[:, 0, 1:]}  # [CLS] → patches
+            out["keys"] = {"mean": k.mean(1)[:, 1:], "one": whole_k[:, 1:]}
+        if received:  # mean attention each patch receives from the patches, one head at a time
+            out["received"] = torch.zeros(n, L - first, device=hidden.device)
             for h in range(heads):
                 probs = ((q[:, h, first:] @ k[:, h].transpose(-1, -2)) * hd**-0.5).softmax(-1)
-                received += probs[:, :, first:].mean(1) / heads
-            self._pending["received"].append(received)
-        return None
+                out["received"] += probs[:, :, first:].mean(1) / heads
+        return out
+
+    def _layer(self, name: str, layer: str) -> str:
+        """``layer``, with "last" resolved to "feature" or "next" (the encoder's last layer must be one of them)."""
+        if layer != "last":
+            return layer
+        if self.adapter.vision_layer() is not None and self.adapter.vision_layer(1) is None:
+            return "feature"
+        if self.adapter.vision_layer(1) is not None and self.adapter.vision_layer(2) is None:
+            return "next"
+        raise PruningError(
+            f"signal {name!r} with layer='last' is not available on {type(self.adapter.model).__name__}: its "
+            "encoder's last layer is neither the one whose output the projector reads nor the one after it, or its "
+            "adapter does not name its layers (layer='feature' and layer='next' read those two)"
+        )
+
+    def _next_layer_signals(self, name: str) -> list:
+        """``name`` per tower pass from the layer after the feature layer: its norm and attention applied to the
+        feature layer's output (that layer's input), without running the rest of it."""
+        nxt = self.adapter.vision_layer(1)
+        model = type(self.adapter.model).__name__
+        if nxt is None:
+            raise PruningError(
+                f"signal {name!r} with layer='next' is not available on {model}: its encoder has no layer after the "
+                "one whose output the projector reads, or its adapter does not name it (layer='feature' reads the "
+                "feature layer itself)"
+            )
+        if not self.outputs:
+            raise PruningError(f"no output of the feature layer was recorded for {name!r} with layer='next': the "
+                               "images must be encoded by the patched model in this call")
+        _, norm, attn = nxt
+        key = {"cls_attention": "cls", "keys": "keys", "attention_received": "received"}[name]
+        return [self._attention_signals(attn, norm(h), name == "attention_received")[key] for h in self.outputs]
 
     def images_in_call(self) -> bool:
         return self._brings
@@ -276,18 +335,27 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
             raise PruningError(
                 f"signal {name!r} is not available before the language model of {type(self.adapter.model).__name__}"
             )
+        # heads: [CLS] signals over the heads' mean, or "one" head over the whole width; layer: see VISION_LAYERS
+        allowed = {"heads": ("mean", "one") if name in CLS_SIGNALS else ("mean",), "layer": VISION_LAYERS}
+        allowed = allowed if name in ATTENTION_SIGNALS else {}
+        for key, value in options.items():
+            if key not in allowed:
+                raise PruningError(f"signal {name!r} takes no option {key!r} (options: {sorted(allowed) or 'none'})")
+            if value not in allowed[key]:
+                raise PruningError(f"signal {name!r}: {key} must be one of {list(allowed[key])}, got {value!r}")
         m = self._sync(visual_counts)
         visual_counts = visual_counts[::m]
-        captured = {"cls_attention": self.cls, "keys": self.keys, "attention_received": self.received}[name]
+        if name == "cls_feature":  # every patch of a tower pass gets that pass's [CLS] row
+            captured = [h[:, :1].expand(-1, h.shape[1] - 1, -1) for h in self.outputs]
+        elif self._layer(name, options.get("layer", "feature")) == "next":
+            captured = self._next_layer_signals(name)
+        else:
+            captured = {"cls_attention": self.cls, "keys": self.keys, "attention_received": self.received}[name]
         if not captured:
             raise PruningError(
                 f"no {name} was recorded: the images must be encoded by the patched model in this call"
             )
-        allowed = ("mean", "one") if name in CLS_SIGNALS else ("mean",)
-        heads = options.get("heads", "mean")  # [CLS] signals: mean over heads, or "one" head over the whole width
-        if heads not in allowed:
-            raise PruningError(f"signal {name!r}: heads must be one of {list(allowed)}, got {heads!r}")
-        captured = [c[heads] if isinstance(c, dict) else c for c in captured]
+        captured = [c[options.get("heads", "mean")] if isinstance(c, dict) else c for c in captured]
         per_patch = torch.cat([c.reshape(-1, *c.shape[2:]).float() for c in captured])
         sources = self.adapter.token_sources(self, visual_counts, per_patch.shape[0])
         out = []
@@ -312,7 +380,8 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
             sizes.setdefault(self.adapter.placeholder_of(name), []).extend(units)
         if self._ids is None or not sizes:
             raise PruningError(
-                "budget_per='image' needs the images to be encoded by the patched model from input_ids in this call "
+                "budgets per image, frame or crop (budget_per='image', 'crop') need the images to be encoded by the "
+                "patched model from input_ids in this call "
                 "(no encoding of this prompt's images was recorded)"
             )
         queues = {t: iter(v) for t, v in sizes.items()}
@@ -332,10 +401,50 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
             raise PruningError(f"images and frames of {[sum(u) for u in out]} tokens do not match {visual_counts}")
         return self._repeat(out, m)
 
+    def unit_ids(self, visual_counts: list[int], per: str) -> list[BudgetUnits]:
+        """``"crop"``: every crop of every split image is a unit (its budget computed from the crop's patches);
+        tokens of no crop (row breaks) are in none, so every stage keeps them as they are; other images and video
+        frames are units as with ``"image"``."""
+        if per != "crop":
+            return super().unit_ids(visual_counts, per)
+        images = self.units(visual_counts)  # images and frames, per row; also checks the encodings match the prompt
+        m = self._sync(visual_counts)
+        crops = self.adapter.image_crops(self)
+        if crops is None:
+            raise PruningError(f"budget_per='crop' cannot apply to {type(self.adapter.model).__name__}: its images "
+                               "are not split into crops")
+        crop_of, crop_size = crops
+        crop_of = crop_of.cpu()
+        image_id = self.adapter.placeholder_of(C.ENCODE_IMAGES.path)
+        placeholders = torch.tensor(self.adapter.visual_token_ids())
+        others = int(crop_of.max()) + 1 if crop_of.numel() else 0  # unit keys of non-crop units start here
+        out, start = [], 0
+        for row, sizes in zip(self._ids[::m], images[::m]):
+            row = row.cpu()
+            is_image = row[torch.isin(row, placeholders)] == image_id
+            frame = BudgetUnits.contiguous(sizes).ids
+            key = others + frame
+            n_image = int(is_image.sum())
+            key[is_image] = crop_of[start:start + n_image]
+            start += n_image
+            ids = torch.full_like(key, -1)
+            present = key >= 0
+            uniq, inverse = torch.unique(key[present], return_inverse=True)
+            place = torch.arange(key.numel())[present]
+            first = torch.full((uniq.numel(),), key.numel()).scatter_reduce(0, inverse, place, "amin")
+            rank = torch.empty_like(first)
+            rank[first.argsort()] = torch.arange(uniq.numel())
+            ids[present] = rank[inverse]  # units numbered in sequence order
+            unit_keys = uniq[first.argsort()].tolist()
+            out.append(BudgetUnits(ids, [crop_size if k < others else sizes[k - others] for k in unit_keys]))
+        if start != crop_of.numel():
+            raise PruningError(f"the encoded images hold {crop_of.numel()} tokens but the prompts {start}")
+        return self._repeat(out, m)
+
     def end_of_prefill(self) -> None:
         self.records, self.units_of, self.cls, self.keys, self._ids = [], [], [], [], None
         self._calls, self._pending = [], self._empty()
-        self.features, self.received = [], []
+        self.features, self.received, self.outputs = [], [], []
 
     def new_cache(self):
         return C.DYNAMIC_CACHE.get()(config=self.adapter.text_config())
@@ -440,6 +549,27 @@ class MultimodalAdapter(ModelAdapter):
         :meth:`has_cls`) and ``attention_received`` (None: the adapter reads no encoder attention)."""
         return None
 
+    def vision_layer(self, offset: int = 0):
+        """``(layer, norm, attention)`` of the vision encoder layer ``offset`` layers after the one whose output
+        the projector reads (0: that layer): the layer, the norm its attention reads the layer's input through,
+        and its attention module. None where the encoder has no such layer or the adapter does not name it.
+
+        Offset 0 gives the ``cls_feature`` signal (its output's [CLS] row); offset 1 the ``layer="next"`` option
+        of the attention signals, computed from the feature layer's output with that layer's norm and q/k."""
+        return None
+
+    def cls_feature_unavailable(self) -> str | None:
+        """Why the ``cls_feature`` signal cannot be offered (None: it can). It is the [CLS] row of the feature
+        layer's output, which a method may hand to the projector as one more row of its input."""
+        if not self.has_cls():
+            return "its vision encoder has no [CLS] token"
+        if self.vision_layer() is None:
+            return "its adapter does not name the vision layer whose output the projector reads"
+        layers = getattr(self.model.config, "vision_feature_layer", None)
+        if isinstance(layers, (list, tuple)) and len(layers) > 1:
+            return f"its projector reads several vision layers at once ({list(layers)})"
+        return None
+
     @staticmethod
     def attention_heads(module) -> tuple[int, int]:
         return module.num_heads, module.head_dim
@@ -452,6 +582,13 @@ class MultimodalAdapter(ModelAdapter):
         return [idx[:, None] for idx in torch.arange(num_patches).split(visual_counts)]
 
     def grids(self, hooks: VisualHooks, visual_counts: list[int]):
+        return None
+
+    def image_crops(self, hooks: VisualHooks) -> tuple[Tensor, int] | None:
+        """For models that split images into crops (``budget_per="crop"``; list ``"crop"`` in ``budget_units``):
+        each image token of the recorded image encodings, in order, gets its crop's number (distinct across all
+        crops of those images) or -1 for a token of no crop (a row break); and the patches of one crop, from which
+        a crop's budget is computed. None: this model does not split its images."""
         return None
 
     @staticmethod
@@ -518,6 +655,8 @@ class MultimodalAdapter(ModelAdapter):
                 hooks=hooks,
                 extra_handles=hooks.handles,
                 budget_per=config.budget_per,
+                budget=None if config.schedule is not None else config.target,
+                budget_meaning="schedule" if config.schedule is not None else config.budget_meaning,
             )
         except Exception:
             for h in hooks.handles:

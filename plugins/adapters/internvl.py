@@ -38,6 +38,17 @@ class InternVLAdapter(MultimodalAdapter):
         layers = C.VISION_TOWER.get(self.inner).encoder.layer
         return layers[_feature_layer_index(self.model.config.vision_feature_layer, len(layers))].attention
 
+    def vision_layer(self, offset: int = 0):
+        if not self.has_cls():
+            return None
+        layers = C.VISION_TOWER.get(self.inner).encoder.layer
+        i = _feature_layer_index(self.model.config.vision_feature_layer, len(layers)) + offset
+        return (layers[i], layers[i].layernorm_before, layers[i].attention) if 0 <= i < len(layers) else None
+
+    def cls_feature_unavailable(self) -> str | None:
+        return ("its projector reads pixel-shuffled groups of patch features, and the [CLS] token's feature is in "
+                "none of them")
+
     def _side(self) -> int:
         v = self.model.config.vision_config
         size, patch = v.image_size, v.patch_size

@@ -17,6 +17,17 @@ def _feature_layer_index(feature_layer, num_layers: int) -> int:
     return num_layers + f if f < 0 else f - 1
 
 
+def clip_layer(adapter, offset: int = 0):
+    """``(layer, norm, attention)`` of the CLIP/SigLIP tower layer ``offset`` layers after LLaVA's feature layer
+    (:meth:`MultimodalAdapter.vision_layer`); None past the last layer."""
+    tower = C.VISION_TOWER.get(adapter.inner)
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel wraps or is the transformer
+    i = _feature_layer_index(adapter.model.config.vision_feature_layer, len(layers)) + offset
+    if not 0 <= i < len(layers):
+        return None
+    return layers[i], layers[i].layer_norm1, layers[i].self_attn
+
+
 class LlavaAdapter(MultimodalAdapter):
     name = "llava"
     family = "llava"
@@ -40,6 +51,9 @@ class LlavaAdapter(MultimodalAdapter):
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps or is the transformer
         layers = tower.encoder.layers
         return layers[_feature_layer_index(self.model.config.vision_feature_layer, len(layers))].self_attn
+
+    def vision_layer(self, offset: int = 0):
+        return clip_layer(self, offset)
 
     def grids(self, hooks, visual_counts: list[int]):
         if self.model.config.vision_feature_select_strategy != "default":

@@ -6,7 +6,9 @@ the image's aspect ratio and a learned newline token ends every row, so up to 2,
 any token, with zero [CLS] attention (they come from no patch).
 
 The [CLS] attention of every crop is mapped to the packed tokens by running the model's own
-``pack_image_features`` on patch indices instead of features, so the mapping follows transformers exactly.
+``pack_image_features`` on patch indices instead of features, so the mapping follows transformers exactly. The
+same run tells each token's crop, for budgets per crop (``budget_per="crop"``: the base view and every tile are
+units of their own, and the row breaks, which belong to no crop, are kept outside every budget).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from prunekit import contracts as C
 from prunekit import hookimpl
 from prunekit.runtime.decoder import PruningError
 from prunekit_plugins.adapters.common import MultimodalAdapter, VisualHooks
-from prunekit_plugins.adapters.llava import _feature_layer_index
+from prunekit_plugins.adapters.llava import _feature_layer_index, clip_layer
 
 
 class LlavaNextAdapter(MultimodalAdapter):
@@ -28,6 +30,7 @@ class LlavaNextAdapter(MultimodalAdapter):
     encoder_methods = (C.ENCODE_IMAGES.path,)
     insertion_points = frozenset({"vision_features", "after_projector", "decoder_layer"})
     contracts = (C.ARG_IMAGE_SIZES, C.PACK_IMAGE_FEATURES, C.NEXT_NUM_PATCHES, C.VISION_TOWER)
+    budget_units = frozenset({"prompt", "image", "crop"})
 
     def has_cls(self) -> bool:
         cfg = self.model.config
@@ -41,7 +44,12 @@ class LlavaNextAdapter(MultimodalAdapter):
         layers = tower.encoder.layers
         return layers[_feature_layer_index(self.model.config.vision_feature_layer, len(layers))].self_attn
 
-    def token_sources(self, hooks: VisualHooks, visual_counts: list[int], num_patches: int) -> list[Tensor]:
+    def vision_layer(self, offset: int = 0):
+        return clip_layer(self, offset) if self.has_cls() else None
+
+    def _packed_patches(self, hooks: VisualHooks) -> tuple[Tensor, int, int]:
+        """Each image token of the recorded encodings (in order): the index of its crop patch among all crops'
+        patches, or -1 for a row break; the patches per crop; and the patches of all crops."""
         image_size_to_num_patches = C.NEXT_NUM_PATCHES.get()
         cfg = self.model.config
         sizes = [C.ARG_IMAGE_SIZES.get(r) for name, r in hooks.records if name == C.ENCODE_IMAGES.path]
@@ -54,15 +62,23 @@ class LlavaNextAdapter(MultimodalAdapter):
             crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             index.append(torch.arange(start, start + crops * side * side, dtype=torch.float64).view(crops, side * side, 1))
             start += crops * side * side
-        if start != num_patches:
-            raise PruningError(f"recorded {num_patches} patches for images that hold {start}")
         packed, _ = C.PACK_IMAGE_FEATURES.get(self.inner)(
             index, sizes, cfg.vision_feature_select_strategy, image_newline=torch.tensor([-1.0], dtype=torch.float64)
         )
-        flat = torch.cat(packed)[:, :1].long()
+        return torch.cat(packed)[:, 0].long(), side * side, start
+
+    def token_sources(self, hooks: VisualHooks, visual_counts: list[int], num_patches: int) -> list[Tensor]:
+        flat, _, held = self._packed_patches(hooks)
+        if held != num_patches:
+            raise PruningError(f"recorded {num_patches} patches for images that hold {held}")
         if flat.shape[0] != sum(visual_counts):
             raise PruningError(f"packed {flat.shape[0]} image tokens but the prompt holds {sum(visual_counts)}")
-        return list(flat.split(visual_counts))
+        return list(flat[:, None].split(visual_counts))
+
+    def image_crops(self, hooks: VisualHooks) -> tuple[Tensor, int]:
+        """The base view and every tile are crops of ``side²`` patches; the row breaks belong to none."""
+        flat, per_crop, _ = self._packed_patches(hooks)
+        return torch.where(flat >= 0, flat.div(per_crop, rounding_mode="floor"), -1), per_crop
 
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):

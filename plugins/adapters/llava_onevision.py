@@ -13,6 +13,7 @@ import torch
 
 from prunekit import contracts as C
 from prunekit import hookimpl
+from prunekit.runtime.decoder import PruningError
 from prunekit_plugins.adapters.common import MultimodalAdapter
 
 
@@ -20,7 +21,9 @@ class LlavaOnevisionAdapter(MultimodalAdapter):
     name = "llava_onevision"
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
-    contracts = (C.ARG_VIDEO_PIXELS, C.ONEVISION_NUM_PATCHES, C.ONEVISION_VIDEO_NEWLINE)
+    contracts = (C.ARG_VIDEO_PIXELS, C.ONEVISION_NUM_PATCHES, C.ONEVISION_VIDEO_NEWLINE, C.ARG_IMAGE_SIZES,
+                 C.ARG_VISION_ASPECT_RATIO, C.PACK_IMAGE_FEATURES)
+    budget_units = frozenset({"prompt", "image", "crop"})
 
     def prompt_tokens(self, encoder_method: str, arguments: dict, output) -> list[int]:
         counts = super().prompt_tokens(encoder_method, arguments, output)
@@ -37,6 +40,36 @@ class LlavaOnevisionAdapter(MultimodalAdapter):
             per_frame = (tokens - 1) // frames
             sizes += [per_frame] * (frames - 1) + [tokens - per_frame * (frames - 1)]
         return sizes
+
+    def image_crops(self, hooks) -> tuple[torch.Tensor, int]:
+        """Images: the base view and every tile are crops (an image of a several-image prompt is one crop); the row
+        breaks belong to none. The model's own ``pack_image_features`` runs on one-hot crop labels, so unpadding and
+        the ``anyres_max`` downsizing follow transformers; a downsized token blending several crops goes to the one
+        that weighs most in it (the first on a tie)."""
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        num_patches = C.ONEVISION_NUM_PATCHES.get()
+        pack = C.PACK_IMAGE_FEATURES.get(self.inner)
+        out, offset = [], 0
+        for (name, args), counts in zip(hooks.records, hooks.units_of):
+            if name != C.ENCODE_IMAGES.path:
+                continue
+            aspect = C.ARG_VISION_ASPECT_RATIO.get(args) or cfg.vision_aspect_ratio
+            sizes = torch.as_tensor(C.ARG_IMAGE_SIZES.get(args)).reshape(-1, 2)
+            for size, tokens in zip(sizes, counts):
+                # split into crops, unless its prompt holds several images: the packed length tells which
+                for crops in (num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size), 1):
+                    labels = torch.eye(crops, dtype=torch.float64).repeat_interleave(side * side, 0)
+                    packed, _ = pack([labels.view(crops, side * side, crops)], size[None],
+                                     image_newline=torch.zeros(crops, dtype=torch.float64), vision_aspect_ratio=aspect)
+                    if packed[0].shape[0] == tokens:
+                        break
+                else:
+                    raise PruningError(f"cannot map the {tokens} tokens of a {tuple(size.tolist())} image to its crops")
+                weight, crop = packed[0].max(1)
+                out.append(torch.where(weight > 0, crop + offset, -1))
+                offset += crops
+        return (torch.cat(out) if out else torch.zeros(0, dtype=torch.long)), side * side
 
     @classmethod
     def tiny(cls, seed: int = 0, num_layers: int = 4):

@@ -62,6 +62,8 @@ class CDPruner(Method):
     Config = CDPrunerConfig
     SelectionConfig = CDPrunerSelection
     description = "DPP greedy MAP over cosine similarity weighted by instruction relevance."
+    #: the official code keeps `visual_token_num` tokens of every crop (llava_arch.py L141-187)
+    official_budget_per = "crop"
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config

@@ -43,14 +43,51 @@ def stack_choices(choices: list[Choice], features: Tensor) -> Reduction:
     return Reduction(idx, values, merged)
 
 
-#: the methods' names of the rater rules -> the rules the runtime computes ("sparsevlm": SparseVLM's rule, the text
-#: tokens whose softmax-over-text similarity to the visual tokens is above its mean)
-RATER_RULES = {"sparsevlm": "above_mean_similarity", "last_token": "last_token", "all_text": "all_text"}
+def above_mean_similarity(visual: Tensor, text: Tensor) -> Tensor:
+    """SparseVLM's raters (its section 3.2): ``s`` = softmax over the text tokens of ``V·Tᵀ``, averaged over the
+    visual tokens; the raters are the text tokens whose ``s`` is above the mean of ``s``. ``visual`` ``[V, D]``,
+    ``text`` ``[T, D]``; returns a ``[T]`` bool mask (every text token when none is above the mean: a single text
+    token, or all equal)."""
+    s = (visual.float() @ text.float().T).softmax(-1).mean(0)
+    above = s > s.mean()
+    return above if bool(above.any()) else torch.ones_like(above)
 
 
-def rater_rule(name: str) -> str:
-    """The runtime's rule for a method's ``raters`` setting."""
-    return RATER_RULES[name]
+def rater_attention(
+    ctx: StageContext, raters: str, layer: str = "previous", from_embeddings: bool = False
+) -> list[Tensor]:
+    """Per sample, the raters' attention to each visual token of the stage, mean over heads, then over raters.
+
+    ``raters``: ``last_token`` or ``all_text`` (rules the runtime computes), or ``sparsevlm``
+    (:func:`above_mean_similarity`), applied here to the whole prompt's visual and instruction tokens: on the
+    language model's input embeddings (``from_embeddings``, as SparseVLM's code, which picks them once per prefill:
+    the same tokens at every stage) or on the attention layer's own normalised input (a choice per stage).
+    ``layer``: whose attention, ``previous`` (K-1's) or ``next`` (K's).
+    """
+    if raters != "sparsevlm":
+        return ctx.relevance("text_attention", raters=raters, layer=layer)
+    where = {"layer": "first"} if from_embeddings else {"layer": layer, "input_norm": True}
+    visual = ctx.relevance("layer_input", tokens="visual", **where)
+    text = ctx.relevance("layer_input", tokens="text", **where)
+    columns = ctx.relevance("text_attention", raters="all_text", layer=layer, per_rater=True)  # [n, T'] per sample
+    # the raters' text is the tail of the stage's: once an image's tokens are all pruned, the text after the visual
+    # tokens still present also holds what followed that image
+    return [c[:, c.shape[1] - t.shape[0]:][:, above_mean_similarity(v, t).to(c.device)].mean(1)
+            for c, v, t in zip(columns, visual, text)]
+
+
+def rater_signals(raters: str) -> tuple[str, ...]:
+    """The decoder signals :func:`rater_attention` reads for ``raters``."""
+    return ("text_attention", "layer_input") if raters == "sparsevlm" else ("text_attention",)
+
+
+def rater_topk(raters: str, layer: str = "previous"):
+    """A stage chooser: per sample, the ``k`` tokens the raters attend to most (:func:`rater_attention`)."""
+
+    def choose(ctx: StageContext) -> list[Tensor]:
+        return [topk(r.float(), k) for r, k in zip(rater_attention(ctx, raters, layer), ctx.keep)]
+
+    return choose
 
 
 class OriginalPositionsConfig(MethodConfig):

@@ -5,13 +5,16 @@ and ``text_pivots`` tokens after the image whose layer K-1 keys (after the rotar
 side) have the largest L1 norm. The visual pivots are kept. Pivots are visited in the order of a Python set of
 their sequence positions (the official loop iterates ``set(image_pivots + text_pivots)``); each claims the
 ``⌊r/P⌋`` not yet claimed, non-pivot visual tokens least cosine-similar to it, on the layer K-1 output passed
-through the language model's final norm (``P`` pivots, ``r`` the budget left after the visual pivots). The
-official code keeps ``P·⌈B // P⌉ + image_pivots`` tokens for a budget "B" (132 for 128); prunekit keeps exactly
-the stage budget and gives any remainder of ``r`` to the tokens least similar to their most similar pivot. The
+through the language model's final norm (``P`` pivots, ``r`` the budget left after the visual pivots). For a
+budget "B" the official code keeps ``P·(B // P) + image_pivots`` tokens (132 for 128), and so does prunekit's
+nominal budget (the default); with ``budget_meaning="layer_average"`` or an explicit ``schedule`` the stage keeps
+exactly its count and any remainder of ``r`` goes to the tokens least similar to their most similar pivot. The
 kept tokens keep their original positions.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
@@ -68,6 +71,14 @@ def dart_select(
     return chosen.nonzero().squeeze(1)
 
 
+def official_count(n: int, budget: float, config: "DartSelection") -> list[int]:
+    """The official code's count for a budget ``B``: each of the ``P`` pivots claims ``B // P`` tokens, and the
+    visual pivots are kept on top."""
+    pivots = config.image_pivots + config.text_pivots
+    b = int(budget)
+    return [pivots * (b // pivots) + config.image_pivots if pivots else b]
+
+
 class DartSelection(StrictModel):
     image_pivots: NonNegativeInt = Field(4, description="Visual pivots (largest key L1 norm), kept.")
     text_pivots: NonNegativeInt = Field(4, description="Instruction pivots (largest key L1 norm).")
@@ -107,7 +118,7 @@ class Dart(Method):
 
         plan = StagePlan("decoder_layer", choose, layer, label=f"dart (layer {layer})",
                          signals=("keys", "states", "positions"))
-        return make_stages(cfg, spec, [plan], method=self.name)
+        return make_stages(cfg, spec, [plan], method=self.name, nominal=partial(official_count, config=cfg))
 
     @classmethod
     def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: DartSelection) -> Tensor:

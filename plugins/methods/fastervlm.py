@@ -24,6 +24,8 @@ class FasterVLM(Method):
     Config = FasterVLMConfig
     SelectionConfig = StrictModel
     description = "Top-k patches by [CLS] attention, before the projector."
+    #: the official code keeps `visual_token_num` tokens of every crop (llava_arch.py L145-149)
+    official_budget_per = "crop"
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         plan = StagePlan("vision_features", relevance_topk("cls_attention"), label="fastervlm", signals=("cls_attention",))

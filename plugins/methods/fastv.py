@@ -1,8 +1,10 @@
 """FastV (ECCV'24, arXiv:2403.06764): after decoder layer K-1, keep the visual tokens the last token attends to most.
 
 Relevance is layer K-1's attention of the last prompt token to each visual token, mean over heads, recomputed for
-that one query row (sdpa stays on). Layers 0..K-1 see every visual token, so a layer-averaged budget ``T`` below
-``K·n/L`` cannot be met (an error says so); the count kept after layer K is solved from ``T``.
+that one query row (sdpa stays on). Nominally (the default), ``keep_tokens=T`` keeps ``T`` tokens from layer K on,
+as the comparisons in the literature count FastV; layers 0..K-1 see every token, so the layer average is higher
+(``prunekit.inspect`` shows it). With ``budget_meaning="layer_average"`` the count kept after layer K is solved so
+that the layer average is ``T``; a ``T`` below ``K·n/L`` cannot be met (an error says so).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.config import StrictModel
 from prunekit.planning import StagePlan, check_layers, make_stages
 from prunekit.ops import topk
-from prunekit_plugins.methods.common import DecoderStageConfig, OriginalPositionsConfig, rater_rule, relevance_topk
+from prunekit_plugins.methods.common import DecoderStageConfig, OriginalPositionsConfig, rater_signals, rater_topk
 
 
 class FastVConfig(OriginalPositionsConfig, DecoderStageConfig):
@@ -30,9 +32,10 @@ class FastV(Method):
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
         layer = check_layers([cfg.layer], spec.num_layers, "layer")[0]
-        choose = relevance_topk("text_attention", raters=rater_rule(cfg.raters))
-        plan = StagePlan("decoder_layer", choose, layer, label=f"fastv (layer {layer})", signals=("text_attention",))
-        return make_stages(cfg, spec, [plan], method=self.name)
+        choose = rater_topk(cfg.raters)
+        plan = StagePlan("decoder_layer", choose, layer, label=f"fastv (layer {layer})",
+                         signals=rater_signals(cfg.raters))
+        return make_stages(cfg, spec, [plan], method=self.name, nominal=lambda n, t: [int(t)])
 
     @classmethod
     def select(cls, features: Tensor, relevance: Tensor | None, k: int, config) -> Tensor:

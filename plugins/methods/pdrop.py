@@ -15,7 +15,7 @@ from pydantic import Field, PositiveInt, field_validator
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.planning import StagePlan, check_layers, make_stages, scale_layers
-from prunekit_plugins.methods.common import DecoderStageConfig, rater_rule, relevance_topk
+from prunekit_plugins.methods.common import DecoderStageConfig, rater_signals, rater_topk
 from prunekit_plugins.methods.fastv import FastV
 
 
@@ -51,11 +51,10 @@ class PDrop(Method):
         else:
             layers = scale_layers((8, 16, 24), spec.num_layers)
         plans = [
-            StagePlan("decoder_layer", relevance_topk("text_attention", raters=rater_rule(cfg.raters),
-                                                       layer=cfg.attention_layer),
+            StagePlan("decoder_layer", rater_topk(cfg.raters, layer=cfg.attention_layer),
                       layer,
                       shape=cfg.ratio ** (i + 1), label=f"pdrop stage {i + 1} (layer {layer})",
-                      signals=("text_attention",))
+                      signals=rater_signals(cfg.raters))
             for i, layer in enumerate(layers)
         ]
         return make_stages(cfg, spec, plans, method=self.name)

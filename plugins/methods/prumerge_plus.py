@@ -3,8 +3,10 @@
 What its official code computes (``token_prune_merge_advanced_plus`` in 42Shawn/LLaVA-PruMerge), and prunekit by
 default, on the vision features ``x`` (before the projector):
 
-1. ``a``: the [CLS] attention of a vision layer, its q and k taken as *one* head over the whole width (scaled by
-   width^-1/2, softmax over every token), and that layer's keys over the whole width;
+1. ``a``: the [CLS] attention of the encoder's last layer (LLaVA-1.5: ``layers[23]``, the layer after the one the
+   projector reads, whose input is that layer's output; where the projector reads the last layer, that layer
+   itself), its q and k taken as *one* head over the whole width (scaled by width^-1/2, softmax over every token),
+   and that layer's keys over the whole width;
 2. the tokens whose ``a`` is an IQR outlier (``> Q3 + 1.5·IQR``) are kept, most attended first; then the positions
    ``0, s, 2s, …`` below the last one that are not outliers, with ``s = ⌊⌊1/r⌋/3⌋`` for the outlier ratio ``r``;
 3. each kept token ``i`` becomes ``x_i + Σ_j a_j·x_j`` over its 32 most key-similar other tokens (cosine; not
@@ -15,7 +17,8 @@ budget equals the official count the result is the official one; otherwise the o
 spatial samples are thinned (or taken from a finer stride) evenly to fill the budget. A result fills places: the
 kept tokens' own and, for the extra token, the last pruned token's. ``order="official"`` (the model default) fills
 them with the official sequence, which under renumbered positions is the sequence the official code gives the LLM;
-``order="sequence"`` puts every value at its own place.
+``order="sequence"`` puts every value at its own place. ``attention_layer="feature"`` always reads the feature
+layer's own q/k (prunekit's earlier reading), ``attention_layer="next"`` always the layer after it.
 """
 
 from __future__ import annotations
@@ -116,6 +119,12 @@ class PruMergePlusSelection(StrictModel):
 
 
 class PruMergePlusConfig(PruMergePlusSelection, MethodConfig):
+    attention_layer: Literal["last", "next", "feature"] = Field(
+        "last", description="The vision layer whose q/k give the [CLS] attention and the keys: 'last', the "
+        "encoder's last layer, as the official code (layers[23] of CLIP-L's 24; on LLaVA-1.5 the layer after the "
+        "one the projector reads, applied to that layer's output); 'next': the layer after the one the projector "
+        "reads; 'feature': the layer the projector reads."
+    )
     order: Literal["official", "sequence"] = Field(
         "official", description="'official': the LLM sees the official sequence (outliers by attention, then the "
         "spatial samples, then the extra token), laid into the kept places; 'sequence': each kept token in its "
@@ -140,7 +149,8 @@ class PruMergePlus(Method):
         cfg = self.config
 
         def choose(ctx):
-            attn, keys = ctx.relevance("cls_attention", heads="one"), ctx.relevance("keys", heads="one")
+            where = dict(heads="one", layer=cfg.attention_layer)
+            attn, keys = ctx.relevance("cls_attention", **where), ctx.relevance("keys", **where)
             return [prumerge_plus_choice(f, a, kk, k, cfg.neighbours, cfg.iqr_factor, cfg.extra_token, cfg.order)
                     for f, a, kk, k in zip(ctx.features, attn, keys, ctx.keep)]
 

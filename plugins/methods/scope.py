@@ -36,6 +36,8 @@ class Scope(Method):
     Config = ScopeConfig
     SelectionConfig = ScopeSelection
     description = "Greedy coverage gain × [CLS]-attention saliency^α."
+    #: the official code selects in every crop alone, int(T / crops) tokens each (clip_encoder.py L120-129)
+    official_budget_per = "crop"
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         selector = self.config.selector()

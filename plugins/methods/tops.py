@@ -15,7 +15,8 @@ config fields, documented in docs/methods/tops.md.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from functools import partial
+from typing import Callable, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor
@@ -24,7 +25,7 @@ from prunekit import Method, ModelSpec, Stage, StageContext, hookimpl, registry
 from prunekit.budget import StagePlacement, resolve_counts
 from prunekit.config import MethodConfig, StrictModel, registered_name
 from prunekit_plugins.selectors.greedy import GreedySelector
-from prunekit_plugins.methods.common import rater_rule
+from prunekit_plugins.methods.common import rater_attention, rater_signals
 
 Principle = Literal["relevance", "coverage", "diversity"]
 Point = Literal["after_projector", "decoder_layer"]
@@ -302,23 +303,25 @@ class Tops(Method):
                 signal = cfg.projector_relevance
                 if signal == "auto":
                     signal = "cls_attention" if spec.has_cls else "text_similarity"
-                options: dict = {}
-            else:
+                signals = (signal,)
+                relevance_of = partial(StageContext.relevance, signal=signal)
+            else:  # stage II: the text raters' attention (the SparseVLM rule on layer p-1's normalised input)
                 selector = cfg.selector(*decoder_weights)
-                signal, options = "text_attention", {"raters": rater_rule(cfg.raters)}
+                signals = rater_signals(cfg.raters)
+                relevance_of = partial(rater_attention, raters=cfg.raters)
             stages.append(Stage(
                 point=point, layer=layer, label=label,
                 keep=lambda n, i=i: counts(n)[i],
-                choose=self._chooser(selector, signal, options),
-                signals=(signal,) if cfg.needs_relevance else (),
+                choose=self._chooser(selector, relevance_of),
+                signals=signals if cfg.needs_relevance else (),
             ))
         return stages
 
-    def _chooser(self, selector: GreedySelector, signal: str, options: dict):
+    def _chooser(self, selector: GreedySelector, relevance_of: Callable[[StageContext], list[Tensor]]):
         needs_relevance = self.config.needs_relevance
 
         def choose(ctx: StageContext) -> list[Tensor]:
-            relevance = ctx.relevance(signal, **options) if needs_relevance else None
+            relevance = relevance_of(ctx) if needs_relevance else None
             return ctx.select_grouped(relevance, selector.select)
 
         return choose

@@ -1,16 +1,18 @@
 """VisionZip (CVPR'25, arXiv:2412.04467): dominant tokens by [CLS] attention plus merged contextual tokens.
 
 On the vision features the projector reads, as the official code (dvlab-research/VisionZip) computes them: the
-``k - C`` tokens with the highest [CLS] attention (feature layer) are kept as they are (dominant); the rest, in
-sequence order, are merged into ``C`` contextual tokens: ``C`` targets at the uniform stride ``max(1, M // C)``
-over those ``M`` remaining tokens, every other remaining token assigned to the target whose L2-normalised key
-(feature layer, mean over heads) is most similar, and a contextual token's value is its target's feature plus the
-mean of the tokens assigned to it. The language model sees ``[dominant in sequence order, contextual in target
-order]``. The paper splits 64 as 54 + 10, 128 as 108 + 20 and 192 as 162 + 30, i.e. ``C = round(10/64 · k)``.
+[CLS] token's feature of the feature layer and the ``k - C - 1`` patches with the highest [CLS] attention (that
+layer's) are kept as they are (dominant); the other patches, in sequence order, are merged into ``C`` contextual
+tokens: ``C`` targets at the uniform stride ``max(1, M // C)`` over those ``M`` remaining patches, every other
+remaining patch assigned to the target whose L2-normalised key (feature layer, mean over heads) is most similar,
+and a contextual token's value is its target's feature plus the mean of the patches assigned to it. The language
+model sees ``[CLS, dominant patches in sequence order, contextual in target order]``. The paper splits 64 as
+54 + 10, 128 as 108 + 20 and 192 as 162 + 30 (the [CLS] counted among the dominant), i.e. ``C = round(10/64 · k)``.
 
-The official code counts the [CLS] token as one of the dominant tokens (``dominant - 1`` patches plus [CLS]);
-prunekit's visual tokens are the model's patch placeholders and the [CLS] feature is not among them, so its place
-goes to the next patch by [CLS] attention: ``k - C`` dominant patches (docs/methods/visionzip.md).
+prunekit's visual tokens are the model's patch placeholders; the [CLS] feature (the adapter's ``cls_feature``
+signal) fills one of their places, marked merged since it is no patch's own value. ``cls_token=False`` keeps
+``k - C`` dominant patches instead, and the model-free ``select``/``reduce``, which have no [CLS] feature, always
+do (docs/methods/visionzip.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from prunekit import Method, ModelSpec, Stage, hookimpl
 from prunekit.budget import BudgetError
+from prunekit.errors import PruningError
 from prunekit.config import MethodConfig, StrictModel
 from prunekit.interfaces import Choice, Reduction
 from prunekit.planning import StagePlan, make_stages
@@ -43,20 +46,23 @@ def contextual_count(k: int, ratio: float, fixed: int | None) -> int:
 
 def visionzip_choice(
     features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, ratio: float = 10 / 64, fixed: int | None = None,
-    value: str = "target_plus_mean", order: str = "after",
+    value: str = "target_plus_mean", order: str = "after", cls_feature: Tensor | None = None,
 ) -> Choice:
     """One sample: ``features [n, D]``, ``cls_attention [n]``, ``keys [n, d]``; keep ``k``, ``C`` of them merged
     (``C`` from :func:`contextual_count`). Keeping every token merges nothing.
 
     ``value``: ``"target_plus_mean"`` (official) or ``"mean"`` (the mean of the target and its tokens).
-    ``order``: ``"after"`` (official): the kept places, in sequence order, hold the dominant tokens in sequence
-    order and then the contextual ones in their targets' order; ``"target"``: every token at its own place."""
+    ``order``: ``"after"`` (official): the kept places, in sequence order, hold the [CLS] feature, the dominant
+    tokens in sequence order and then the contextual ones in their targets' order; ``"target"``: every token at
+    its own place. ``cls_feature [D]`` (official): it takes one of the ``k - C`` dominant places (its own place,
+    under ``"target"``, is the first remaining token that is no target; it is marked merged)."""
     n = features.shape[0]
     if k >= n:
         return Choice(torch.arange(n, device=features.device))
     contextual = contextual_count(k, ratio, fixed)
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    dominant = topk(cls_attention if cls_attention.dtype == torch.float64 else cls_attention.float(), k - contextual)
+    patches = k - contextual - (cls_feature is not None)  # dominant patches
+    dominant = topk(cls_attention if cls_attention.dtype == torch.float64 else cls_attention.float(), patches)
     rest = torch.ones(n, dtype=torch.bool, device=features.device)
     rest[dominant] = False
     rest = rest.nonzero().squeeze(1)  # the remaining tokens, in sequence order
@@ -77,9 +83,22 @@ def visionzip_choice(
     values = torch.cat([features[dominant], merged_values.to(features.dtype)])
     merged = torch.cat([torch.zeros(dominant.numel(), dtype=torch.bool, device=features.device), sizes > 0])
     places = torch.cat([dominant, rest[targets]])
+    if cls_feature is not None:  # [CLS] first, in a place of its own: no dominant token's, no target's
+        values = torch.cat([cls_feature.to(features.dtype)[None], values])
+        merged = torch.cat([merged.new_ones(1), merged])
+        places = torch.cat([rest[others][:1], places])
     if order == "after":  # the same places, filled in the official order
         places = places.sort().values
     return Choice(places, values, merged)
+
+
+def _unit_cls(rows: Tensor) -> Tensor:
+    """The [CLS] feature of a budget unit from the per-token ``cls_feature`` rows ``[n, D]``: its first token's
+    image (or crop). Tokens the model adds (row breaks) come from no image and have zero rows."""
+    found = (rows != 0).any(-1).nonzero()
+    if not found.numel():
+        raise PruningError("visionzip: no token of this image comes from an encoder pass with a [CLS] token")
+    return rows[found[0, 0]]
 
 
 class VisionZipSelection(StrictModel):
@@ -98,7 +117,12 @@ class VisionZipSelection(StrictModel):
 
 
 class VisionZipConfig(VisionZipSelection, MethodConfig):
-    pass
+    cls_token: bool = Field(
+        True,
+        description="The [CLS] token's feature (feature layer, through the projector) takes the first kept place "
+        "and k - C - 1 patches are dominant, as the official code; False: k - C dominant patches, no [CLS] "
+        "(for encoders or projectors that cannot give it).",
+    )
 
 
 class VisionZip(Method):
@@ -106,11 +130,14 @@ class VisionZip(Method):
     Config = VisionZipConfig
     SelectionConfig = VisionZipSelection
     description = "Dominant tokens by [CLS] attention + contextual tokens merged by key similarity."
+    #: the official code reduces every crop to dominant + contextual tokens (clip_encoder.py L46-83)
+    official_budget_per = "crop"
 
     @staticmethod
-    def _choice(features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, cfg: VisionZipSelection) -> Choice:
+    def _choice(features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, cfg: VisionZipSelection,
+                cls_feature: Tensor | None = None) -> Choice:
         return visionzip_choice(features, cls_attention, keys, k, cfg.contextual_ratio, cfg.contextual_tokens,
-                                cfg.contextual_value, cfg.contextual_order)
+                                cfg.contextual_value, cfg.contextual_order, cls_feature)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
@@ -118,10 +145,13 @@ class VisionZip(Method):
         def choose(ctx):
             cls_attn = ctx.relevance("cls_attention")
             keys = ctx.relevance("keys")
-            return [self._choice(f, a, kk, k, cfg) for f, a, kk, k in zip(ctx.features, cls_attn, keys, ctx.keep)]
+            cls = [_unit_cls(c) for c in ctx.relevance("cls_feature")] if cfg.cls_token else [None] * len(keys)
+            return [self._choice(f, a, kk, k, cfg, c)
+                    for f, a, kk, k, c in zip(ctx.features, cls_attn, keys, ctx.keep, cls)]
 
         least = 2 if cfg.contextual_tokens is None else cfg.contextual_tokens + 1
-        plan = StagePlan("vision_features", choose, label="visionzip", signals=("cls_attention", "keys"))
+        signals = ("cls_attention", "keys") + (("cls_feature",) if cfg.cls_token else ())
+        plan = StagePlan("vision_features", choose, label="visionzip", signals=signals)
         return make_stages(cfg, spec, [plan], minimum=lambda n: least, method=self.name)
 
     @classmethod

@@ -63,6 +63,8 @@ class VisPruner(Method):
     Config = VisPrunerConfig
     SelectionConfig = VisPrunerSelection
     description = "Important tokens by [CLS] attention + diverse tokens by iterative de-duplication."
+    #: the official code keeps `visual_token_num` tokens of every crop (llava_arch.py L141-186)
+    official_budget_per = "crop"
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config

@@ -69,27 +69,18 @@ def attention_rows(
     return scores.softmax(-1)[0]
 
 
-#: the rater rules the runtime computes
-RATER_RULES = ("above_mean_similarity", "last_token", "all_text")
+#: the rater rules the runtime computes: generic rules only (a method with a rule of its own asks
+#: for every text token's attention row with ``per_rater=True`` and chooses its raters itself)
+RATER_RULES = ("last_token", "all_text")
 
 
-def select_raters(rule: str, normed_hidden: Tensor, visual: Tensor, text: Tensor) -> Tensor:
-    """Text positions whose attention rates the visual tokens.
-
-    ``above_mean_similarity``: s = softmax over text of V·Tᵀ, averaged over visual tokens; raters are the text
-    tokens with s above its mean. ``last_token``: the last text token. ``all_text``: every text token. (Rules are
-    named by what they do; methods map their own names onto them.)
-    """
+def select_raters(rule: str, text: Tensor) -> Tensor:
+    """Text positions whose attention rates the visual tokens: ``last_token`` (the last text token) or ``all_text``
+    (every text token), given ``text``, the positions of the instruction's tokens."""
     if text.numel() == 0:
         raise ValueError("no text tokens after the visual tokens to rate them")
     if rule == "last_token":
         return text[-1:]
     if rule == "all_text":
         return text
-    if rule == "above_mean_similarity":
-        v = normed_hidden[visual].float()
-        t = normed_hidden[text].float()
-        s = (v @ t.T).softmax(-1).mean(0)
-        raters = text[s > s.mean()]
-        return raters if raters.numel() else text
     raise ValueError(f"raters must be one of {list(RATER_RULES)}; got {rule!r}")

@@ -28,11 +28,12 @@ from torch import Tensor
 from .. import contracts as C
 from ..errors import PruningError
 from ..interfaces import Choice, Patch, Stage, StageContext
+from ..flops import layer_cost
 from ..report import PruningReport, StageRecord
 from .attention import RATER_RULES, attention_rows, rows_of, select_raters
 from .state import PerThread, ThreadStateMixin
 
-__all__ = ["DecoderPruner", "ModelHooks", "PruningError", "brings_images", "pad_left"]
+__all__ = ["BudgetUnits", "DecoderPruner", "ModelHooks", "PruningError", "brings_images", "pad_left"]
 
 
 class ModelHooks:
@@ -96,6 +97,30 @@ class ModelHooks:
         """Per sample, the token counts of its images and video frames in sequence order (``budget_per="image"``)."""
         raise PruningError("this model's adapter cannot tell its images or video frames apart (budget_per='image')")
 
+    def unit_ids(self, visual_counts: list[int], per: str) -> list["BudgetUnits"]:
+        """Per sample, the budget unit of each visual token for ``budget_per=per`` (``"image"``: its images and
+        video frames, from :meth:`units`; adapters add others, such as LLaVA-NeXT's ``"crop"``)."""
+        if per == "image":
+            return [BudgetUnits.contiguous(sizes) for sizes in self.units(visual_counts)]
+        raise PruningError(f"this model's adapter cannot split its visual tokens into {per}s (budget_per={per!r})")
+
+
+@dataclass
+class BudgetUnits:
+    """One sample's budget units: ``ids[i]`` is the unit of its visual token ``i`` (-1: a token of no unit, such
+    as LLaVA-NeXT's row breaks under ``budget_per="crop"``, kept as it is by every stage); ``sizes[u]`` is the token
+    count unit ``u``'s budget is computed from (a crop's patches before unpadding: it may exceed the tokens
+    present, and a unit keeps all its tokens when its budget does)."""
+
+    ids: Tensor
+    sizes: list[int]
+
+    @classmethod
+    def contiguous(cls, sizes: list[int]) -> "BudgetUnits":
+        """Units that follow each other in sequence order, of ``sizes`` tokens each."""
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+        return cls(ids, list(sizes))
+
 
 def brings_images(kwargs: dict) -> bool:
     """Whether a multimodal model's forward kwargs carry images or videos (raw or already encoded)."""
@@ -151,8 +176,9 @@ class _Call:
     segments: list[_Segment] = field(default_factory=list)
     captured: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden_in, mask, position_embeddings)
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
+    first_input: tuple | None = None  # prefill: (embeds [B, L, D], vis_pos, valid) at decoder layer 0's input
     report: PruningReport | None = None
-    units: list[list[int]] | None = None  # budget_per="image": per sample, token counts of its images / frames
+    units: list[BudgetUnits] | None = None  # budget_per other than "prompt": per sample, its units
 
     def to(self, device) -> None:
         """Move the per-call tensors the layers index with to ``device``."""
@@ -230,13 +256,20 @@ class DecoderPruner(ThreadStateMixin, Patch):
         hooks: ModelHooks,
         extra_handles: Sequence[Any] = (),
         budget_per: str = "prompt",
+        budget: Callable[[int], float] | None = None,
+        budget_meaning: str = "nominal",
     ) -> None:
-        if budget_per not in ("prompt", "image"):
-            raise ValueError(f"budget_per must be 'prompt' or 'image', got {budget_per!r}")
+        if budget_per not in ("prompt", "image", "crop"):
+            raise ValueError(
+                f"budget_per must be 'prompt', 'image' or 'crop' (resolve 'auto' first), got {budget_per!r}"
+            )
         self.budget_per = budget_per
+        #: the nominal budget of a sample with n visual tokens, and what it counts (for the report)
+        self.budget, self.budget_meaning = budget, budget_meaning
         self.method = method
         self.lm = language_model
         self.layers = list(layers)
+        self._costs = [layer_cost(layer) for layer in self.layers]
         self.rotary = rotary
         self.positions = positions
         self.hooks = hooks
@@ -291,6 +324,23 @@ class DecoderPruner(ThreadStateMixin, Patch):
         self._gen = self._call = None
         self._gens = weakref.WeakKeyDictionary()
 
+    def _new_report(self, n_visual: list[int], kwargs: dict, enabled: bool = True) -> PruningReport:
+        """An empty report for this prefill: budgets, sequence lengths and layer costs filled in."""
+        embeds = C.LM_INPUTS_EMBEDS.get(kwargs)
+        mask = C.LM_ATTENTION_MASK.get(kwargs)
+        if isinstance(mask, dict):
+            mask = self.hooks.input_mask_2d()
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            lengths = [int(x) for x in mask.bool().sum(1).tolist()]
+        else:
+            lengths = [int(embeds.shape[1])] * int(embeds.shape[0])
+        return PruningReport(
+            self.method, len(self.layers), n_visual, enabled=enabled,
+            budget=[None if self.budget is None else float(self.budget(n)) for n in n_visual],
+            budget_meaning=self.budget_meaning, budget_per=self.budget_per, sequence_lengths=lengths,
+            layer_costs=self._costs,
+        )
+
     @property
     def report(self) -> PruningReport | None:
         return self._report
@@ -338,7 +388,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if not self.enabled:
             self._gen = None
             if visual is not None and past == 0:  # inspect() tells that this prefill ran unpruned
-                self._report = PruningReport(self.method, len(self.layers), visual.sum(1).tolist(), enabled=False)
+                self._report = self._new_report(visual.sum(1).tolist(), kwargs, enabled=False)
             return None
         self._gen = self._gens.get(cache) if cache is not None else None
         if visual is not None and past == 0:
@@ -385,10 +435,11 @@ class DecoderPruner(ThreadStateMixin, Patch):
             )
         visual = visual.to(device)
         n_visual = visual.sum(1).tolist()
-        report = PruningReport(self.method, len(self.layers), n_visual)
+        report = self._new_report(n_visual, kwargs)
         self._report = report
         vis_pos = [visual[b].nonzero().squeeze(1) for b in range(B)]
-        units = self.hooks.units(n_visual) if self.budget_per == "image" and sum(n_visual) else None
+        per_unit = self.budget_per != "prompt" and sum(n_visual)
+        units = self.hooks.unit_ids(n_visual, self.budget_per) if per_unit else None
         call = _Call(
             mode="prefill", pos=pos, style=style, report=report,
             valid=torch.ones(B, L, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool(),
@@ -403,7 +454,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 feats = self.hooks.vision_features(n_visual)
             else:
                 feats = [embeds[b, vis_pos[b]] for b in range(B)]
-            kept, values, merged = self._stage(
+            kept, values, merged, as_is = self._stage(
                 stage, call, feats, n_visual,
                 lambda name, opts: self._pre_signal(name, opts, n_visual, embeds, vis_pos, call.valid),
                 self.hooks.grids(n_visual),
@@ -411,7 +462,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
             report.stages.append(StageRecord(
                 stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
-            written = self._write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None)
+            written = self._write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None,
+                                         as_is)
             if written is not None:
                 embeds = written
                 C.LM_INPUTS_EMBEDS.set(kwargs, written)
@@ -439,8 +491,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 cache = self._ensure_cache(kwargs)
                 if prepared:  # the model's own masks, rebuilt for the shorter sequence
                     C.LM_ATTENTION_MASK.set(kwargs, self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1))
-                new_vis = [L1 - keep_rows[b].numel() + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b]])
-                           for b in range(B)]
+                new_vis = [L1 - keep_rows[b].numel()
+                           + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b].sort().values]) for b in range(B)]
                 self.hooks.prune_inputs(kwargs, kept, new_vis, L1)
                 call.vis_pos = new_vis
                 call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
@@ -456,6 +508,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
             if cache is not None:
                 zero = torch.zeros(B, dtype=torch.long, device=device)
                 self._gen = self._gens[cache] = _Generation(weakref.ref(cache), L, mask2d, zero, zero)
+        if self.layer_stages:  # for the layer_input signal's layer="first"
+            call.first_input = (C.LM_INPUTS_EMBEDS.get(kwargs), call.vis_pos, call.valid)
         self._call = call
         return changed
 
@@ -604,14 +658,14 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return None
         call.to(hidden.device)  # a model spread over devices: this layer's device
         feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
-        kept, values, merged = self._stage(
+        kept, values, merged, as_is = self._stage(
             stage, call, feats, n_orig, lambda name, opts: self._layer_signal(call, module, j, name, opts, hidden)
         )
         call.report.stages.append(StageRecord(
             stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
         ))
         n_now = [f.shape[0] for f in feats]
-        written = self._write_values(hidden, call.vis_pos, kept, values)
+        written = self._write_values(hidden, call.vis_pos, kept, values, as_is=as_is)
         if written is not None:
             hidden = written
         elif all(k.numel() == n for k, n in zip(kept, n_now)):
@@ -646,7 +700,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
         call.segments.append(seg)
         if self._gen is not None:
             self._gen.segments.append(seg)
-        call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b]]) for b in range(B)]
+        call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b].sort().values])
+                        for b in range(B)]
         call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
         call.valid = pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
         new_hidden = pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
@@ -683,22 +738,30 @@ class DecoderPruner(ThreadStateMixin, Patch):
 
     #: signals inside the decoder and the options each takes (value -> allowed values)
     LAYER_SIGNALS = {
-        "text_attention": {"raters": RATER_RULES, "layer": ("previous", "next")},
+        "text_attention": {"raters": RATER_RULES, "layer": ("previous", "next"), "per_rater": (False, True)},
         "keys": {"tokens": ("visual", "text"), "rope": (False, True)},
         "states": {"tokens": ("visual", "text"), "final_norm": (False, True)},
         "positions": {"tokens": ("visual", "text")},
         "text_states": {},
+        "layer_input": {"tokens": ("visual", "text"), "layer": ("first", "previous", "next"),
+                        "input_norm": (False, True)},
     }
 
     def _layer_signal(self, call: _Call, layer, j: int, name: str, options: dict, hidden_out: Tensor) -> list[Tensor]:
         """A signal at the boundary between layer ``j`` (K-1) and ``j + 1`` (K, the first to see the pruned tokens).
 
-        ``text_attention``: attention of the raters to the visual tokens, recomputed for the rater rows; by
-        ``layer="previous"`` (K-1 on its input, as its forward computed it) or ``"next"`` (K on its input, before
-        K runs). ``keys``: K-1's keys of the visual or text tokens (``rope=True``: after the rotary embedding,
-        heads side by side). ``states``: K-1's output rows of the visual or text tokens (``final_norm=True``: through
-        the language model's final norm). ``positions``: where the visual or text tokens sit in the sequence,
-        counted from its first (non-padding) token. ``text_states``: K-1's output rows of the instruction."""
+        ``text_attention``: attention of the raters (``raters=last_token|all_text``) to the visual tokens, mean over
+        heads, recomputed for the rater rows; by ``layer="previous"`` (K-1 on its input, as its forward computed it)
+        or ``"next"`` (K on its input, before K runs); mean over the raters, or ``per_rater=True``: one column per
+        rater, ``[n_visual, raters]`` (a method that picks raters by a rule of its own asks for all_text's columns).
+        ``keys``: K-1's keys of the visual or text tokens (``rope=True``: after the rotary embedding, heads side by
+        side). ``states``: K-1's output rows of the visual or text tokens (``final_norm=True``: through the language
+        model's final norm). ``positions``: where the visual or text tokens sit in the sequence, counted from its
+        first (non-padding) token. ``text_states``: K-1's output rows of the instruction. ``layer_input``: a
+        decoder layer's input rows of the visual tokens present at that layer or of the instruction, for the whole
+        prompt (never split per image): ``layer="first"`` (layer 0: the language model's input embeddings, with
+        every visual token it received), ``"previous"`` (K-1) or ``"next"`` (K); ``input_norm=True``: through that
+        layer's input norm."""
         allowed = self.LAYER_SIGNALS.get(name)
         if allowed is None:
             raise PruningError(
@@ -710,6 +773,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if name == "text_attention" and "raters" not in options:
             raise PruningError(f"signal 'text_attention' needs raters= one of {list(RATER_RULES)}")
         hidden_in, mask, pos_emb = call.captured[j]
+        if name == "layer_input":
+            return self._layer_input(call, j, options, hidden_in, hidden_out)
         out = []
         for b in range(hidden_in.shape[0]):
             vis = call.vis_pos[b]
@@ -724,16 +789,39 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 out.append(C.FINAL_NORM.get(self.lm)(states) if options.get("final_norm", False) else states)
             elif name == "keys":
                 out.append(self._keys(layer, hidden_in, pos_emb, b, rows, options.get("rope", False)))
-            elif vis.numel() == 0:
-                out.append(torch.zeros(0, device=hidden_in.device))
             else:
+                per_rater = options.get("per_rater", False)
+                if vis.numel() == 0 and not per_rater:
+                    out.append(torch.zeros(0, device=hidden_in.device))
+                    continue
+                raters = select_raters(options["raters"], text)
+                if vis.numel() == 0:
+                    out.append(torch.zeros(0, raters.numel(), device=hidden_in.device))
+                    continue
                 rater_layer, states = layer, hidden_in
                 if options.get("layer", "previous") == "next":
                     rater_layer, states = self.layers[j + 1], hidden_out
-                normed = C.INPUT_NORM.get(rater_layer)(states[b])
-                raters = select_raters(options["raters"], normed, vis, text)
                 probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters)  # [H, R, L]
-                out.append(probs.mean((0, 1))[vis])
+                out.append(probs.mean(0)[:, vis].T if per_rater else probs.mean((0, 1))[vis])
+        return out
+
+    def _layer_input(self, call: _Call, j: int, options: dict, hidden_in: Tensor, hidden_out: Tensor) -> list[Tensor]:
+        """The ``layer_input`` signal (see :meth:`_layer_signal`), per sample."""
+        where = options.get("layer", "previous")
+        if where == "first":
+            states, vis_pos, valid = call.first_input
+            norm_layer = self.layers[0]
+        else:
+            vis_pos, valid = call.vis_pos, call.valid
+            states, norm_layer = (hidden_in, self.layers[j]) if where == "previous" else \
+                (hidden_out, self.layers[j + 1])
+        out = []
+        for b in range(states.shape[0]):
+            vis = vis_pos[b].to(states.device)
+            text = options.get("tokens", "visual") == "text"
+            rows = self._text_after(vis, valid[b].to(states.device)) if text else vis
+            x = states[b, rows]
+            out.append(C.INPUT_NORM.get(norm_layer)(x) if options.get("input_norm", False) else x)
         return out
 
     @staticmethod
@@ -755,19 +843,24 @@ class DecoderPruner(ThreadStateMixin, Patch):
     # -- shared ---------------------------------------------------------------------------------------------
     #: signals with one row per visual token of the stage (split per image / frame); others describe the prompt
     PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_similarity", "states",
-                                   "positions", "attention_received"})
+                                   "positions", "attention_received", "cls_feature"})
 
     def _stage(self, stage: Stage, call: _Call, feats: list[Tensor], n_orig: list[int], signal, grids=None):
-        """Run ``stage`` on every sample (``budget_per="prompt"``) or on every image / frame of every sample."""
+        """Run ``stage`` on every sample (``budget_per="prompt"``) or on every unit (image, video frame, crop) of
+        every sample, each unit alone. Tokens of no unit (LLaVA-NeXT's row breaks under ``"crop"``) are kept as they
+        are, outside every budget. Returns kept, values, merged (see :meth:`_choose`) and, per sample, None or a
+        mask over the kept tokens of those kept as they are (their rows are never rewritten)."""
         current = [f.shape[0] for f in feats]
         if call.units is None:
             ctx = StageContext(stage, feats, self._budgets(stage, n_orig, current), signal, grids=grids)
-            return self._choose(stage, ctx)
-        pieces = []  # (sample, indices into its current visual tokens, original unit size, grid)
-        for b, sizes in enumerate(call.units):
-            unit_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-            unit = unit_of.to(call.vis_orig[b].device)[call.vis_orig[b]]
+            return (*self._choose(stage, ctx), [None] * len(feats))
+        pieces = []  # (sample, indices into its current visual tokens, unit size for its budget, grid)
+        for b, units in enumerate(call.units):
+            unit = units.ids.to(call.vis_orig[b].device)[call.vis_orig[b]]
+            sizes = units.sizes
             sample_grids = grids[b] if grids is not None and grids[b] is not None else None
+            if self.budget_per != "image":
+                sample_grids = None  # the grids are the images'; finer units have none
             for u, size in enumerate(sizes):
                 grid = sample_grids[u] if sample_grids is not None and len(sample_grids) == len(sizes) else None
                 pieces.append((b, (unit == u).nonzero().squeeze(1), size, grid))
@@ -782,24 +875,23 @@ class DecoderPruner(ThreadStateMixin, Patch):
         ctx = StageContext(stage, piece_feats, keep, piece_signal,
                            grids=[[g] if g is not None else None for *_, g in pieces])
         p_kept, p_values, p_merged = self._choose(stage, ctx)
-        kept, values, merged = [], [], []
+        kept, values, merged, as_is = [], [], [], []
         for b, f in enumerate(feats):
             mine = [i for i, p in enumerate(pieces) if p[0] == b]
-            if not mine:
-                kept.append(torch.zeros(0, dtype=torch.long, device=f.device))
-                values.append(None)
-                merged.append(torch.zeros(0, dtype=torch.bool, device=f.device))
-                continue
-            k = torch.cat([pieces[i][1][p_kept[i]] for i in mine])
+            outside = (call.units[b].ids.to(f.device)[call.vis_orig[b]] < 0).nonzero().squeeze(1)
+            k = torch.cat([pieces[i][1][p_kept[i]] for i in mine] + [outside])
             order = k.argsort()
             kept.append(k[order])
-            merged.append(torch.cat([p_merged[i] for i in mine])[order])
+            unchanged = outside.new_ones(outside.numel(), dtype=torch.bool)  # the tokens of no unit
+            merged.append(torch.cat([p_merged[i] for i in mine] + [~unchanged])[order])
+            fixed = torch.cat([unchanged.new_zeros(k.numel() - outside.numel()), unchanged])[order]
+            as_is.append(fixed if outside.numel() else None)
             if all(p_values[i] is None for i in mine):
                 values.append(None)
-            else:
+            else:  # tokens without values of their own keep their features; those outside every unit are not written
                 v = [p_values[i] if p_values[i] is not None else f[pieces[i][1][p_kept[i]]] for i in mine]
-                values.append(torch.cat(v)[order])
-        return kept, values, merged
+                values.append(torch.cat(v + [f[outside]])[order])
+        return kept, values, merged, as_is
 
     @staticmethod
     def _budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -> list[int]:
@@ -808,19 +900,31 @@ class DecoderPruner(ThreadStateMixin, Patch):
 
     @staticmethod
     def _write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list[Tensor | None],
-                      transform: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
-        """``x`` with each sample's kept visual rows set to the stage's values (``None`` when no value changes)."""
-        if all(v is None for v in values):
+                      transform: Callable[[Tensor], Tensor] | None = None,
+                      as_is: list[Tensor | None] | None = None) -> Tensor | None:
+        """``x`` with each sample's kept visual rows set to the stage's values (``None`` when no value changes);
+        ``as_is[b]`` (aligned with the kept places) marks rows left as they are whatever the values say.
+
+        ``kept[b]`` lists the tokens in the order they fill the kept places (taken in sequence order): ascending for
+        tokens that stay in place; an ordered :class:`Choice` moves tokens (values, or the rows themselves)."""
+        moved = [bool((k[1:] < k[:-1]).any()) for k in kept]
+        if all(v is None for v in values) and not any(moved):
             return None
-        x = x.clone()
-        for b, v in enumerate(values):
+        out = x.clone()
+        for b, (k, v) in enumerate(zip(kept, values)):
+            places = rows[b][k.sort().values]
             if v is not None:
-                x[b, rows[b][kept[b]]] = (v if transform is None else transform(v)).to(x.dtype)
-        return x
+                if as_is is not None and as_is[b] is not None:
+                    places, v = places[~as_is[b]], v[~as_is[b]]
+                out[b, places] = (v if transform is None else transform(v)).to(x.dtype)
+            elif moved[b]:  # already in the model's space: no transform
+                out[b, places] = x[b, rows[b][k]]
+        return out
 
     @staticmethod
     def _choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
-        """Run the stage; per sample: kept indices (ascending), replacement values (or None), merged flags."""
+        """Run the stage; per sample: kept indices (ascending, or as an ordered Choice gives them: the order in which
+        they fill the kept places), replacement values (or None), merged flags."""
         chosen = stage.choose(ctx)
         where = stage.label or stage.point
         if len(chosen) != ctx.batch_size:
@@ -833,7 +937,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 raise PruningError(f"{where}: method kept {k.numel()} tokens of sample {b}, budget {budget}")
             if k.numel() and (int(k.min()) < 0 or int(k.max()) >= f.shape[0] or k.unique().numel() != k.numel()):
                 raise PruningError(f"{where}: method returned invalid or repeated indices for sample {b}")
-            k, order = k.sort()
+            k, order = (k, torch.arange(k.numel(), device=k.device)) if c.ordered else k.sort()
             kept.append(k)
             values.append(None if c.values is None else c.values.to(f.device)[order])
             flags = torch.zeros(k.numel(), dtype=torch.bool, device=f.device)
