@@ -21,6 +21,7 @@ from .interfaces import (
 from .registry import registry
 from .config import MethodConfig, BudgetConfig
 from .report import PruningReport, StageRecord
+from .saved import save_config, saved_config
 from .api import (
     UnsupportedModelError,
     adapter_for,
@@ -48,6 +49,6 @@ __all__ = [
     "Selector", "Stage", "StageContext", "MethodConfig", "BudgetConfig", "PruningReport", "StageRecord",
     "UnsupportedModelError", "adapter_for", "build", "disabled", "get_method", "inspect", "is_patched",
     "list_adapters", "list_insertion_points", "list_methods", "list_scorers", "list_selectors", "make_config",
-    "reduce", "remove", "select", "Choice", "Reduction",
+    "reduce", "remove", "select", "Choice", "Reduction", "save_config", "saved_config",
     "PruningError", "ContractError", "UnsupportedTransformersError",
 ]

@@ -30,7 +30,25 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     # No version is pinned: any torch >= 2.4 that is already installed is kept.
     "${pip[@]}" install -q --no-index --no-deps "torch>=2.4" >/dev/null 2>&1 || "${pip[@]}" install -q "torch>=2.4"
 fi
-"${pip[@]}" install -q "${constraints[@]}" -e ".[test,docs]"
+extras="test,docs"
+if [ "$command" = test ]; then
+    # The newest environment also runs lmms-eval end to end (tests/test_lmms_eval.py). lmms-eval requires torchvision;
+    # pinning torch to the installed release keeps pip from replacing it with the build the newest torchvision needs.
+    extras="test,docs,lmms"
+    torch_pin="$(mktemp)"
+    trap 'rm -f "$torch_pin"' EXIT
+    "$venv/bin/python" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" \
+        > "$torch_pin"
+    constraints=(-c "$torch_pin")
+fi
+"${pip[@]}" install -q "${constraints[@]}" -e ".[$extras]"
+if [ "$command" = test ] && ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+    # PyPI's torchvision is built against PyPI's (CUDA) torch and fails to import beside a CPU build of torch; left
+    # installed, transformers would pick its torchvision image processors and fail. The models prunekit runs under
+    # lmms-eval (llava_hf, qwen*_vl) do not need it.
+    echo "torchvision does not import beside this torch: uninstalling it from $venv"
+    "${pip[@]}" uninstall -q -y torchvision
+fi
 
 case "$command" in
     demo) exec "$venv/bin/prunekit" demo "$@" ;;
