@@ -381,6 +381,8 @@ class ModelSpec:
     visual_tokens_per_image: int | None = None
     has_cls: bool = True
     name_or_path: str = ""
+    #: signals this model's adapter cannot give, with the reason (e.g. a [CLS] feature the projector cannot take)
+    unavailable: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

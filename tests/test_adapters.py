@@ -165,17 +165,16 @@ VISION_FEATURE_ADAPTERS = [n for n in ADAPTERS if "vision_features" in registry.
 @pytest.mark.parametrize("method", ["fastervlm", "visionzip"])
 def test_vision_features_point_keep_all_and_batch(name, method):
     """At vision_features: keep-all is bit-exact; merged values (VisionZip) batch like rows alone. Where the
-    [CLS] feature cannot go through the projector (InternVL's pixel shuffle), VisionZip's default refuses and
-    cls_token=False runs."""
+    [CLS] feature cannot go through the projector (InternVL's pixel shuffle), VisionZip's default ('auto') runs
+    without it and an explicit cls_token=True refuses, naming the signal and the model."""
     model, rows = tiny(name)
     inputs = batch_of(model, rows)
     ref = model(**inputs).logits
     options = {}
     if method == "visionzip" and prunekit.adapter_for(model).cls_feature_unavailable() is not None:
         with pytest.raises(prunekit.PruningError, match=f"'cls_feature'.*{type(model).__name__}"):
-            prunekit.build(method, model, keep_ratio=0.3)
+            prunekit.build(method, model, keep_ratio=0.3, cls_token=True)
         assert not prunekit.is_patched(model)
-        options = {"cls_token": False}
     prunekit.build(method, model, keep_ratio=1.0, **options)
     assert torch.equal(model(**inputs).logits, ref)
     prunekit.build(method, model, keep_ratio=0.3, **options)

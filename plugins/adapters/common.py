@@ -615,6 +615,7 @@ class MultimodalAdapter(ModelAdapter):
             visual_tokens_per_image=self.visual_tokens_per_image(),
             has_cls=self.has_cls(),
             name_or_path=getattr(self.model.config, "_name_or_path", ""),
+            unavailable={} if (why := self.cls_feature_unavailable()) is None else {"cls_feature": why},
             extra={"rope": self.rope},
         )
 

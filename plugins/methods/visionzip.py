@@ -117,11 +117,11 @@ class VisionZipSelection(StrictModel):
 
 
 class VisionZipConfig(VisionZipSelection, MethodConfig):
-    cls_token: bool = Field(
-        True,
-        description="The [CLS] token's feature (feature layer, through the projector) takes the first kept place "
-        "and k - C - 1 patches are dominant, as the official code; False: k - C dominant patches, no [CLS] "
-        "(for encoders or projectors that cannot give it).",
+    cls_token: bool | Literal["auto"] = Field(
+        "auto",
+        description="True: the [CLS] token's feature (feature layer, through the projector) takes the first kept "
+        "place and k - C - 1 patches are dominant, as the official code; False: k - C dominant patches, no [CLS]; "
+        "'auto': True where the model's adapter can give the [CLS] feature, else False.",
     )
 
 
@@ -141,16 +141,17 @@ class VisionZip(Method):
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
+        use_cls = cfg.cls_token if cfg.cls_token != "auto" else "cls_feature" not in spec.unavailable
 
         def choose(ctx):
             cls_attn = ctx.relevance("cls_attention")
             keys = ctx.relevance("keys")
-            cls = [_unit_cls(c) for c in ctx.relevance("cls_feature")] if cfg.cls_token else [None] * len(keys)
+            cls = [_unit_cls(c) for c in ctx.relevance("cls_feature")] if use_cls else [None] * len(keys)
             return [self._choice(f, a, kk, k, cfg, c)
                     for f, a, kk, k, c in zip(ctx.features, cls_attn, keys, ctx.keep, cls)]
 
         least = 2 if cfg.contextual_tokens is None else cfg.contextual_tokens + 1
-        signals = ("cls_attention", "keys") + (("cls_feature",) if cfg.cls_token else ())
+        signals = ("cls_attention", "keys") + (("cls_feature",) if use_cls else ())
         plan = StagePlan("vision_features", choose, label="visionzip", signals=signals)
         return make_stages(cfg, spec, [plan], minimum=lambda n: least, method=self.name)
 
