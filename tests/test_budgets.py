@@ -64,6 +64,13 @@ def test_nominal_budget_is_the_methods_own_accounting(method, budget, counts, la
     assert plan(method, keep_tokens=budget) == (counts, layers)
 
 
+def test_a_fractional_nominal_budget_is_rounded_to_the_nearest_count():
+    """keep_ratio × tokens is fractional (0.111 × 144 = 15.98): the nominal count is the nearest, not the floor."""
+    spec = ModelSpec("llava", num_layers=8, hidden_size=64, visual_tokens_per_image=144)
+    assert plan("fastv", spec, 144, keep_ratio=0.111)[0] == [16]
+    assert plan("dart", spec, 144, keep_ratio=0.111)[0] == [8 * 2 + 4]
+
+
 def test_pdrop_quotes_the_layer_average():
     """PyramidDrop's comparisons quote the layer-averaged count: nominal and layer-averaged budgets agree."""
     assert plan("pdrop", keep_tokens=192) == plan("pdrop", keep_tokens=192, budget_meaning="layer_average")

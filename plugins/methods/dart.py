@@ -75,7 +75,7 @@ def official_count(n: int, budget: float, config: "DartSelection") -> list[int]:
     """The official code's count for a budget ``B``: each of the ``P`` pivots claims ``B // P`` tokens, and the
     visual pivots are kept on top."""
     pivots = config.image_pivots + config.text_pivots
-    b = int(budget)
+    b = int(budget + 0.5)  # keep_ratio x tokens is fractional: the nearest count
     return [pivots * (b // pivots) + config.image_pivots if pivots else b]
 
 

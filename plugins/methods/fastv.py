@@ -35,7 +35,7 @@ class FastV(Method):
         choose = rater_topk(cfg.raters)
         plan = StagePlan("decoder_layer", choose, layer, label=f"fastv (layer {layer})",
                          signals=rater_signals(cfg.raters))
-        return make_stages(cfg, spec, [plan], method=self.name, nominal=lambda n, t: [int(t)])
+        return make_stages(cfg, spec, [plan], method=self.name, nominal=lambda n, t: [int(t + 0.5)])
 
     @classmethod
     def select(cls, features: Tensor, relevance: Tensor | None, k: int, config) -> Tensor:
