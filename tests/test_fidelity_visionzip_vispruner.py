@@ -317,3 +317,28 @@ def test_vispruner_in_the_model_equals_the_official_code(model, inputs, keep):
     mask = official_vispruner(features, attentions, keep, 0.5)
     for b in range(2):
         assert report.stages[0].kept[b].tolist() == mask[b].nonzero().squeeze(1).tolist()
+
+
+def official_fastervlm(image_attentions, visual_token_num):
+    """FasterVLM's encode_images (Theia-4869/FasterVLM llava_arch.py L141-157), literally: the [CLS] row of
+    select_layer's attention over the patches (clip_encoder.py L38-41), mean over heads, top-k, as an index mask."""
+    image_attentions = image_attentions.mean(dim=1)
+    token_indices = torch.topk(image_attentions, k=visual_token_num, dim=1)[1]
+    index_masks = torch.zeros(image_attentions.shape, dtype=torch.bool)
+    index_masks.scatter_(1, token_indices, True)
+    return index_masks
+
+
+@pytest.mark.parametrize("keep", [8, 16, 32])
+def test_fastervlm_in_the_model_equals_the_official_code(model, inputs, keep):
+    """The kept tokens against the official index mask on the eager tower's own attentions: ``attentions`` of
+    ``select_layer`` (the layer that produces the projector's features), [CLS] row, mean over heads."""
+    prunekit.build("fastervlm", model, keep_tokens=keep)
+    model(**inputs)
+    report = assert_pruned(model)
+    prunekit.remove(model)
+    out = _eager_copy(model).model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    attentions = out.attentions[model.config.vision_feature_layer][:, :, 0, 1:]
+    mask = official_fastervlm(attentions, keep)
+    for b in range(2):
+        assert report.stages[0].kept[b].tolist() == mask[b].nonzero().squeeze(1).tolist()
