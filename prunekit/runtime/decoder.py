@@ -324,12 +324,17 @@ class DecoderPruner(ThreadStateMixin, Patch):
         self._gen = self._call = None
         self._gens = weakref.WeakKeyDictionary()
 
-    def _new_report(self, n_visual: list[int], kwargs: dict, enabled: bool = True) -> PruningReport:
-        """An empty report for this prefill: budgets, sequence lengths and layer costs filled in."""
-        embeds = C.LM_INPUTS_EMBEDS.get(kwargs)
+    def _input_mask(self, kwargs: dict) -> tuple[Tensor | None, bool]:
+        """The attention mask at the language model's input, and whether the model had built its masks before the
+        LLM (Gemma3; the 2D mask then comes from the adapter)."""
         mask = C.LM_ATTENTION_MASK.get(kwargs)
         if isinstance(mask, dict):
-            mask = self.hooks.input_mask_2d()
+            return self.hooks.input_mask_2d(), True
+        return mask, False
+
+    def _new_report(self, n_visual: list[int], embeds: Tensor, mask: Tensor | None,
+                    enabled: bool = True) -> PruningReport:
+        """An empty report for this prefill: budgets, sequence lengths and layer costs filled in."""
         if isinstance(mask, Tensor) and mask.dim() == 2:
             lengths = [int(x) for x in mask.bool().sum(1).tolist()]
         else:
@@ -388,7 +393,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if not self.enabled:
             self._gen = None
             if visual is not None and past == 0:  # inspect() tells that this prefill ran unpruned
-                self._report = self._new_report(visual.sum(1).tolist(), kwargs, enabled=False)
+                self._report = self._new_report(visual.sum(1).tolist(), C.LM_INPUTS_EMBEDS.get(kwargs),
+                                                self._input_mask(kwargs)[0], enabled=False)
             return None
         self._gen = self._gens.get(cache) if cache is not None else None
         if visual is not None and past == 0:
@@ -422,10 +428,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         embeds: Tensor = C.LM_INPUTS_EMBEDS.get(kwargs)
         B, L, _ = embeds.shape
         device = embeds.device
-        mask2d = C.LM_ATTENTION_MASK.get(kwargs)
-        prepared = isinstance(mask2d, dict)  # the model built its masks before the LLM (Gemma3)
-        if prepared:
-            mask2d = self.hooks.input_mask_2d()
+        mask2d, prepared = self._input_mask(kwargs)
         if mask2d is not None and mask2d.dim() != 2:
             raise PruningError("prunekit needs a 2D attention mask (or none) at the language model's input")
         pos, style = _positions_in(C.LM_POSITION_IDS.get(kwargs), B, L, device)
@@ -435,7 +438,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             )
         visual = visual.to(device)
         n_visual = visual.sum(1).tolist()
-        report = self._new_report(n_visual, kwargs)
+        report = self._new_report(n_visual, embeds, mask2d)
         self._report = report
         vis_pos = [visual[b].nonzero().squeeze(1) for b in range(B)]
         per_unit = self.budget_per != "prompt" and sum(n_visual)
