@@ -9,7 +9,7 @@ Every option of ``prunekit bench`` is accepted (``--help``). Writes bench.json, 
 
 import sys
 
-from prunekit.cli import main
+from prunekit.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

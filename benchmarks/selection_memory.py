@@ -4,7 +4,7 @@ docs/methods/tops.md, "memory cap").
     python benchmarks/selection_memory.py                       # N = 20,000, D = 8, caps 0 and none, 1 thread
     python benchmarks/selection_memory.py --n 3000 --caps 0 1 4 16 64 none
 
-Peak memory is torch's allocator peak above what was allocated before (``prunekit.bench.peak_memory_mib``); the
+Peak memory is torch's allocator peak above what was allocated before (``prunekit.tools.bench.peak_memory_mib``); the
 script also checks that every capped selection equals the uncapped one.
 """
 
@@ -14,7 +14,7 @@ import time
 import torch
 
 import prunekit
-from prunekit.bench import peak_memory_mib
+from prunekit.tools.bench import peak_memory_mib
 
 
 def main() -> None:

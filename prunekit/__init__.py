@@ -1,34 +1,27 @@
-"""prunekit: training-free visual token pruning for multimodal LLMs on native transformers models."""
+"""prunekit: training-free visual token pruning for multimodal LLMs on native transformers models.
 
-from .errors import PruningError
-from .contracts import ContractError, UnsupportedTransformersError
-from .hookspecs import hookimpl, hookspec
-from .interfaces import (
-    Choice,
-    InsertionPoint,
-    Method,
-    ModelAdapter,
-    ModelSpec,
-    Patch,
-    Reduction,
-    Scorer,
-    ScorerRun,
-    SelectionInput,
-    Selector,
-    Stage,
-    StageContext,
+This namespace is the user API (build, select, configs, reports, errors). Plugin authors import from
+:mod:`prunekit.plugin`; test helpers and the conformance suite live in :mod:`prunekit.testing`; the bundled model,
+``prunekit eval`` and ``prunekit bench`` in :mod:`prunekit.tools` (extra ``prunekit[tools]``).
+"""
+
+from .errors import (
+    BudgetError,
+    PrunekitError,
+    PruningError,
+    RegistryError,
+    UnknownNameError,
+    UnsupportedModelError,
 )
-from .registry import registry
+from .contracts import ContractError, UnsupportedTransformersError
 from .config import MethodConfig, BudgetConfig
 from .report import PruningReport, StageRecord
 from .saved import save_config, saved_config
 from .api import (
-    UnsupportedModelError,
     adapter_for,
     build,
     disabled,
     get_method,
-    inspect,
     is_patched,
     list_adapters,
     list_insertion_points,
@@ -36,6 +29,7 @@ from .api import (
     list_scorers,
     list_selectors,
     make_config,
+    pruning_report,
     reduce,
     remove,
     select,
@@ -44,11 +38,17 @@ from .api import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "hookimpl", "hookspec", "registry",
-    "InsertionPoint", "Method", "ModelAdapter", "ModelSpec", "Patch", "Scorer", "ScorerRun", "SelectionInput",
-    "Selector", "Stage", "StageContext", "MethodConfig", "BudgetConfig", "PruningReport", "StageRecord",
-    "UnsupportedModelError", "adapter_for", "build", "disabled", "get_method", "inspect", "is_patched",
-    "list_adapters", "list_insertion_points", "list_methods", "list_scorers", "list_selectors", "make_config",
-    "reduce", "remove", "select", "Choice", "Reduction", "save_config", "saved_config",
-    "PruningError", "ContractError", "UnsupportedTransformersError",
+    # patching a model
+    "build", "remove", "disabled", "is_patched", "pruning_report", "adapter_for", "save_config", "saved_config",
+    # model-free selection
+    "select", "reduce",
+    # configuration and discovery
+    "make_config", "get_method", "MethodConfig", "BudgetConfig",
+    "list_methods", "list_adapters", "list_scorers", "list_selectors", "list_insertion_points",
+    # results
+    "PruningReport", "StageRecord",
+    # errors
+    "PrunekitError", "PruningError", "BudgetError", "RegistryError", "UnknownNameError", "UnsupportedModelError",
+    "ContractError", "UnsupportedTransformersError",
 ]
+from . import plugin  # the plugin-author namespace (prunekit.plugin), loaded with the package

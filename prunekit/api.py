@@ -1,23 +1,19 @@
-"""The public functions: build, remove, disabled, inspect, select, list_*."""
+"""The public functions: build, remove, disabled, pruning_report, select, list_*."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect as _inspect
 from typing import Any, Iterator
 
 from torch import Tensor
 
-from .config import MethodConfig
-from .interfaces import Method, ModelAdapter, Patch, Reduction
 from . import contracts
+from .config import MethodConfig, get_method, make_config
+from .errors import UnsupportedModelError
+from .interfaces import PATCH_ATTRIBUTE as _ATTR, Method, ModelAdapter, Patch, Reduction, patch_of as _patch
 from .registry import registry
 from .report import PruningReport
-
-_ATTR = "_prunekit_patch"
-
-
-class UnsupportedModelError(TypeError):
-    """No registered adapter handles this model class."""
 
 
 def list_methods(pattern: str | None = None) -> list[str]:
@@ -40,25 +36,6 @@ def list_insertion_points(pattern: str | None = None) -> list[str]:
     return registry.names("insertion_points", pattern)
 
 
-def get_method(name: str) -> type[Method]:
-    return registry.get("methods", name)
-
-
-def make_config(method: str | MethodConfig, **overrides: Any) -> tuple[type[Method], MethodConfig]:
-    """Resolve a method name or config object (plus overrides) into the method class and a validated config."""
-    if isinstance(method, str):
-        cls = get_method(method)
-        return cls, cls.Config(**overrides)
-    if isinstance(method, MethodConfig):
-        for cls in registry.classes("methods"):
-            if type(method) is cls.Config:
-                data = method.model_dump(exclude_unset=True)
-                data.update(overrides)
-                return cls, cls.Config(**data)
-        raise TypeError(f"{type(method).__name__} is not the config of any registered method")
-    raise TypeError(f"method must be a registered name ({', '.join(list_methods())}) or a method config, got {method!r}")
-
-
 def adapter_for(model: Any) -> ModelAdapter:
     classes = registry.classes("adapters")
     for cls in classes:
@@ -79,7 +56,7 @@ _NO_UNIT = {
 
 def budget_unit(cls: type[Method], config: MethodConfig, adapter: ModelAdapter) -> str:
     """The budget unit a patch runs with: ``config.budget_per``, where ``"auto"`` is the method's official unit
-    (:attr:`~prunekit.Method.official_budget_per`) when the adapter offers it, else ``"prompt"``. A unit the adapter
+    (:attr:`~prunekit.plugin.Method.official_budget_per`) when the adapter offers it, else ``"prompt"``. A unit the adapter
     cannot tell apart is an error naming the option and the model, never silently replaced."""
     unit = config.budget_per
     if unit == "auto":
@@ -135,10 +112,6 @@ def build(method: str | MethodConfig | Any, model: Any = None, **overrides: Any)
     return model
 
 
-def _patch(model: Any) -> Patch | None:
-    return getattr(model, "__dict__", {}).get(_ATTR)
-
-
 def is_patched(model: Any) -> bool:
     return _patch(model) is not None
 
@@ -165,7 +138,7 @@ def disabled(model: Any) -> Iterator[Any]:
         patch.enabled = previous
 
 
-def inspect(model: Any) -> PruningReport | None:
+def pruning_report(model: Any) -> PruningReport | None:
     """The pruning report of the model's last prefill (None before the first forward)."""
     patch = _patch(model)
     if patch is None:
@@ -176,8 +149,6 @@ def inspect(model: Any) -> PruningReport | None:
 def _run_select(method: str, features: Tensor, relevance: Tensor | None, k: int, query: Tensor | None, config: dict):
     """Validate the arguments of :func:`select` / :func:`reduce` (each error names the argument and what it takes),
     then run the method's model-free selection."""
-    import inspect as _inspect
-
     import torch
 
     cls = get_method(method)

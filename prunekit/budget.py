@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class BudgetError(ValueError):
-    """A budget that cannot be met at the given stages."""
+from .errors import BudgetError
 
 
 @dataclass(frozen=True)

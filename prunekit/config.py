@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .interfaces import Method
 
 #: Used when no budget is given: 64 of LLaVA-1.5's 576 tokens, the paper's central setting.
 DEFAULT_KEEP_RATIO = 64 / 576
@@ -148,3 +151,28 @@ class BudgetConfig(StrictModel):
 
 class MethodConfig(BudgetConfig):
     """Base of every method's config."""
+
+
+def get_method(name: str):
+    """The registered method class called ``name``."""
+    from .registry import registry
+
+    return registry.get("methods", name)
+
+
+def make_config(method: str | MethodConfig, **overrides: Any) -> tuple[type[Method], MethodConfig]:
+    """Resolve a method name or config object (plus overrides) into the method class and a validated config."""
+    from .registry import registry
+
+    if isinstance(method, str):
+        cls = get_method(method)
+        return cls, cls.Config(**overrides)
+    if isinstance(method, MethodConfig):
+        for cls in registry.classes("methods"):
+            if type(method) is cls.Config:
+                data = method.model_dump(exclude_unset=True)
+                data.update(overrides)
+                return cls, cls.Config(**data)
+        raise TypeError(f"{type(method).__name__} is not the config of any registered method")
+    raise TypeError(f"method must be a registered name ({', '.join(registry.names('methods'))}) or a method config, "
+                    f"got {method!r}")

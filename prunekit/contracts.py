@@ -8,7 +8,7 @@ in :data:`CONTRACTS`' entry.
 
 A contract that does not hold raises :class:`ContractError`, which names the contract and the installed
 transformers release. Adapters verify the contracts they use when a model is patched
-(:meth:`~prunekit_plugins.adapters.common.MultimodalAdapter.verify_contracts`), the runtime checks at every pruned
+(:meth:`~prunekit.adapters.MultimodalAdapter.verify_contracts`), the runtime checks at every pruned
 prefill that the contract held in fact (a stage ran, the model used the cache prunekit gave it), and
 ``tests/test_contracts.py`` checks every contract on every adapter's tiny model.
 """

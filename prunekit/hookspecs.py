@@ -4,7 +4,7 @@ Each hook is handed a ``register`` callback. A plugin calls it once per class it
 carries its own name in the class attribute ``name``. The host (``prunekit.registry``) owns storage,
 duplicate checks and lazy loading, so a plugin never touches a global table.
 
-A plugin is any module or object with functions decorated by :data:`prunekit.hookimpl`, exposed through
+A plugin is any module or object with functions decorated by :data:`prunekit.plugin.hookimpl`, exposed through
 the ``prunekit`` entry-point group::
 
     [project.entry-points.prunekit]
@@ -23,24 +23,24 @@ hookimpl = pluggy.HookimplMarker("prunekit")
 
 @hookspec
 def prunekit_register_scorers(register: Callable[[type], None]) -> None:
-    """Register :class:`prunekit.Scorer` subclasses (per-token gains, possibly set-dependent)."""
+    """Register :class:`prunekit.plugin.Scorer` subclasses (per-token gains, possibly set-dependent)."""
 
 
 @hookspec
 def prunekit_register_selectors(register: Callable[[type], None]) -> None:
-    """Register :class:`prunekit.Selector` subclasses (turn features and scores into kept indices)."""
+    """Register :class:`prunekit.plugin.Selector` subclasses (turn features and scores into kept indices)."""
 
 
 @hookspec
 def prunekit_register_insertion_points(register: Callable[[type], None]) -> None:
-    """Register :class:`prunekit.InsertionPoint` subclasses (places in a model where tokens can be pruned)."""
+    """Register :class:`prunekit.plugin.InsertionPoint` subclasses (places in a model where tokens can be pruned)."""
 
 
 @hookspec
 def prunekit_register_methods(register: Callable[[type], None]) -> None:
-    """Register :class:`prunekit.Method` subclasses (a pruning method usable with ``prunekit.build``)."""
+    """Register :class:`prunekit.plugin.Method` subclasses (a pruning method usable with ``prunekit.build``)."""
 
 
 @hookspec
 def prunekit_register_adapters(register: Callable[[type], None]) -> None:
-    """Register :class:`prunekit.ModelAdapter` subclasses (hook a model family's insertion points)."""
+    """Register :class:`prunekit.plugin.ModelAdapter` subclasses (hook a model family's insertion points)."""

@@ -452,3 +452,13 @@ class Method(ABC):
     @classmethod
     def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: Any) -> Tensor:
         raise NotImplementedError(f"method {cls.name!r} needs a model to select tokens; use prunekit.build")
+
+
+#: the attribute of a patched model that holds its :class:`Patch` (a plain attribute: not a submodule, not in the
+#: state dict)
+PATCH_ATTRIBUTE = "_prunekit_patch"
+
+
+def patch_of(model: Any) -> Patch | None:
+    """The :class:`Patch` that ``prunekit.build`` installed on ``model``, or None."""
+    return getattr(model, "__dict__", {}).get(PATCH_ATTRIBUTE)

@@ -17,20 +17,10 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
+from .errors import RegistryError, UnknownNameError
 
 ENTRY_POINT_GROUP = "prunekit"
 KINDS = ("scorers", "selectors", "insertion_points", "methods", "adapters")
-
-
-class RegistryError(RuntimeError):
-    """A plugin could not be registered (duplicate or missing name, unknown hook, failed import)."""
-
-
-class UnknownNameError(KeyError):
-    """A name that no plugin registered."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What ``prunekit.inspect(model)`` returns: the pruning of the last forward pass that had visual tokens."""
+"""What ``prunekit.pruning_report(model)`` returns: the pruning of the last forward pass that had visual tokens."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import MethodConfig
+from .config import MethodConfig, make_config
+from .interfaces import patch_of
 
 #: the attribute of the model's config (and the key of config.json) that holds the block
 KEY = "prunekit"
@@ -35,8 +36,6 @@ FORMAT = 1
 
 def config_block(method: str | MethodConfig, **options: Any) -> dict:
     """The block for ``method`` with ``options`` (validated as ``prunekit.build`` validates them)."""
-    from .api import make_config
-
     cls, config = make_config(method, **options)
     return {"format": FORMAT, "method": cls.name, "options": config.model_dump(mode="json", exclude_unset=True)}
 
@@ -45,9 +44,7 @@ def save_config(model: Any, method: str | MethodConfig | None = None, **options:
     """Set the block on ``model.config`` (``save_pretrained`` then writes it) and return it. Without ``method``, the
     configuration of the patch that ``prunekit.build`` installed on ``model``."""
     if method is None:
-        from .api import _patch
-
-        patch = _patch(model)
+        patch = patch_of(model)
         if patch is None:
             raise ValueError("model is not patched by prunekit: pass a method (save_config(model, 'tops', "
                              "keep_tokens=64)) or call prunekit.build first")
@@ -84,8 +81,6 @@ def read_block(source: Any) -> dict | None:
 def saved_config(source: Any, **overrides: Any) -> MethodConfig | None:
     """The validated method config saved with ``source`` (see :func:`read_block`), with ``overrides`` applied; None
     when nothing was saved."""
-    from .api import make_config
-
     block = read_block(source)
     if block is None:
         return None

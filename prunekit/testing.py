@@ -162,7 +162,7 @@ def assert_pruned(model):
     visual-token count is below what it brought. Returns the report."""
     from . import api
 
-    report = api.inspect(model)
+    report = api.pruning_report(model)
     assert report is not None and report.enabled and report.stages, f"no pruning was recorded: {report}"
     assert all(a < n for a, n in zip(report.layer_average, report.visual_tokens)), str(report)
     return report

@@ -1,6 +1,6 @@
 """Train prunekit's bundled shapes LLaVA from scratch, reproducibly, on CPU.
 
-    python scripts/train_bundled.py --work runs/shapes --out prunekit/assets/shapes-llava
+    python scripts/train_bundled.py --work runs/shapes --out prunekit/tools/assets/shapes-llava
 
 Stages (no loss ever touches the language model's attention or says which tokens matter):
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit import bundled
-from prunekit.data import QUESTION_TYPES, ShapesVQA
-from prunekit.data.shapes import COLORS, SHAPES, make_question
+from prunekit.tools import bundled
+from prunekit.tools.data import QUESTION_TYPES, ShapesVQA
+from prunekit.tools.data.shapes import COLORS, SHAPES, make_question
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -376,7 +376,7 @@ class Trainer:
 
 def evaluate(model, tokenizer, size: int, split: str, seed: int = 0) -> dict:
     """Accuracy per question type, through the processor and ``generate`` exactly as ``prunekit eval`` answers."""
-    from prunekit.evaluation import evaluate as run_eval
+    from prunekit.tools.evaluation import evaluate as run_eval
 
     base = run_eval(model.eval(), bundled.build_processor(tokenizer), list(ShapesVQA(split, size, seed=seed)), [],
                     progress=False)[0]
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     model.half().save_pretrained(out)  # float16 on disk (a few MB); load() casts to float32
     bundled.build_processor(tok).save_pretrained(out)
     model.float()
-    from prunekit.bundled import load
+    from prunekit.tools.bundled import load
 
     loaded, _ = load(out)
     log("final held-out evaluation (test split) of the saved model")

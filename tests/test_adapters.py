@@ -73,7 +73,7 @@ def test_keep_all_is_bit_exact_and_remove_restores(name):
         prunekit.build("tops", model, keep_ratio=ratio(points), insertion_points=points)
         pruned = model(**inputs).logits
         assert not torch.equal(pruned[:, -1], ref[:, -1]), points
-        report = prunekit.inspect(model)
+        report = prunekit.pruning_report(model)
         assert all(a < n for a, n in zip(report.layer_average, report.visual_tokens))
         prunekit.remove(model)
         assert torch.equal(model(**inputs).logits, ref), points
@@ -99,12 +99,12 @@ def test_padded_batch_equals_rows_alone(name):
     inputs = batch_of(model, rows)
     prunekit.build("tops", model, keep_ratio=ratio(points_of(name)), insertion_points=points_of(name))
     batch = model.generate(**inputs, **GEN)
-    kept = [s.kept for s in prunekit.inspect(model).stages]
-    counts = [s.counts for s in prunekit.inspect(model).stages]
+    kept = [s.kept for s in prunekit.pruning_report(model).stages]
+    counts = [s.counts for s in prunekit.pruning_report(model).stages]
     assert all(len(set(c)) > 1 for c in counts[:2]), counts  # the rows really keep different numbers
     for b, row in enumerate(rows):
         assert_row_matches(model, batch, b, row)
-        for stage_kept, stage in zip(kept, prunekit.inspect(model).stages):
+        for stage_kept, stage in zip(kept, prunekit.pruning_report(model).stages):
             assert stage_kept[b].tolist() == stage.kept[0].tolist()
     assert model.config.get_text_config()._attn_implementation == "sdpa"
 
@@ -136,7 +136,7 @@ def test_budget_per_image_keeps_the_count_in_every_image_and_frame(name):
     original = patch.hooks.units
     patch.hooks.units = lambda counts: hooks_units.append(original(counts)) or hooks_units[-1]
     batched = model.generate(**inputs, **GEN)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     units = hooks_units[0]
     assert any(len(u) > 1 for u in units)  # several images, or a video's frames
     for b, sizes in enumerate(units):
@@ -180,7 +180,7 @@ def test_vision_features_point_keep_all_and_batch(name, method):
     prunekit.build(method, model, keep_ratio=0.3, **options)
     batch = model.generate(**inputs, **GEN)
     assert_pruned(model)
-    assert any(m.any() for m in prunekit.inspect(model).stages[0].merged) == (method == "visionzip")
+    assert any(m.any() for m in prunekit.pruning_report(model).stages[0].merged) == (method == "visionzip")
     for b, row in enumerate(rows):
         assert_row_matches(model, batch, b, row)
 
@@ -216,7 +216,7 @@ def test_unpadded_batch_whose_rows_keep_different_counts():
     inputs = {k: torch.cat([r[k] for r in rows]) for k in one}
     prunekit.build("tops", model, keep_ratio=0.7, insertion_points=["decoder_layer"])
     batch = model.generate(**{k: v for k, v in inputs.items() if k != "attention_mask"}, **GEN)
-    assert len(set(prunekit.inspect(model).stages[0].counts)) == 2
+    assert len(set(prunekit.pruning_report(model).stages[0].counts)) == 2
     for b, row in enumerate(rows):
         assert_row_matches(model, batch, b, {"input_ids": row["input_ids"], "pixel_values": row["pixel_values"]})
 
@@ -230,7 +230,7 @@ def test_gemma3_pruned_generate_equals_the_shorter_prompt():
     row = rows[1]  # two images
     prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"])
     out = model.generate(**row, **GEN)
-    kept = prunekit.inspect(model).stages[0].kept[0]
+    kept = prunekit.pruning_report(model).stages[0].kept[0]
     prunekit.remove(model)
     ids = row["input_ids"][0]
     visual = ids == model.config.image_token_index
@@ -297,7 +297,7 @@ def test_attention_received_matches_eager_attention():
 
 
 # --- vision-side signals: the [CLS] feature, and the layer after the feature layer --------------------------------
-class SignalProbe(prunekit.Method):
+class SignalProbe(prunekit.plugin.Method):
     """Keeps every token and records the vision signals in ``READ`` ((name, options) pairs)."""
 
     name = "signal_probe"
@@ -311,10 +311,10 @@ class SignalProbe(prunekit.Method):
             return [torch.arange(f.shape[0]) for f in ctx.features]
 
         signals = tuple(dict.fromkeys(name for name, _ in SignalProbe.READ))
-        return [prunekit.Stage(point="after_projector", keep=lambda n: n, choose=choose, signals=signals)]
+        return [prunekit.plugin.Stage(point="after_projector", keep=lambda n: n, choose=choose, signals=signals)]
 
 
-PROBE = types.SimpleNamespace(prunekit_register_methods=prunekit.hookimpl(lambda register: register(SignalProbe)))
+PROBE = types.SimpleNamespace(prunekit_register_methods=prunekit.plugin.hookimpl(lambda register: register(SignalProbe)))
 
 
 def probe(model, row, *read):

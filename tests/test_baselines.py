@@ -27,7 +27,7 @@ def test_divprune_is_the_max_min_greedy(seed):
 def test_divprune_in_the_model_uses_the_projected_tokens(model, inputs):
     prunekit.build("divprune", model, keep_tokens=10)
     model(**inputs)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
     feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     for b in range(2):
@@ -76,7 +76,7 @@ def test_cdpruner_model_free_matches_its_kernel_rule():
 def test_cdpruner_in_the_model_reads_the_instruction(model, inputs):
     prunekit.build("cdpruner", model, keep_tokens=10)
     model(**inputs)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
     feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     embed = model.get_input_embeddings()
@@ -92,7 +92,7 @@ def test_fastv_keeps_the_top_k_of_eager_last_token_attention(deep_model, inputs)
     K, T = 3, 40
     prunekit.build("fastv", deep_model, keep_tokens=T, layer=K)
     deep_model(**inputs)
-    report = prunekit.inspect(deep_model)
+    report = prunekit.pruning_report(deep_model)
     prunekit.remove(deep_model)
     eager = _eager_copy(deep_model)
     out = eager(**inputs, output_attentions=True)
@@ -139,18 +139,18 @@ def test_pool_equals_adaptive_average_pooling_on_divisible_grids():
 def test_random_is_seeded_and_batch_invariant(model, inputs):
     prunekit.build("random", model, keep_tokens=10, seed=3)
     model(**inputs)
-    kept = prunekit.inspect(model).stages[0].kept
+    kept = prunekit.pruning_report(model).stages[0].kept
     assert kept[0].tolist() == kept[1].tolist()
     prunekit.build("random", model, keep_tokens=10, seed=4)
     model(**inputs)
-    assert prunekit.inspect(model).stages[0].kept[0].tolist() != kept[0].tolist()
+    assert prunekit.pruning_report(model).stages[0].kept[0].tolist() != kept[0].tolist()
 
 
 def test_merging_methods_report_merged_tokens(deep_model, inputs):
     for name in ("visionzip", "prumerge_plus", "pool", "sparsevlm"):
         prunekit.build(name, deep_model, keep_tokens=20)
         deep_model(**inputs)
-        report = prunekit.inspect(deep_model)
+        report = prunekit.pruning_report(deep_model)
         assert any(any(s.merged_counts) for s in report.stages), name
         assert "merged" in report.summary()
 
@@ -180,7 +180,7 @@ def test_more_tokens_than_present_is_an_error(model, inputs):
 def test_random_in_the_decoder_and_a_stray_layer(deep_model, inputs):
     prunekit.build("random", deep_model, keep_tokens=40, insertion_point="decoder_layer", layer=3)
     deep_model(**inputs)
-    assert prunekit.inspect(deep_model).stages[0].layer == 3
+    assert prunekit.pruning_report(deep_model).stages[0].layer == 3
     with pytest.raises(ValueError, match="insertion_point='decoder_layer'"):
         prunekit.build("random", deep_model, keep_tokens=40, layer=3)
 

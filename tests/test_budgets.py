@@ -88,7 +88,7 @@ def test_budget_meaning_rejects_unknown_values():
 
 def _decoder_flops(model, batch) -> int:
     """FLOPs measured by torch's counter inside the decoder layers of one forward pass."""
-    from prunekit.bench import count_flops
+    from prunekit.tools.bench import count_flops
 
     return count_flops(lambda: model(**batch), {"decoder": lambda name: re.search(r"language_model\.layers\.\d+$", name)
                                                   is not None})["decoder"]
@@ -106,7 +106,7 @@ def test_report_flops_equal_the_measured_decoder_flops():
             pruned = _decoder_flops(model, batch)
     finally:
         model.set_attn_implementation("sdpa")
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     assert_pruned(model)
     assert report.prefill_flops_unpruned == [unpruned]
     assert report.prefill_flops == [pruned] and pruned < unpruned
@@ -117,7 +117,7 @@ def test_report_shows_budget_layer_average_and_flops_side_by_side():
     prunekit.build("fastv", model, keep_tokens=3, layer=1)
     with torch.no_grad():
         model(**rows[0])
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     assert_pruned(model)
     n = report.visual_tokens[0]
     assert report.budget == [3.0] and report.budget_meaning == "nominal"
@@ -135,6 +135,6 @@ def test_a_schedule_is_reported_as_a_schedule():
     prunekit.build("fastv", model, schedule=[3], layer=1)
     with torch.no_grad():
         model(**rows[0])
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     assert_pruned(model)
     assert report.budget == [None] and report.budget_meaning == "schedule"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit import bundled
-from prunekit.data import COLORS, SHAPES, ShapesVQA
+from prunekit.tools import bundled
+from prunekit.tools.data import COLORS, SHAPES, ShapesVQA
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 import prunekit
-from prunekit import bundled
-from prunekit import evaluation as ev
-from prunekit.data import ShapesVQA
+from prunekit.tools import bundled
+from prunekit.tools import evaluation as ev
+from prunekit.tools.data import ShapesVQA
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_pruning_hurts_measurably_and_tops_keeps_more_than_random(shipped):
 
 
 def test_demo_answers_with_and_without_pruning_and_saves_the_picture(tmp_path, capsys):
-    from prunekit.cli import main
+    from prunekit.tools.cli import main
 
     picture = tmp_path / "kept.png"
     assert main(["demo", "--repeats", "1", "--picture", str(picture)]) == 0
@@ -68,7 +68,7 @@ def test_demo_answers_with_and_without_pruning_and_saves_the_picture(tmp_path, c
 
 
 def test_eval_quick_on_the_bundled_model(tmp_path, capsys):
-    from prunekit.cli import main
+    from prunekit.tools.cli import main
 
     assert main(["eval", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["results"]

@@ -1,4 +1,4 @@
-from prunekit.cli import main
+from prunekit.tools.cli import main
 
 
 def test_list_shows_every_method(capsys):
@@ -51,7 +51,7 @@ def test_bench_rejects_mismatched_sizes(capsys):
 def test_count_flops_is_exact_for_a_matmul():
     import torch
 
-    from prunekit.bench import count_flops
+    from prunekit.tools.bench import count_flops
 
     a, b = torch.randn(3, 5), torch.randn(5, 7)
     assert count_flops(lambda: a @ b, {})["total"] == 2 * 3 * 5 * 7
@@ -60,7 +60,7 @@ def test_count_flops_is_exact_for_a_matmul():
 def test_peak_memory_follows_tensor_allocations():
     import torch
 
-    from prunekit.bench import peak_memory_mib
+    from prunekit.tools.bench import peak_memory_mib
 
     def work():
         a = torch.ones(1024, 1024)  # 4 MiB

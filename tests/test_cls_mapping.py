@@ -6,7 +6,7 @@ import types
 import torch
 
 import prunekit
-from prunekit import Method, Stage, hookimpl
+from prunekit.plugin import Method, Stage, hookimpl
 from prunekit.config import MethodConfig
 from prunekit.registry import registry
 from prunekit.testing import registered

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import Method, Stage, hookimpl
+from prunekit.plugin import Method, Stage, hookimpl
 from prunekit import contracts as C
 from prunekit.api import is_patched
 from prunekit.config import MethodConfig

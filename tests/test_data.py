@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from prunekit.data import COLORS, QUESTION_TYPES, SHAPES, ShapesVQA, load_jsonl
-from prunekit.data.shapes import NUMBERS
+from prunekit.tools.data import COLORS, QUESTION_TYPES, SHAPES, ShapesVQA, load_jsonl
+from prunekit.tools.data.shapes import NUMBERS
 
 
 def test_samples_are_a_pure_function_of_seed_split_and_index():
@@ -60,7 +60,7 @@ def test_answers_are_true_to_the_scene_and_types_are_balanced():
 
 def test_most_patches_carry_no_object():
     """8-pixel patches (576 tokens at 192 px) that touch an object are a minority."""
-    from prunekit.data.shapes import SIZES
+    from prunekit.tools.data.shapes import SIZES
 
     for s in ShapesVQA("train", 20, seed=1):
         touched = set()

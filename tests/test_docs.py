@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import prunekit
-from prunekit import hookspecs, registry
+from prunekit import hookspecs
+from prunekit.plugin import registry
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE = (ROOT / "docs" / "plugins.md").read_text()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import bundled
-from prunekit import evaluation as ev
-from prunekit.data import ShapesVQA
+from prunekit.tools import bundled
+from prunekit.tools import evaluation as ev
+from prunekit.tools.data import ShapesVQA
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_both_position_modes_and_outputs(tiny, samples, tmp_path):
 
 
 def test_cli_eval_on_a_saved_model_and_a_jsonl_file(tiny_saved, samples, tmp_path, capsys):
-    from prunekit.cli import main
+    from prunekit.tools.cli import main
 
     lines = []
     for i, s in enumerate(samples[:4]):

@@ -56,7 +56,7 @@ def _kept(model, method, **options):
         prunekit.build(method, model, **options)
         try:
             model(**_kept.inputs)
-            return prunekit.inspect(model).stages[0].kept[0].tolist()
+            return prunekit.pruning_report(model).stages[0].kept[0].tolist()
         finally:
             prunekit.remove(model)
 

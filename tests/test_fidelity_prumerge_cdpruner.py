@@ -371,7 +371,7 @@ def test_cdpruner_in_the_model_equals_the_official_code_on_the_substitute_simila
     prunekit.build("cdpruner", model, keep_tokens=T)
     with torch.no_grad():
         model(**inputs)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output

@@ -308,7 +308,7 @@ def test_vispruner_in_the_model_equals_the_official_code(model, inputs, keep):
     them: ``output_attentions`` of ``select_layer``, clip_encoder.py L37-43)."""
     prunekit.build("vispruner", model, keep_tokens=keep)
     model(**inputs)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
     out = _eager_copy(model).model.vision_tower(inputs["pixel_values"], output_hidden_states=True,
                                                 output_attentions=True)

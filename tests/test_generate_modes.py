@@ -49,7 +49,7 @@ def test_beams_returned_sequences_and_sampling_equal_the_short_prompt(mode):
     prunekit.build("tops", model, **PRE_LLM)
     torch.manual_seed(0)
     out = model.generate(**row, **{**GEN, **mode})
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     kept = report.stages[0].kept
     assert len(kept) > 1 and all(torch.equal(k, kept[0]) for k in kept)
     assert report.stages[0].counts[0] < report.visual_tokens[0]
@@ -70,9 +70,9 @@ def test_beams_prune_every_repeated_row_as_its_prompt(name):
     inputs = batch_of(model, beam_rows(rows))
     prunekit.build("tops", model, keep_ratio=ratio(name), insertion_points=points_of(name))
     model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    greedy = prunekit.inspect(model)
+    greedy = prunekit.pruning_report(model)
     model.generate(**inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
-    beams = prunekit.inspect(model)
+    beams = prunekit.pruning_report(model)
     assert greedy.stages and len(beams.stages) == len(greedy.stages)
     for g, b in zip(greedy.stages, beams.stages):
         assert len(b.kept) == 2 * len(g.kept)
@@ -217,7 +217,7 @@ def test_inspect_reports_a_disabled_call():
     assert_pruned(model)
     with prunekit.disabled(model):
         model.generate(**rows[1], max_new_tokens=2, do_sample=False)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     assert not report.enabled and not report.stages and "disabled" in str(report)
     assert report.visual_tokens == [int((rows[1]["input_ids"] == model.config.image_token_id).sum())]
     prunekit.remove(model)

@@ -36,7 +36,7 @@ def sampling(model, inputs):
 def beams(model, inputs):
     model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     assert_pruned(model)
-    kept = prunekit.inspect(model).stages[0].kept
+    kept = prunekit.pruning_report(model).stages[0].kept
     assert all(torch.equal(kept[i], kept[i - i % 2]) for i in range(len(kept)))
 
 
@@ -107,7 +107,7 @@ def checkpointing(model, inputs):
     model.train()
     try:
         with torch.enable_grad():
-            in_llm = any(s.layer is not None for s in prunekit.inspect(model).stages) if prunekit.inspect(
+            in_llm = any(s.layer is not None for s in prunekit.pruning_report(model).stages) if prunekit.pruning_report(
                 model) else None
             if in_llm:
                 _refused("gradient checkpointing", lambda: model(**inputs))
@@ -157,7 +157,7 @@ def test_every_generation_mode_with_every_kind_of_method(deep, mode, kind):
     method, options = KINDS[kind]
     prunekit.build(method, model, **options)
     try:
-        model(**inputs)  # a first prefill, so inspect() knows the stages
+        model(**inputs)  # a first prefill, so pruning_report() knows the stages
         MODES[mode][0](model, inputs)
     finally:
         prunekit.remove(model)

@@ -20,7 +20,7 @@ def test_keep_all_is_bit_exact_and_remove_restores(model, inputs, points):
     ref = model(**inputs).logits
     prunekit.build("tops", model, keep_ratio=1.0, insertion_points=points)
     assert torch.equal(model(**inputs).logits, ref)
-    assert prunekit.inspect(model).layer_average == [64.0, 64.0]
+    assert prunekit.pruning_report(model).layer_average == [64.0, 64.0]
     prunekit.build("tops", model, keep_tokens=8 if "after_projector" in points else 40, insertion_points=points)
     assert not torch.equal(model(**inputs).logits[:, -1], ref[:, -1])  # pruning changes the answer's logits
     with prunekit.disabled(model):
@@ -56,7 +56,7 @@ def test_pruned_generate_equals_hand_built_sequence(model, inputs):
     T = 12
     prunekit.build("tops", model, keep_tokens=T, insertion_points=["after_projector"])
     out = model.generate(**inputs, **GEN)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
 
     embeds, feats = _scatter_embeds(model, inputs)
@@ -83,7 +83,7 @@ def test_in_llm_pruning_equals_manual_layer_loop(model, inputs, positions):
     """Both stages: the patched forward equals running the decoder layers by hand on the shortened rows."""
     prunekit.build("tops", model, keep_tokens=10, positions=positions)
     logits = model(**inputs).logits
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
 
     lm = model.model.language_model
@@ -141,13 +141,13 @@ def test_padded_batch_equals_rows_alone(model, inputs, points, positions):
     budget = 12 if "after_projector" in points else 40
     prunekit.build("tops", model, keep_tokens=budget, insertion_points=points, positions=positions)
     batch = model.generate(**inputs, **GEN)
-    kept_batch = [s.kept for s in prunekit.inspect(model).stages]
+    kept_batch = [s.kept for s in prunekit.pruning_report(model).stages]
     for b in range(2):
         alone = model.generate(**unpad_row(inputs, b), **GEN)
         assert batch.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
         for step_batch, step_alone in zip(batch.scores, alone.scores):
             torch.testing.assert_close(step_batch[b], step_alone[0], rtol=1e-4, atol=1e-4)
-        for stage_kept, stage in zip(kept_batch, prunekit.inspect(model).stages):
+        for stage_kept, stage in zip(kept_batch, prunekit.pruning_report(model).stages):
             assert stage_kept[b].tolist() == stage.kept[0].tolist()
 
 
@@ -163,7 +163,7 @@ def test_generate_keep_all_matches_unpatched(model, inputs):
 def test_report_counts_and_layer_average(model, inputs):
     prunekit.build("tops", model, keep_tokens=16)
     model(**inputs)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     assert report.visual_tokens == [64, 64]
     # No preset fits this tiny model: the paper's 2T -> T -> T/4 shape (its Tables 9-10), scaled so that the layer
     # average over 4 layers (p1=2, p2=3) comes as close to T as whole counts allow.
@@ -200,15 +200,15 @@ def test_text_only_input_prunes_nothing(model):
     prunekit.build("tops", model, keep_tokens=8)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GEN)
     assert torch.equal(out.sequences, ref.sequences)
-    assert prunekit.inspect(model).visual_tokens == [0]
-    assert prunekit.inspect(model).stages == []
+    assert prunekit.pruning_report(model).visual_tokens == [0]
+    assert prunekit.pruning_report(model).stages == []
 
 
 def test_build_replaces_an_existing_patch(model, inputs):
     prunekit.build("tops", model, keep_tokens=16)
     prunekit.build("tops", model, keep_tokens=8, insertion_points=["after_projector"])
     model(**inputs)
-    assert [s.counts for s in prunekit.inspect(model).stages] == [[8, 8]]
+    assert [s.counts for s in prunekit.pruning_report(model).stages] == [[8, 8]]
     n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     prunekit.remove(model)
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) < n_hooks
@@ -218,7 +218,7 @@ def test_build_accepts_a_config_object(model, inputs):
     cfg = prunekit.get_method("tops").Config(keep_tokens=8, insertion_points=["after_projector"])
     prunekit.build(cfg, model, keep_tokens=6)
     model(**inputs)
-    assert prunekit.inspect(model).stages[0].counts == [6, 6]
+    assert prunekit.pruning_report(model).stages[0].counts == [6, 6]
 
 
 def test_budget_larger_than_the_image_is_an_error(model, inputs):
@@ -286,13 +286,13 @@ def test_several_images_per_prompt(model):
     inputs = tiny_llava_inputs(model, images_per_row=2)
     prunekit.build("tops", model, keep_tokens=20)
     batch = model.generate(**inputs, **GEN)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     assert report.visual_tokens == [128, 128]
     assert abs(report.layer_average[0] - 20) <= 0.5
     for b in range(2):
         alone = model.generate(**unpad_row(inputs, b, images_per_row=2), **GEN)
         assert batch.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
-        assert prunekit.inspect(model).stages[0].kept[0].tolist() == report.stages[0].kept[b].tolist()
+        assert prunekit.pruning_report(model).stages[0].kept[0].tolist() == report.stages[0].kept[b].tolist()
 
 
 @pytest.mark.parametrize("positions", ["renumber", "original"])
@@ -323,7 +323,7 @@ def test_attention_received_relevance_with_a_budget_per_image():
     prunekit.build("tops", model, schedule=[5], insertion_points=["after_projector"], budget_per="image",
                    projector_relevance="attention_received")
     model(**row)
-    kept = prunekit.inspect(model).stages[0].kept[0]
+    kept = prunekit.pruning_report(model).stages[0].kept[0]
     per_image = model.config.vision_config.image_size // model.config.vision_config.patch_size
     assert [int((kept // per_image**2 == i).sum()) for i in range(2)] == [5, 5]
     prunekit.remove(model)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prunekit import bundled
+from prunekit.tools import bundled
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 needs_lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (pip install 'prunekit[lmms]'; "
@@ -39,7 +39,7 @@ def test_entry_point_is_registered_and_import_prunekit_leaves_it_alone():
 
 def _write_task(folder: Path) -> Path:
     """The task (YAML and functions from tests/lmms_eval_task) and its data: 12 shapes questions and their images."""
-    from prunekit.data import ShapesVQA
+    from prunekit.tools.data import ShapesVQA
 
     folder.mkdir()
     for name in ("prunekit_shapes.yaml", "utils.py"):
@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
     """Four lmms-eval runs at once (unpruned, TOPS from a saved folder, FastV, an unreachable budget) and
     ``prunekit eval`` on the same questions."""
     import prunekit
-    from prunekit.cli import main as prunekit_cli
+    from prunekit.tools.cli import main as prunekit_cli
 
     tmp = tmp_path_factory.mktemp("lmms")
     task = _write_task(tmp / "task")

@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from prunekit import compat
+from prunekit.tools import matrix as compat
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "adapters" / "overview.md"
 

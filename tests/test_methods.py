@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import registry
+from prunekit.plugin import registry
 from prunekit.budget import BudgetError
 from prunekit.testing import tiny_llava, tiny_llava_inputs
 from conftest import unpad_row
@@ -20,7 +20,7 @@ def test_keep_all_is_exact(deep_model, inputs, name):
     ref = deep_model(**inputs).logits
     prunekit.build(name, deep_model, keep_ratio=1.0)
     assert torch.equal(deep_model(**inputs).logits, ref)
-    report = prunekit.inspect(deep_model)
+    report = prunekit.pruning_report(deep_model)
     assert report.layer_average == [64.0, 64.0]
     assert all(c == [0, 0] for c in (s.merged_counts for s in report.stages))
     prunekit.remove(deep_model)
@@ -44,7 +44,7 @@ def test_generate_counts_batches_and_determinism(deep_model, inputs, name, keep_
         assert "out of reach" in str(err) or "minimum" in str(err)
         return
     assert deep_model.config._attn_implementation == "sdpa"
-    report = prunekit.inspect(deep_model)
+    report = prunekit.pruning_report(deep_model)
     assert report.stages, "the method pruned nothing"
     for avg in report.layer_average:
         assert abs(avg - keep_tokens) <= 1.0
@@ -58,7 +58,7 @@ def test_generate_counts_batches_and_determinism(deep_model, inputs, name, keep_
     for b in range(2):
         alone = deep_model.generate(**unpad_row(inputs, b), **GEN)
         assert out.sequences[b, -3:].tolist() == alone.sequences[0, -3:].tolist()
-        assert torch.equal(prunekit.inspect(deep_model).stages[0].kept[0], kept_first[b])
+        assert torch.equal(prunekit.pruning_report(deep_model).stages[0].kept[0], kept_first[b])
         for x, y in zip(out.scores, alone.scores):
             torch.testing.assert_close(x[b], y[0], rtol=1e-4, atol=1e-4)
 
@@ -67,7 +67,7 @@ def test_generate_counts_batches_and_determinism(deep_model, inputs, name, keep_
 def test_keep_ratio_budget(deep_model, inputs, name):
     prunekit.build(name, deep_model, keep_ratio=0.75, budget_meaning="layer_average")
     deep_model(**inputs)
-    assert all(abs(a - 48) <= 1.0 for a in prunekit.inspect(deep_model).layer_average)
+    assert all(abs(a - 48) <= 1.0 for a in prunekit.pruning_report(deep_model).layer_average)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -22,7 +22,7 @@ def test_pruned_prefill_and_decode_keep_original_mrope_positions(name):
     row = cls.tiny_rows(model)[1]  # two images
     prunekit.build("tops", model, keep_ratio=0.3, insertion_points=["after_projector"])
     out = model.generate(**row, **GEN)
-    kept = prunekit.inspect(model).stages[0].kept[0]
+    kept = prunekit.pruning_report(model).stages[0].kept[0]
     prunekit.remove(model)
 
     inner = model.model

@@ -18,7 +18,7 @@ def test_disk_offloaded_model_prunes_like_the_model_in_memory(tmp_path, method, 
     model.save_pretrained(tmp_path / "model")
     prunekit.build(method, model, keep_ratio=0.6)
     ref = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    kept_ref = [s.kept for s in prunekit.inspect(model).stages]
+    kept_ref = [s.kept for s in prunekit.pruning_report(model).stages]
 
     offloaded = LlavaForConditionalGeneration.from_pretrained(
         tmp_path / "model", device_map="auto", max_memory={"cpu": "150KB"}, offload_folder=str(tmp_path / "offload"),

@@ -39,7 +39,7 @@ def test_preset_is_found_from_a_saved_config(preset, tmp_path):
         assert [s.layer for s in stages] == list(spec["layers"])
     rows = adapter.tiny_rows(loaded)
     loaded.generate(**rows[-1], max_new_tokens=2, do_sample=False)  # the preset runs
-    assert prunekit.inspect(loaded).stages
+    assert prunekit.pruning_report(loaded).stages
 
 
 def test_unknown_preset_names_the_presets():
@@ -151,7 +151,7 @@ def _paper_sized(preset):
 @pytest.mark.parametrize("preset", sorted(PAPER))
 def test_presets_keep_the_papers_counts(preset):
     """Every (backbone, T) of the paper's Tables 9 and 10: the counts each stage keeps, read back with
-    prunekit.inspect after a forward of a tiny model of that depth fed the paper's number of visual tokens; and
+    prunekit.pruning_report after a forward of a tiny model of that depth fed the paper's number of visual tokens; and
     the layer average next to the nominal T (LLaVA-1.5-7B, T = 128: 152)."""
     table, layers, depth, tokens = PAPER[preset]
     model, inputs = _paper_sized(preset)
@@ -160,7 +160,7 @@ def test_presets_keep_the_papers_counts(preset):
     for T, counts in table.items():
         prunekit.build("tops", model, keep_tokens=T, **named)
         model(**inputs)
-        report = prunekit.inspect(model)
+        report = prunekit.pruning_report(model)
         n = report.visual_tokens[0]
         assert n == tokens and [s.layer for s in report.stages] == [None, *layers]
         if preset == "llava-video-7b":  # per frame: 3 frames of 169 tokens, the last also holds the newline

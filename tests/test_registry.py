@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import hookimpl, registry
+from prunekit.plugin import hookimpl, registry
 registry_module = sys.modules["prunekit.registry"]
 from prunekit.registry import Registry, RegistryError
 from prunekit.testing import registered
@@ -82,7 +82,7 @@ def test_duplicate_name_names_both_plugins():
 
 
 def test_missing_name_is_an_error():
-    class Nameless(prunekit.Scorer):
+    class Nameless(prunekit.plugin.Scorer):
         def start(self, inputs):
             raise NotImplementedError
 

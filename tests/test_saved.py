@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import bundled
-from prunekit.data import ShapesVQA
+from prunekit.tools import bundled
+from prunekit.tools.data import ShapesVQA
 from prunekit.saved import FORMAT, read_block, saved_config
 from prunekit.testing import assert_pruned
 

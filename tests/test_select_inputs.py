@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 import prunekit
-from prunekit import Method, hookimpl, registry
+from prunekit.plugin import Method, hookimpl, registry
 from prunekit.config import MethodConfig
 from prunekit.testing import registered
 

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 import prunekit
-from prunekit import SelectionInput, registry
+from prunekit.plugin import SelectionInput, registry
 from prunekit_plugins.scorers.facility_location import fixed_point_bits
 
 PRINCIPLES = ["relevance", "coverage", "diversity"]
@@ -252,8 +252,8 @@ def test_tops_max_similarity_mib_streams_rows():
 
 def _peak_torch_bytes(fn):
     """``(peak, result)``: the most bytes torch's CPU allocator held at once during ``fn()``, above what it held before
-    (``prunekit.bench.peak_memory_mib``: the profiler's timeline of every tensor allocation and free)."""
-    from prunekit.bench import peak_memory_mib
+    (``prunekit.tools.bench.peak_memory_mib``: the profiler's timeline of every tensor allocation and free)."""
+    from prunekit.tools.bench import peak_memory_mib
 
     out = []
     peak = peak_memory_mib(lambda: out.append(fn()), torch.device("cpu"))

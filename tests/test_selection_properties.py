@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import prunekit
 from plugins_naive import naive_divprune, naive_scope, naive_visionzip
-from prunekit import SelectionInput, registry
+from prunekit.plugin import SelectionInput, registry
 from test_selection import naive_tops
 
 #: examples per test function (and per parametrised case); see the module docstring for the total

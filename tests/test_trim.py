@@ -143,7 +143,7 @@ def test_build_prunes_and_feeds_the_official_sequence(model, inputs, keep):
     the projector's output of [the selected vision features in sequence order, the mean of the others]."""
     prunekit.build("trim", model, keep_tokens=keep)
     received = _received(model, inputs, keep)
-    report = prunekit.inspect(model)
+    report = prunekit.pruning_report(model)
     prunekit.remove(model)
     n = report.visual_tokens[0]
     assert report.stages[0].point == "vision_features" and keep < n
@@ -164,7 +164,7 @@ def test_after_the_projector_the_mean_is_of_projected_tokens(model, inputs):
     keep = 12
     prunekit.build("trim", model, keep_tokens=keep, insertion_point="after_projector", mean_order="last_rest")
     received = _received(model, inputs, keep)
-    stage = prunekit.inspect(model).stages[0]
+    stage = prunekit.pruning_report(model).stages[0]
     prunekit.remove(model)
     assert stage.point == "after_projector" and stage.counts == [keep, keep] and stage.merged_counts == [1, 1]
     for b in range(2):

@@ -2,7 +2,7 @@
 
 import torch
 
-from prunekit import Scorer, ScorerRun, hookimpl
+from prunekit.plugin import Scorer, ScorerRun, hookimpl
 
 
 class _Run(ScorerRun):

@@ -167,9 +167,9 @@ class PruningWrapper:
         types = _lmms_types()
         out = []
         for request in requests:
-            before = prunekit.inspect(self.model) if self._prunekit_method else None
+            before = prunekit.pruning_report(self.model) if self._prunekit_method else None
             (result,) = super().generate_until([request])
-            report = prunekit.inspect(self.model) if self._prunekit_method else None
+            report = prunekit.pruning_report(self.model) if self._prunekit_method else None
             if report is None or report is before:  # no prefill with visual tokens in this request
                 out.append(result)
                 continue

@@ -392,7 +392,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         past = cache.get_seq_length() if cache is not None else 0
         if not self.enabled:
             self._gen = None
-            if visual is not None and past == 0:  # inspect() tells that this prefill ran unpruned
+            if visual is not None and past == 0:  # pruning_report() tells that this prefill ran unpruned
                 self._report = self._new_report(visual.sum(1).tolist(), C.LM_INPUTS_EMBEDS.get(kwargs),
                                                 self._input_mask(kwargs)[0], enabled=False)
             return None

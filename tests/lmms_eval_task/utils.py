@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from prunekit.evaluation import normalize_answer
+from prunekit.tools.evaluation import normalize_answer
 
 HERE = Path(__file__).parent
 

@@ -1,0 +1,64 @@
+"""DivPrune (CVPR'25, arXiv:2503.02175): the max-min diverse subset of the projected visual tokens.
+
+Distance is ``1 − cos``. The first token is the one whose nearest neighbour is farthest (scorer ``isolation``); each
+next token maximises its distance to the nearest chosen token (scorer ``diversity``): TOPS's greedy engine with one
+scorer and a seed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from prunekit.plugin import (
+    Method,
+    MethodConfig,
+    ModelSpec,
+    SelectionInput,
+    Stage,
+    StagePlan,
+    StrictModel,
+    hookimpl,
+    make_stages,
+    registry,
+)
+from prunekit_plugins.selectors.greedy import GreedySelector
+
+
+class DivPruneSelection(StrictModel):
+    def selector(self) -> GreedySelector:
+        return GreedySelector([(registry.get("scorers", "diversity")(), 1.0)], normalize="none",
+                              seed=registry.get("scorers", "isolation")())
+
+
+class DivPruneConfig(DivPruneSelection, MethodConfig):
+    insertion_point: Literal["after_projector", "vision_features"] = Field(
+        "after_projector", description="Diversity of the projected tokens (paper) or of the vision features."
+    )
+
+
+class DivPrune(Method):
+    name = "divprune"
+    Config = DivPruneConfig
+    SelectionConfig = DivPruneSelection
+    description = "Greedy max-min cosine-distance subset."
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        selector = self.config.selector()
+
+        def choose(ctx):
+            return ctx.select_grouped(None, selector.select)
+
+        plan = StagePlan(self.config.insertion_point, choose, label="divprune")
+        return make_stages(self.config, spec, [plan], method=self.name)
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: DivPruneSelection) -> Tensor:
+        return config.selector().select(SelectionInput(features), k)
+
+
+@hookimpl
+def prunekit_register_methods(register):
+    register(DivPrune)

@@ -1,0 +1,68 @@
+"""SCOPE (NeurIPS'25): greedy saliency × coverage on the vision features.
+
+Each step picks the token maximising ``coverage_gain(i) · cls_attention(i)^α``, where the coverage gain is the
+facility-location gain ``Σ_j max(0, sim(j, i) − m_j)`` of the cosine similarity (``m_j``: best similarity of ``j`` to the
+chosen set, never below 0: the official running maximum starts from zeros). It is TOPS's greedy engine with the
+shared scorers combined by product instead of a weighted sum.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from prunekit.plugin import (
+    Method,
+    MethodConfig,
+    ModelSpec,
+    SelectionInput,
+    Stage,
+    StagePlan,
+    StrictModel,
+    hookimpl,
+    make_stages,
+    registry,
+)
+from prunekit_plugins.selectors.greedy import GreedySelector
+
+
+class ScopeSelection(StrictModel):
+    alpha: float = Field(1.0, ge=0.0, description="α, exponent of the saliency ([CLS] attention).")
+
+    def selector(self) -> GreedySelector:
+        coverage = registry.get("scorers", "facility_location")(floor=0.0)  # SCOPE's running maximum starts at 0
+        saliency = registry.get("scorers", "relevance")()
+        return GreedySelector([(coverage, 1.0), (saliency, self.alpha)], combine="product", normalize="none")
+
+
+class ScopeConfig(ScopeSelection, MethodConfig):
+    pass
+
+
+class Scope(Method):
+    name = "scope"
+    Config = ScopeConfig
+    SelectionConfig = ScopeSelection
+    description = "Greedy coverage gain × [CLS]-attention saliency^α."
+    #: the official code selects in every crop alone, int(T / crops) tokens each (clip_encoder.py L120-129)
+    official_budget_per = "crop"
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        selector = self.config.selector()
+
+        def choose(ctx):
+            return ctx.select_grouped(ctx.relevance("cls_attention"), selector.select)
+
+        plan = StagePlan("vision_features", choose, label="scope", signals=("cls_attention",))
+        return make_stages(self.config, spec, [plan], method=self.name)
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: ScopeSelection) -> Tensor:
+        if relevance is None:
+            raise ValueError("scope needs the saliency ([CLS] attention): pass relevance=[B, N]")
+        return config.selector().select(SelectionInput(features, relevance), k)
+
+
+@hookimpl
+def prunekit_register_methods(register):
+    register(Scope)
