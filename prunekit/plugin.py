@@ -29,7 +29,7 @@ from .planning import StagePlan, check_layers, make_stages, scale_layers
 from .budget import StagePlacement, resolve_counts
 from .ops import cosine, minmax, take_rows, topk
 from .runtime.state import PerThread
-from .runtime.decoder import pad_left
+from .runtime.sequence import pad_left
 from .adapters import MethodHook, MultimodalAdapter, VisualHooks
 
 __all__ = [

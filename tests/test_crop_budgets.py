@@ -22,7 +22,7 @@ from prunekit.api import is_patched
 from prunekit.config import MethodConfig
 from prunekit.interfaces import Choice, StageContext
 from prunekit.registry import registry
-from prunekit.runtime.decoder import DecoderPruner
+from prunekit.runtime.stages import PER_TOKEN_SIGNALS
 from prunekit.testing import assert_pruned, batch_of, registered, tiny_adapter_model
 
 #: the methods whose official code budgets per crop
@@ -106,7 +106,7 @@ def alone(stage: Stage, seen: dict, b: int, idx: torch.Tensor, keep: int) -> Cho
     def signal(name, options):
         assert not options, f"{name}: the probe records default options only"
         rows = seen["signals"][name][b]
-        return [rows[idx] if name in DecoderPruner.PER_TOKEN_SIGNALS else rows]
+        return [rows[idx] if name in PER_TOKEN_SIGNALS else rows]
 
     ctx = StageContext(stage, [seen["features"][b][idx]], [keep], signal)
     out = stage.choose(ctx)[0]

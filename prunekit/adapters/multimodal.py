@@ -17,7 +17,9 @@ from torch import Tensor
 from prunekit.interfaces import ModelAdapter, ModelSpec, Stage
 from prunekit import contracts as C
 from prunekit.contracts import Contract
-from prunekit.runtime.decoder import BudgetUnits, DecoderPruner, ModelHooks, PruningError, brings_images
+from prunekit.errors import PruningError
+from prunekit.runtime.decoder import DecoderPruner
+from prunekit.runtime.hooks import BudgetUnits, ModelHooks, brings_images
 from prunekit.runtime.generate import GenerateGuard
 from prunekit.runtime.state import PerThread, ThreadStateMixin
 

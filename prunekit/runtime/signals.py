@@ -1,0 +1,152 @@
+"""The signals the runtime computes itself: at the language model's input (the instruction's embeddings and
+their similarity to the visual tokens) and between two decoder layers (attention of raters, keys, states,
+positions, layer inputs), for the rows a stage needs only. Vision-encoder signals are the adapter's
+(:meth:`ModelHooks.projector_signal`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import contracts as C
+from ..errors import PruningError
+from .attention import RATER_RULES, attention_rows, rows_of, select_raters
+from .hooks import ModelHooks
+from .sequence import Call
+
+__all__ = ["LAYER_SIGNALS", "text_after", "text_similarity", "pre_llm_signal", "layer_signal", "layer_input",
+           "layer_keys"]
+
+
+def text_after(vis: Tensor, valid: Tensor) -> Tensor:
+    """Positions of the (non-pad) text tokens after a sample's last visual token: its instruction."""
+    positions = torch.arange(valid.shape[0], device=valid.device)
+    last = int(vis.max()) if vis.numel() else -1
+    return positions[(positions > last) & valid]
+
+def text_similarity(embeds: Tensor, vis: Tensor, valid: Tensor) -> Tensor:
+    """Mean cosine similarity of each visual token's LLM-input embedding to the instruction's embeddings
+    (the text after the last visual token; all text when there is none after it)."""
+    text = text_after(vis, valid)
+    if text.numel() == 0:
+        other = valid.clone()
+        other[vis] = False
+        text = other.nonzero().squeeze(1)
+    if text.numel() == 0:
+        raise PruningError("'text_similarity' needs text tokens in the prompt")
+    v = torch.nn.functional.normalize(embeds[vis].float(), dim=-1)
+    t = torch.nn.functional.normalize(embeds[text].float(), dim=-1)
+    return (v @ t.T).mean(1)
+
+def pre_llm_signal(hooks: ModelHooks, name: str, options: dict, n_visual: list[int], embeds: Tensor,
+                   vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
+    """A signal at the language model's input (before the LLM): the instruction's embeddings and their similarity to
+    the visual tokens are read here; the rest (vision-encoder signals) come from the adapter's hooks."""
+    if name == "text_embeddings":
+        return [embeds[b, text_after(vis_pos[b], valid[b])] for b in range(embeds.shape[0])]
+    if name == "text_similarity":
+        return [text_similarity(embeds[b], vis_pos[b], valid[b]) for b in range(embeds.shape[0])]
+    return hooks.projector_signal(name, options, n_visual)
+
+#: signals inside the decoder and the options each takes (value -> allowed values)
+LAYER_SIGNALS = {
+    "text_attention": {"raters": RATER_RULES, "layer": ("previous", "next"), "per_rater": (False, True)},
+    "keys": {"tokens": ("visual", "text"), "rope": (False, True)},
+    "states": {"tokens": ("visual", "text"), "final_norm": (False, True)},
+    "positions": {"tokens": ("visual", "text")},
+    "text_states": {},
+    "layer_input": {"tokens": ("visual", "text"), "layer": ("first", "previous", "next"),
+                    "input_norm": (False, True)},
+}
+
+def layer_signal(call: Call, lm, layers, layer, j: int, name: str, options: dict, hidden_out: Tensor) -> list[Tensor]:
+    """A signal at the boundary between layer ``j`` (K-1) and ``j + 1`` (K, the first to see the pruned tokens).
+
+    ``text_attention``: attention of the raters (``raters=last_token|all_text``) to the visual tokens, mean over
+    heads, recomputed for the rater rows; by ``layer="previous"`` (K-1 on its input, as its forward computed it)
+    or ``"next"`` (K on its input, before K runs); mean over the raters, or ``per_rater=True``: one column per
+    rater, ``[n_visual, raters]`` (a method that picks raters by a rule of its own asks for all_text's columns).
+    ``keys``: K-1's keys of the visual or text tokens (``rope=True``: after the rotary embedding, heads side by
+    side). ``states``: K-1's output rows of the visual or text tokens (``final_norm=True``: through the language
+    model's final norm). ``positions``: where the visual or text tokens sit in the sequence, counted from its
+    first (non-padding) token. ``text_states``: K-1's output rows of the instruction. ``layer_input``: a
+    decoder layer's input rows of the visual tokens present at that layer or of the instruction, for the whole
+    prompt (never split per image): ``layer="first"`` (layer 0: the language model's input embeddings, with
+    every visual token it received), ``"previous"`` (K-1) or ``"next"`` (K); ``input_norm=True``: through that
+    layer's input norm."""
+    allowed = LAYER_SIGNALS.get(name)
+    if allowed is None:
+        raise PruningError(
+            f"signal {name!r} is not available inside the decoder (offered: {', '.join(LAYER_SIGNALS)})"
+        )
+    for key, value in options.items():
+        if key in allowed and value not in allowed[key]:
+            raise PruningError(f"signal {name!r}: {key} must be one of {list(allowed[key])}, got {value!r}")
+    if name == "text_attention" and "raters" not in options:
+        raise PruningError(f"signal 'text_attention' needs raters= one of {list(RATER_RULES)}")
+    hidden_in, mask, pos_emb = call.captured[j]
+    if name == "layer_input":
+        return layer_input(call, layers, j, options, hidden_in, hidden_out)
+    out = []
+    for b in range(hidden_in.shape[0]):
+        vis = call.vis_pos[b]
+        text = text_after(vis, call.valid[b])
+        rows = vis if options.get("tokens", "visual") == "visual" else text
+        if name == "text_states":
+            out.append(hidden_out[b, text])
+        elif name == "positions":  # counted from the row's first token (left padding does not count)
+            out.append(rows - int(call.valid[b].long().argmax()))
+        elif name == "states":
+            states = hidden_out[b, rows]
+            out.append(C.FINAL_NORM.get(lm)(states) if options.get("final_norm", False) else states)
+        elif name == "keys":
+            out.append(layer_keys(layer, hidden_in, pos_emb, b, rows, options.get("rope", False)))
+        else:
+            per_rater = options.get("per_rater", False)
+            if vis.numel() == 0 and not per_rater:
+                out.append(torch.zeros(0, device=hidden_in.device))
+                continue
+            raters = select_raters(options["raters"], text)
+            if vis.numel() == 0:
+                out.append(torch.zeros(0, raters.numel(), device=hidden_in.device))
+                continue
+            rater_layer, states = layer, hidden_in
+            if options.get("layer", "previous") == "next":
+                rater_layer, states = layers[j + 1], hidden_out
+            probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters)  # [H, R, L]
+            out.append(probs.mean(0)[:, vis].T if per_rater else probs.mean((0, 1))[vis])
+    return out
+
+def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hidden_out: Tensor) -> list[Tensor]:
+    """The ``layer_input`` signal (see :func:`layer_signal`), per sample."""
+    where = options.get("layer", "previous")
+    if where == "first":
+        states, vis_pos, valid = call.first_input
+        norm_layer = layers[0]
+    else:
+        vis_pos, valid = call.vis_pos, call.valid
+        states, norm_layer = (hidden_in, layers[j]) if where == "previous" else \
+            (hidden_out, layers[j + 1])
+    out = []
+    for b in range(states.shape[0]):
+        vis = vis_pos[b].to(states.device)
+        text = options.get("tokens", "visual") == "text"
+        rows = text_after(vis, valid[b].to(states.device)) if text else vis
+        x = states[b, rows]
+        out.append(C.INPUT_NORM.get(norm_layer)(x) if options.get("input_norm", False) else x)
+    return out
+
+def layer_keys(layer, hidden_in: Tensor, pos_emb, b: int, rows: Tensor, rope: bool) -> Tensor:
+    """Layer keys of ``rows`` of sample ``b``: ``[R, kv_heads * head_dim]`` (after the rotary embedding if
+    ``rope``)."""
+    attn = C.SELF_ATTENTION.get(layer)
+    keys = C.K_PROJ.get(attn)(C.INPUT_NORM.get(layer)(hidden_in[b, rows]))
+    if not rope:
+        return keys
+    head_dim = C.HEAD_DIM.get(attn)
+    k = keys.view(1, rows.numel(), -1, head_dim).transpose(1, 2)  # [1, kv_heads, R, hd]
+    if C.K_NORM.has(attn):
+        k = C.K_NORM.get(attn)(k.transpose(1, 2)).transpose(1, 2)
+    cos, sin = pos_emb
+    k = C.ATTENTION_ROTARY.get(attn)(k, rows_of(cos, b, rows), rows_of(sin, b, rows))
+    return k.transpose(1, 2).reshape(rows.numel(), -1)

@@ -1,0 +1,122 @@
+"""Running a method's stage on visual features, without a model: per sample or per budget unit (image, frame,
+crop), checking what the method returned (:func:`choose`), and writing replacement values back into a sequence
+(:func:`write_values`)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import PruningError
+from ..interfaces import Choice, Stage, StageContext
+from .hooks import BudgetUnits
+
+__all__ = ["PER_TOKEN_SIGNALS", "run_stage", "budgets", "write_values", "choose"]
+
+
+#: signals with one row per visual token of the stage (split per image / frame); others describe the prompt
+PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_similarity", "states",
+                               "positions", "attention_received", "cls_feature"})
+
+def run_stage(stage: Stage, feats: list[Tensor], n_orig: list[int], signal, grids=None, *,
+              units: list[BudgetUnits] | None = None, vis_orig: list[Tensor] | None = None,
+              budget_per: str = "prompt"):
+    """Run ``stage`` on every sample (``budget_per="prompt"``) or on every unit (image, video frame, crop) of
+    every sample, each unit alone (``units``; ``vis_orig``: per sample, the original visual index of each
+    token in ``feats``). Tokens of no unit (LLaVA-NeXT's row breaks under ``"crop"``) are kept as they
+    are, outside every budget. Returns kept, values, merged (see :func:`choose`) and, per sample, None or a
+    mask over the kept tokens of those kept as they are (their rows are never rewritten)."""
+    current = [f.shape[0] for f in feats]
+    if units is None:
+        ctx = StageContext(stage, feats, budgets(stage, n_orig, current), signal, grids=grids)
+        return (*choose(stage, ctx), [None] * len(feats))
+    pieces = []  # (sample, indices into its current visual tokens, unit size for its budget, grid)
+    for b, sample_units in enumerate(units):
+        unit = sample_units.ids.to(vis_orig[b].device)[vis_orig[b]]
+        sizes = sample_units.sizes
+        sample_grids = grids[b] if grids is not None and grids[b] is not None else None
+        if budget_per != "image":
+            sample_grids = None  # the grids are the images'; finer units have none
+        for u, size in enumerate(sizes):
+            grid = sample_grids[u] if sample_grids is not None and len(sample_grids) == len(sizes) else None
+            pieces.append((b, (unit == u).nonzero().squeeze(1), size, grid))
+    piece_feats = [feats[b][idx] for b, idx, _, _ in pieces]
+    keep = [min(f.shape[0], stage.keep(n)) for f, (_, _, n, _) in zip(piece_feats, pieces)]
+
+    def piece_signal(name: str, opts: dict) -> list[Tensor]:
+        whole = signal(name, opts)
+        per_token = name in PER_TOKEN_SIGNALS and opts.get("tokens", "visual") == "visual"
+        return [whole[b][idx] if per_token else whole[b] for b, idx, _, _ in pieces]
+
+    ctx = StageContext(stage, piece_feats, keep, piece_signal,
+                       grids=[[g] if g is not None else None for *_, g in pieces])
+    p_kept, p_values, p_merged = choose(stage, ctx)
+    kept, values, merged, as_is = [], [], [], []
+    for b, f in enumerate(feats):
+        mine = [i for i, p in enumerate(pieces) if p[0] == b]
+        outside = (units[b].ids.to(f.device)[vis_orig[b]] < 0).nonzero().squeeze(1)
+        k = torch.cat([pieces[i][1][p_kept[i]] for i in mine] + [outside])
+        order = k.argsort()
+        kept.append(k[order])
+        unchanged = outside.new_ones(outside.numel(), dtype=torch.bool)  # the tokens of no unit
+        merged.append(torch.cat([p_merged[i] for i in mine] + [~unchanged])[order])
+        fixed = torch.cat([unchanged.new_zeros(k.numel() - outside.numel()), unchanged])[order]
+        as_is.append(fixed if outside.numel() else None)
+        if all(p_values[i] is None for i in mine):
+            values.append(None)
+        else:  # tokens without values of their own keep their features; those outside every unit are not written
+            v = [p_values[i] if p_values[i] is not None else f[pieces[i][1][p_kept[i]]] for i in mine]
+            values.append(torch.cat(v + [f[outside]])[order])
+    return kept, values, merged, as_is
+
+def budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -> list[int]:
+    current = n_orig if current is None else current
+    return [min(c, stage.keep(n)) if n else 0 for n, c in zip(n_orig, current)]
+
+def write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list[Tensor | None],
+                  transform: Callable[[Tensor], Tensor] | None = None,
+                  as_is: list[Tensor | None] | None = None) -> Tensor | None:
+    """``x`` with each sample's kept visual rows set to the stage's values (``None`` when no value changes);
+    ``as_is[b]`` (aligned with the kept places) marks rows left as they are whatever the values say.
+
+    ``kept[b]`` lists the tokens in the order they fill the kept places (taken in sequence order): ascending for
+    tokens that stay in place; an ordered :class:`Choice` moves tokens (values, or the rows themselves)."""
+    moved = [bool((k[1:] < k[:-1]).any()) for k in kept]
+    if all(v is None for v in values) and not any(moved):
+        return None
+    out = x.clone()
+    for b, (k, v) in enumerate(zip(kept, values)):
+        places = rows[b][k.sort().values]
+        if v is not None:
+            if as_is is not None and as_is[b] is not None:
+                places, v = places[~as_is[b]], v[~as_is[b]]
+            out[b, places] = (v if transform is None else transform(v)).to(x.dtype)
+        elif moved[b]:  # already in the model's space: no transform
+            out[b, places] = x[b, rows[b][k]]
+    return out
+
+def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
+    """Run the stage; per sample: kept indices (ascending, or as an ordered Choice gives them: the order in which
+    they fill the kept places), replacement values (or None), merged flags."""
+    chosen = stage.choose(ctx)
+    where = stage.label or stage.point
+    if len(chosen) != ctx.batch_size:
+        raise PruningError(f"{where}: method returned {len(chosen)} rows for {ctx.batch_size}")
+    kept, values, merged = [], [], []
+    for b, (c, budget, f) in enumerate(zip(chosen, ctx.keep, ctx.features)):
+        c = c if isinstance(c, Choice) else Choice(c)
+        k = c.indices.to(device=f.device, dtype=torch.long).flatten()
+        if k.numel() != budget:
+            raise PruningError(f"{where}: method kept {k.numel()} tokens of sample {b}, budget {budget}")
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= f.shape[0] or k.unique().numel() != k.numel()):
+            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {b}")
+        k, order = (k, torch.arange(k.numel(), device=k.device)) if c.ordered else k.sort()
+        kept.append(k)
+        values.append(None if c.values is None else c.values.to(f.device)[order])
+        flags = torch.zeros(k.numel(), dtype=torch.bool, device=f.device)
+        if c.merged is not None:
+            flags = c.merged.to(device=f.device, dtype=torch.bool).flatten()[order]
+        merged.append(flags)
+    return kept, values, merged
