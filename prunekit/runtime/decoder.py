@@ -15,6 +15,9 @@ The adapter supplies only what is model-specific (:class:`~prunekit.runtime.hook
 the hooks and runs prefill and decode; the parts it calls each have a module of their own: ``sequence`` (the pruned
 sequence's state and the mapping of masks and positions), ``signals`` (signals computed in the decoder),
 ``stages`` (a stage run on features, without a model), ``attention`` (attention rows recomputed for raters).
+It stays one class of ~450 lines because its hooks share one per-call state: the prefill, the layer hooks and the
+decode steps read and write the same :class:`~prunekit.runtime.sequence.Call` and
+:class:`~prunekit.runtime.sequence.Generation`.
 """
 
 from __future__ import annotations

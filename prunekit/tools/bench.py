@@ -14,6 +14,10 @@ Two parts, both written to JSON and drawn as plots:
   projector, selection, lm head) is counted once, as measured.
 
 Random weights throughout: the timings of a forward pass do not depend on what the weights are.
+
+This module is the two benchmarks' measurement code (~500 lines, kept together: both share the model builders and
+a run reads top to bottom); its clocks and counters are in :mod:`.measure`, its tables and plots in
+:mod:`.bench_report`.
 """
 
 from __future__ import annotations
@@ -22,144 +26,20 @@ import contextlib
 import gc
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .bench_report import _fmt, check_targets, plots, tables
+from .measure import LayerClock, _StepClock, _progress, _say, _timed, count_flops, peak_memory_mib
+
 #: the paper's selection sizes: LLaVA-1.5 (576 → 256), LLaVA-NeXT (2,880 → 1,280), LLaVA-Video (64 × 169 → 4,096)
 SELECTION_SIZES = ((576, 256), (2880, 1280), (10816, 4096))
 DEFAULT_METHODS = ("tops", "visionzip", "fastv", "pdrop", "sparsevlm", "dart", "divprune", "scope", "cdpruner")
 DEFAULT_BUDGETS = (192, 128, 64)
 REAL_DECODER_LAYERS, REAL_VISION_LAYERS = 32, 24
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# small tools
-# ---------------------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1000.0
-
-
-class _StepClock:
-    """A logits processor that changes nothing and notes when each step's scores arrive: the time between two
-    steps is one decode step, measured directly (not as the difference of two runs, which noise can make
-    negative)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        _sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
-
-    def step_ms(self) -> float:
-        """Median time of one decode step (ms) over the last generate call's steps."""
-        steps = [(b - a) * 1000.0 for a, b in zip(self.stamps, self.stamps[1:])]
-        self.stamps = []
-        return statistics.median(steps)
-
-
-def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory that ``fn`` allocates above what was allocated before it (MiB).
-
-    CUDA: the caching allocator's peak. CPU: the profiler's memory timeline (every tensor allocation and free,
-    in order), so the figure does not depend on what the C allocator keeps or returns to the system."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak / 2**20
-
-
-class LayerClock:
-    """Wall time spent inside a set of modules (e.g. decoder layers), per call of an outer module.
-
-    The pre-hook is appended and the post-hook prepended, so work that other hooks on the same modules do (such
-    as prunekit's pruning at a layer boundary) is not counted as layer time."""
-
-    def __init__(self, modules: Sequence[torch.nn.Module], device: torch.device) -> None:
-        self.device = device
-        self.total = 0.0
-        self._start = 0.0
-        self._handles = []
-        for m in modules:
-            self._handles.append(m.register_forward_pre_hook(self._pre))
-            self._handles.append(m.register_forward_hook(self._post, prepend=True))
-
-    def _pre(self, module, args):
-        _sync(self.device)
-        self._start = time.perf_counter()
-
-    def _post(self, module, args, output):
-        _sync(self.device)
-        self.total += (time.perf_counter() - self._start) * 1000.0
-
-    def reset(self) -> None:
-        self.total = 0.0
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-def count_flops(fn: Callable[[], Any], groups: dict[str, Callable[[str], bool]]) -> dict[str, int]:
-    """Exact FLOPs of ``fn`` (matmuls, convolutions, attention), in total and per group of module names."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    out = {"total": int(counter.get_total_flops())}
-    per_module = counter.get_flop_counts()
-    for name, match in groups.items():
-        out[name] = int(sum(sum(ops.values()) for mod, ops in per_module.items() if match(mod)))
-    return out
-
-
-def _progress(items, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def _say(message: str, progress: bool) -> None:
-    """One finished measurement: written above the progress bar, or plainly when there is none."""
-    from tqdm.auto import tqdm
-
-    if progress:
-        tqdm.write(message)
-    else:
-        print(message, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -551,137 +431,6 @@ def model_benchmark(
     del model
     gc.collect()
     return setting, rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# targets, tables, plots
-# ---------------------------------------------------------------------------------------------------------------
-def _short(model: str) -> str:
-    return model.split(",")[0].split(" (")[0]
-
-
-def check_targets(selection: Sequence[SelectionRow], models: Sequence[ModelRow]) -> list[dict]:
-    """The performance targets (docs/performance.md) as measured ratios: ``ok`` is None where the run did not measure it."""
-    out = []
-    for row in selection:
-        limit = 0.02 if row.n <= 2880 else 0.05
-        value = row.fraction_of_prefill
-        out.append({"target": f"TOPS selection <= {limit:.0%} of unpruned prefill, N={row.n}",
-                    "value": value, "ok": None if value is None else value <= limit})
-    by = {(r.model, r.method, r.keep_tokens): r for r in models if r.error is None}
-    for (model, method, t), row in by.items():
-        if method == "tops" and (model, "visionzip", t) in by:
-            vz = by[(model, "visionzip", t)]
-            # each against its own interleaved unpruned baseline, so that drift between the two runs cancels
-            ratio = vz.speedup / row.speedup
-            out.append({"target": f"{_short(model)}: TOPS prefill <= VisionZip + 5%, T={t}", "value": ratio,
-                        "ok": ratio <= 1.05})
-    for row in models:
-        if row.error is None and row.efficiency is not None and row.method != "oracle":
-            out.append({"target": f"{_short(row.model)}: {row.method} T={row.keep_tokens}: speed-up >= 90% of "
-                                  "FLOP ideal", "value": row.efficiency, "ok": row.efficiency >= 0.9})
-    base = {r.model: r for r in models if r.method == "unpruned"}
-    for row in models:
-        if row.error is None and row.method != "unpruned" and row.peak_mib is not None:
-            ref = base[row.model].peak_mib
-            if ref is not None and ref > 0:
-                out.append({"target": f"{_short(row.model)}: {row.method} T={row.keep_tokens}: peak memory <= "
-                                      "unpruned",
-                            "value": row.peak_mib / ref, "ok": row.peak_mib <= ref})
-    return out
-
-
-def _fmt(x, spec: str = ".1f") -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def tables(selection: Sequence[SelectionRow], models: Sequence[ModelRow], targets: Sequence[dict]) -> str:
-    lines = []
-    if selection:
-        lines += ["| N | K | incremental (ms) | naive (ms) | speed-up | same selection | unpruned prefill, 32 layers "
-                  "(ms) | selection / prefill |", "|---|---|---|---|---|---|---|---|"]
-        for r in selection:
-            naive = _fmt(r.naive_ms, ".0f") + (" (extrapolated)" if r.naive_extrapolated else "")
-            same = "—" if r.identical is None else ("yes" if r.identical else "NO")
-            lines.append(f"| {r.n} | {r.k} | {r.fast_ms:.1f} | {naive} | {r.speedup:.1f}x | {same} | "
-                         f"{_fmt(r.prefill_ms_32_layers, '.0f')} | {_pct(r.fraction_of_prefill)} |")
-        lines.append("")
-    if models:
-        meaning = next((r.budget_meaning for r in models if r.method not in ("unpruned", "oracle")), "nominal")
-        lines += [f"| model | method | T ({meaning}) | tokens (layer avg) | prefill ms (scaled) | decode ms/token (scaled) | "
-                  "peak MiB | TFLOPs (scaled) | speed-up | FLOP ideal | speed-up / ideal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in models:
-            if r.error is not None:
-                lines.append(f"| {r.model} | {r.method} | {r.keep_tokens} | not run: {r.error} |||||||")
-                continue
-            lines.append(
-                f"| {r.model} | {r.method} | {_fmt(r.keep_tokens, 'd')} | {_fmt(r.tokens_layer_average)} | "
-                f"{_fmt(r.prefill_ms, '.0f')} ({r.prefill_ms_scaled:.0f}) | {_fmt(r.decode_ms)} ({_fmt(r.decode_ms_scaled)}) | "
-                f"{_fmt(r.peak_mib)} | {r.flops / 1e12:.3f} ({r.flops_scaled / 1e12:.2f}) | "
-                f"{_fmt(r.speedup, '.2f')} | {_fmt(r.ideal_speedup, '.2f')} | {_fmt(r.efficiency, '.2f')} |")
-        lines.append("")
-    if targets:
-        lines += ["| target | measured | met |", "|---|---|---|"]
-        for t in targets:
-            met = "—" if t["ok"] is None else ("yes" if t["ok"] else "**no**")
-            lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {met} |")
-    return "\n".join(lines)
-
-
-def plots(selection: Sequence[SelectionRow], models: Sequence[ModelRow], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    if selection:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ns = [r.n for r in selection]
-        ax.loglog(ns, [r.fast_ms for r in selection], "o-", label="TOPS, incremental (exact)")
-        ax.loglog(ns, [r.naive_ms for r in selection], "s--", label="TOPS, naive loop")
-        if all(r.prefill_ms_32_layers for r in selection):
-            ax.loglog(ns, [r.prefill_ms_32_layers for r in selection], "k:", label="unpruned prefill, 7B width")
-        ax.set_xlabel("visual tokens N (K = 256 / 1,280 / 4,096)")
-        ax.set_ylabel("time (ms)")
-        ax.set_title(f"Selection time ({selection[0].device})")
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        written.append(out / "selection_time.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    for model in dict.fromkeys(r.model for r in models):
-        rows = [r for r in models if r.model == model and r.error is None and r.method not in ("unpruned", "oracle")]
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in dict.fromkeys(r.method for r in rows):
-            pts = sorted((r.keep_tokens, r.speedup) for r in rows if r.method == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-        oracle = sorted((r.keep_tokens, r.speedup) for r in models if r.model == model and r.method == "oracle"
-                        and r.error is None)
-        if oracle:
-            ax.plot([p[0] for p in oracle], [p[1] for p in oracle], "k--", label="unpatched model on T tokens")
-        tops = sorted((r.keep_tokens, r.ideal_speedup) for r in rows if r.method == "tops")
-        if tops:
-            ax.plot([p[0] for p in tops], [p[1] for p in tops], "k:", label="FLOP ideal (TOPS)")
-        ax.set_xlabel("retained visual tokens T (layer average)")
-        ax.set_ylabel("prefill speed-up vs unpruned")
-        ax.set_title(model, fontsize=8)
-        ax.legend(fontsize=7)
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        slug = "".join(c if c.isalnum() else "_" for c in model.split(",")[0].lower()).strip("_")
-        written.append(out / f"speedup_{slug}.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
 
 
 def environment(device: str | torch.device) -> dict:
