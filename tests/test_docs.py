@@ -1,5 +1,6 @@
 import importlib
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,20 @@ def test_compatibility_page_lists_every_contract():
     table = page.split("<!-- contracts:start -->\n")[1].split("<!-- contracts:end -->")[0]
     assert table == contracts.describe(), "docs/compatibility.md is out of date: paste the table `prunekit contracts` prints"
     assert contracts.SUPPORTED in page and contracts.OLDEST in page
+
+
+def test_writing_a_plugin_guide_runs():
+    """The guide's Python blocks, run in order in one namespace: they use only the public API and still work."""
+    page = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.S | re.M)
+    assert len(blocks) >= 4
+    for block in blocks:
+        imported = {m for m in re.findall(r"^\s*(?:from|import) (prunekit[\w.]*)", block, flags=re.M)}
+        assert imported <= {"prunekit", "prunekit.plugin", "prunekit.testing"}, imported
+    namespace: dict = {"__name__": "writing_a_plugin"}
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/writing-a-plugin.md", "exec"), namespace)
+    finally:
+        registry.reset()
+    assert "feature_norm" not in prunekit.list_scorers() and "norm_topk" not in prunekit.list_methods()
