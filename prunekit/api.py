@@ -17,26 +17,34 @@ from .report import PruningReport
 
 
 def list_methods(pattern: str | None = None) -> list[str]:
+    """The registered methods' names, sorted; ``pattern`` (shell-style, e.g. ``"d*"``) keeps the names it matches."""
     return registry.names("methods", pattern)
 
 
 def list_scorers(pattern: str | None = None) -> list[str]:
+    """The registered scorers' names, sorted; ``pattern`` (shell-style, e.g. ``"d*"``) keeps the names it matches."""
     return registry.names("scorers", pattern)
 
 
 def list_selectors(pattern: str | None = None) -> list[str]:
+    """The registered selectors' names, sorted; ``pattern`` (shell-style, e.g. ``"d*"``) keeps the names it matches."""
     return registry.names("selectors", pattern)
 
 
 def list_adapters(pattern: str | None = None) -> list[str]:
+    """The registered model adapters' names, sorted; ``pattern`` (shell-style, e.g. ``"d*"``) keeps the names it matches."""
     return registry.names("adapters", pattern)
 
 
 def list_insertion_points(pattern: str | None = None) -> list[str]:
+    """The registered insertion points' names, sorted; ``pattern`` (shell-style, e.g. ``"d*"``) keeps the names it matches."""
     return registry.names("insertion_points", pattern)
 
 
 def adapter_for(model: Any) -> ModelAdapter:
+    """The registered adapter that handles ``model``'s class, built on ``model`` (nothing is patched).
+
+    Raises :class:`~prunekit.UnsupportedModelError`, listing the supported classes, when no adapter does."""
     classes = registry.classes("adapters")
     for cls in classes:
         if cls.supports(model):
@@ -113,6 +121,7 @@ def build(method: str | MethodConfig | Any, model: Any = None, **overrides: Any)
 
 
 def is_patched(model: Any) -> bool:
+    """Whether ``model`` carries a prunekit patch (from :func:`build`, until :func:`remove`)."""
     return _patch(model) is not None
 
 

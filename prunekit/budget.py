@@ -16,6 +16,8 @@ from .errors import BudgetError
 
 @dataclass(frozen=True)
 class StagePlacement:
+    """Where a stage's count applies and its relative size, for :func:`resolve_counts`."""
+
     first_layer: int  # first decoder layer that sees this stage's count (0 for before the LLM)
     shape: float  # relative size of this stage's count
 

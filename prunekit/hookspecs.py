@@ -17,7 +17,9 @@ from typing import Callable
 
 import pluggy
 
+#: marks the hook specifications below (prunekit's own; a plugin does not need it)
 hookspec = pluggy.HookspecMarker("prunekit")
+#: decorates a plugin's ``prunekit_register_*`` functions
 hookimpl = pluggy.HookimplMarker("prunekit")
 
 

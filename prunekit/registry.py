@@ -136,4 +136,6 @@ class Registry:
         return [e.cls for _, e in sorted(self._load()[kind].items())]
 
 
+#: the process-wide plugin registry: ``registry.names(kind)``, ``registry.get(kind, name)``, ``registry.entry(kind,
+#: name)`` (kind: "scorers", "selectors", "insertion_points", "methods" or "adapters"); loads the entry points once
 registry = Registry()

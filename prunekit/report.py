@@ -11,6 +11,8 @@ from .flops import LayerCost, prefill_flops
 
 @dataclass
 class StageRecord:
+    """What one stage of the last prefill kept: per sample, the kept tokens' indices and which of them are merges."""
+
     label: str
     point: str
     layer: int | None  # first decoder layer that sees the pruned sequence; None before the LLM
@@ -21,6 +23,7 @@ class StageRecord:
 
     @property
     def counts(self) -> list[int]:
+        """Per sample, how many tokens this stage kept."""
         return [int(k.numel()) for k in self.kept]
 
     @property
@@ -31,6 +34,11 @@ class StageRecord:
 
 @dataclass
 class PruningReport:
+    """What the last prefill of a patched model pruned: the visual tokens per sample, each stage's kept tokens, the
+    budget and its meaning, and the counts (per layer, layer-averaged) and prefill FLOPs derived from them.
+
+    Returned by :func:`prunekit.pruning_report`; ``summary()`` is a readable account, ``as_dict()`` the numbers."""
+
     method: str
     num_layers: int
     visual_tokens: list[int]  # per sample, before pruning
@@ -96,6 +104,7 @@ class PruningReport:
         }
 
     def summary(self) -> str:
+        """A readable account of the report: budget, counts per stage, layer average, FLOPs."""
         lines = [f"method {self.method}: visual tokens per sample {self.visual_tokens}"]
         if self.budget and any(b is not None for b in self.budget):
             budget = ", ".join("-" if b is None else f"{b:g}" for b in self.budget)
