@@ -449,6 +449,12 @@ class Method(ABC):
     def plan(self, spec: ModelSpec) -> list[Stage]:
         ...
 
+    def budget_per(self, spec: ModelSpec) -> str:
+        """The budget unit this method asks for on the model ``spec`` describes: ``config.budget_per`` (``"auto"``
+        is resolved by ``build`` against the adapter's units). A method whose own settings choose a unit (a TOPS
+        preset's) overrides this: configs are frozen, so the choice is returned, never written into the config."""
+        return self.config.budget_per
+
     @classmethod
     def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: Any) -> Tensor:
         raise NotImplementedError(f"method {cls.name!r} needs a model to select tokens; use prunekit.build")

@@ -237,6 +237,13 @@ class Tops(Method):
                 return preset
         return None
 
+    def budget_per(self, spec: ModelSpec) -> str:
+        """A preset's budget unit (LLaVA-Video: per frame) applies unless the user set ``budget_per``."""
+        preset = self._preset(spec)
+        if preset is not None and "budget_per" in preset and "budget_per" not in self.config.model_fields_set:
+            return preset["budget_per"]
+        return self.config.budget_per
+
     def _layers(self, spec: ModelSpec, preset: dict | None) -> tuple[int, int]:
         if self.config.layers is not None:
             layers = self.config.layers
@@ -266,11 +273,9 @@ class Tops(Method):
         cfg = self.config
         preset = self._preset(spec)
         insertion_points = cfg.insertion_points
-        if preset is not None:  # a preset's stages and budget unit apply unless the user set them
-            if "insertion_points" in preset and "insertion_points" not in cfg.model_fields_set:
-                insertion_points = preset["insertion_points"]
-            if "budget_per" in preset and "budget_per" not in cfg.model_fields_set:
-                cfg.budget_per = preset["budget_per"]
+        # a preset's stages apply unless the user set them (its budget unit: see budget_per)
+        if preset is not None and "insertion_points" in preset and "insertion_points" not in cfg.model_fields_set:
+            insertion_points = preset["insertion_points"]
         points: list[tuple[str, int | None, str, str]] = []  # point, layer, stage key, label
         if "after_projector" in insertion_points:
             points.append(("after_projector", None, "after_projector", "stage I"))
