@@ -281,10 +281,12 @@ class Selector(ABC):
 # Model side
 # ---------------------------------------------------------------------------------------------------------
 class InsertionPoint(ABC):
-    """A kind of place in a multimodal model where visual tokens can be pruned.
+    """A kind of place in a multimodal model where visual tokens can be pruned: its name, what a stage there sees
+    and the signals computed there.
 
-    An adapter declares which insertion points it implements; a method's stages name them. ``signals`` are the
-    relevance signals an adapter may offer there (see :meth:`StageContext.relevance`).
+    The three points are defined by the library (:mod:`prunekit.insertion_points`), not registered by plugins: each
+    describes what the runtime implements. An adapter declares which of them it offers; a method's stages name
+    them. ``signals`` are the relevance signals an adapter may offer there (see :meth:`StageContext.relevance`).
     """
 
     name: ClassVar[str]
