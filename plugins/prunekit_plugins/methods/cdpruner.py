@@ -29,7 +29,6 @@ from prunekit.plugin import (
     registered_name,
     registry,
 )
-from prunekit_plugins.selectors.dpp import DppSelector
 
 
 class CDPrunerSelection(StrictModel):
@@ -59,7 +58,8 @@ class CDPrunerSelection(StrictModel):
         return r if self.theta is None else torch.exp(self.theta / (2 * (1 - self.theta)) * r)
 
     def select(self, inputs: SelectionInput, k: int) -> Tensor:
-        return DppSelector().select(SelectionInput(inputs.features, self.relevance(inputs)), k)
+        dpp = registry.get("selectors", "dpp")()
+        return dpp.select(SelectionInput(inputs.features, self.relevance(inputs)), k)
 
 
 class CDPrunerConfig(CDPrunerSelection, MethodConfig):

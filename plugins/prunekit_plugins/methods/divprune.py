@@ -17,6 +17,7 @@ from prunekit.plugin import (
     MethodConfig,
     ModelSpec,
     SelectionInput,
+    Selector,
     Stage,
     StagePlan,
     StrictModel,
@@ -24,13 +25,13 @@ from prunekit.plugin import (
     make_stages,
     registry,
 )
-from prunekit_plugins.selectors.greedy import GreedySelector
 
 
 class DivPruneSelection(StrictModel):
-    def selector(self) -> GreedySelector:
-        return GreedySelector([(registry.get("scorers", "diversity")(), 1.0)], normalize="none",
-                              seed=registry.get("scorers", "isolation")())
+    def selector(self) -> Selector:
+        """The registered ``greedy`` selector on the ``diversity`` scorer alone, seeded by ``isolation``."""
+        return registry.get("selectors", "greedy")([(registry.get("scorers", "diversity")(), 1.0)], normalize="none",
+                                                   seed=registry.get("scorers", "isolation")())
 
 
 class DivPruneConfig(DivPruneSelection, MethodConfig):

@@ -16,6 +16,7 @@ from prunekit.plugin import (
     MethodConfig,
     ModelSpec,
     SelectionInput,
+    Selector,
     Stage,
     StagePlan,
     StrictModel,
@@ -23,16 +24,17 @@ from prunekit.plugin import (
     make_stages,
     registry,
 )
-from prunekit_plugins.selectors.greedy import GreedySelector
 
 
 class ScopeSelection(StrictModel):
     alpha: float = Field(1.0, ge=0.0, description="α, exponent of the saliency ([CLS] attention).")
 
-    def selector(self) -> GreedySelector:
+    def selector(self) -> Selector:
+        """The registered ``greedy`` selector, coverage gain × saliency^α."""
         coverage = registry.get("scorers", "facility_location")(floor=0.0)  # SCOPE's running maximum starts at 0
         saliency = registry.get("scorers", "relevance")()
-        return GreedySelector([(coverage, 1.0), (saliency, self.alpha)], combine="product", normalize="none")
+        return registry.get("selectors", "greedy")([(coverage, 1.0), (saliency, self.alpha)], combine="product",
+                                                   normalize="none")
 
 
 class ScopeConfig(ScopeSelection, MethodConfig):

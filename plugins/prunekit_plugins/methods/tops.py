@@ -30,11 +30,11 @@ from prunekit.plugin import (
     StagePlacement,
     StrictModel,
     hookimpl,
+    Selector,
     registered_name,
     registry,
     resolve_counts,
 )
-from prunekit_plugins.selectors.greedy import GreedySelector
 from prunekit_plugins.methods.common import rater_attention, rater_signals
 
 Principle = Literal["relevance", "coverage", "diversity"]
@@ -148,7 +148,8 @@ class TopsSelection(StrictModel):
     def _registered(cls, v):
         return registered_name("scorers", v)
 
-    def selector(self, diversity_weight: float | None = None, coverage_weight: float | None = None) -> GreedySelector:
+    def selector(self, diversity_weight: float | None = None, coverage_weight: float | None = None) -> Selector:
+        """The registered ``greedy`` selector over this selection's scorers (α and λ: these, or the fields)."""
         alpha = self.diversity_weight if diversity_weight is None else diversity_weight
         lam = self.coverage_weight if coverage_weight is None else coverage_weight
         scorer = lambda field: registry.get("scorers", getattr(self, field))()  # noqa: E731
@@ -161,7 +162,8 @@ class TopsSelection(StrictModel):
         if "coverage" in self.principles:
             terms.append((scorer("coverage_scorer"), lam))
         limit = None if self.max_similarity_mib is None else int(self.max_similarity_mib * 2**20)
-        return GreedySelector(terms, combine="sum", normalize=self.normalize, seed=seed, max_similarity_bytes=limit)
+        return registry.get("selectors", "greedy")(terms, combine="sum", normalize=self.normalize, seed=seed,
+                                                   max_similarity_bytes=limit)
 
     @property
     def needs_relevance(self) -> bool:
@@ -332,7 +334,7 @@ class Tops(Method):
             ))
         return stages
 
-    def _chooser(self, selector: GreedySelector, relevance_of: Callable[[StageContext], list[Tensor]]):
+    def _chooser(self, selector: Selector, relevance_of: Callable[[StageContext], list[Tensor]]):
         needs_relevance = self.config.needs_relevance
 
         def choose(ctx: StageContext) -> list[Tensor]:
