@@ -48,21 +48,16 @@ class Scope(Method):
     description = "Greedy coverage gain × [CLS]-attention saliency^α."
     #: the official code selects in every crop alone, int(T / crops) tokens each (clip_encoder.py L120-129)
     official_budget_per = "crop"
-
-    def plan(self, spec: ModelSpec) -> list[Stage]:
-        selector = self.config.selector()
-
-        def choose(ctx):
-            return ctx.select_grouped(ctx.relevance("cls_attention"), selector.select)
-
-        plan = StagePlan("vision_features", choose, label="scope", signals=("cls_attention",))
-        return make_stages(self.config, spec, [plan], method=self.name)
+    relevance_input = "the saliency ([CLS] attention)"
 
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: ScopeSelection) -> Tensor:
-        if relevance is None:
-            raise ValueError("scope needs the saliency ([CLS] attention): pass relevance=[B, N]")
-        return config.selector().select(SelectionInput(features, relevance), k)
+    def batch_rule(cls, inputs: SelectionInput, k: int, config: ScopeSelection) -> Tensor:
+        return config.selector().select(inputs, k)
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        choose = self.chooser(lambda ctx: ctx.relevance("cls_attention"))
+        plan = StagePlan("vision_features", choose, label="scope", signals=("cls_attention",))
+        return make_stages(self.config, spec, [plan], method=self.name)
 
 
 @hookimpl
