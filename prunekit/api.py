@@ -62,11 +62,11 @@ _NO_UNIT = {
 }
 
 
-def budget_unit(cls: type[Method], config: MethodConfig, adapter: ModelAdapter) -> str:
-    """The budget unit a patch runs with: ``config.budget_per``, where ``"auto"`` is the method's official unit
-    (:attr:`~prunekit.plugin.Method.official_budget_per`) when the adapter offers it, else ``"prompt"``. A unit the adapter
-    cannot tell apart is an error naming the option and the model, never silently replaced."""
-    unit = config.budget_per
+def budget_unit(cls: type[Method], unit: str, adapter: ModelAdapter) -> str:
+    """The budget unit a patch runs with: ``unit`` (what the method asks for, :meth:`~prunekit.plugin.Method.budget_per`),
+    where ``"auto"`` is the method's official unit (:attr:`~prunekit.plugin.Method.official_budget_per`) when the
+    adapter offers it, else ``"prompt"``. A unit the adapter cannot tell apart is an error naming the option and the
+    model, never silently replaced."""
     if unit == "auto":
         return cls.official_budget_per if cls.official_budget_per in adapter.budget_units else "prompt"
     if unit not in adapter.budget_units:
@@ -99,7 +99,8 @@ def build(method: str | MethodConfig | Any, model: Any = None, **overrides: Any)
     cls, config = make_config(method, **overrides)
     adapter = adapter_for(model)
     spec = adapter.describe()
-    stages = cls(config).plan(spec)
+    planner = cls(config)
+    stages = planner.plan(spec)
     for stage in stages:
         point = registry.get("insertion_points", stage.point)
         if stage.point not in adapter.insertion_points:
@@ -112,8 +113,9 @@ def build(method: str | MethodConfig | Any, model: Any = None, **overrides: Any)
         unknown = set(stage.signals) - set(point.signals)
         if unknown:
             raise ValueError(f"{stage.label or stage.point} asks for {sorted(unknown)}; {point.name} offers {sorted(point.signals)}")
-    unit = budget_unit(cls, config, adapter)
+    unit = budget_unit(cls, planner.budget_per(spec), adapter)
     remove(model)
+    # the adapter reads the resolved unit from the config it is given: a copy, the user's config stays as given
     patch = adapter.patch(stages, config.model_copy(update={"budget_per": unit}), cls.name)
     patch.config = config
     model.__dict__[_ATTR] = patch  # a plain attribute: not a submodule, not in the state dict

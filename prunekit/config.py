@@ -66,9 +66,13 @@ def _leaves(value: Any):
 
 class StrictModel(BaseModel):
     """Base of every config: unknown fields are errors; no field takes a bool unless it is declared bool (no
-    ``keep_tokens=True`` meaning 1) and no number may be NaN or infinite. Errors name the field and what it takes."""
+    ``keep_tokens=True`` meaning 1) and no number may be NaN or infinite. Errors name the field and what it takes.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+    A validated config is frozen: assigning a field is an error, so what a user gave is what ``build``, ``select``
+    and the report see. A variant is a new config (``cfg.model_copy(update=...)``, or the class called again with
+    the changed fields, which validates them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

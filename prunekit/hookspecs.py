@@ -9,6 +9,9 @@ the ``prunekit`` entry-point group::
 
     [project.entry-points.prunekit]
     my_method = "my_package.my_method"
+
+There is no hook for insertion points: the three places where tokens can be cut are what the runtime implements,
+defined in :mod:`prunekit.insertion_points`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,6 @@ def prunekit_register_scorers(register: Callable[[type], None]) -> None:
 @hookspec
 def prunekit_register_selectors(register: Callable[[type], None]) -> None:
     """Register :class:`prunekit.plugin.Selector` subclasses (turn features and scores into kept indices)."""
-
-
-@hookspec
-def prunekit_register_insertion_points(register: Callable[[type], None]) -> None:
-    """Register :class:`prunekit.plugin.InsertionPoint` subclasses (places in a model where tokens can be pruned)."""
 
 
 @hookspec

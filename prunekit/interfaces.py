@@ -238,6 +238,24 @@ class Reduction:
     def __init__(self, indices: Tensor, values: Tensor, merged: Tensor) -> None:
         self.indices, self.values, self.merged = indices, values, merged
 
+    @classmethod
+    def from_choices(cls, choices: list[Choice], features: Tensor) -> "Reduction":
+        """Per-sample :class:`Choice` objects of equal size, batched; a choice without values keeps the features
+        ``[B, N, D]`` of its tokens. Sorted by index."""
+        idx = torch.stack([c.indices.long() for c in choices])
+        order = idx.argsort(-1)
+        idx = idx.gather(1, order)
+        values = torch.stack([
+            features[b, c.indices.long()] if c.values is None else c.values.to(features.dtype)
+            for b, c in enumerate(choices)
+        ])
+        values = values.gather(1, order[..., None].expand(-1, -1, values.shape[-1]))
+        merged = torch.stack([
+            torch.zeros(c.indices.numel(), dtype=torch.bool) if c.merged is None else c.merged.bool().cpu()
+            for c in choices
+        ]).to(idx.device).gather(1, order)
+        return cls(idx, values, merged)
+
     def __repr__(self) -> str:
         return f"Reduction(indices={tuple(self.indices.shape)}, merged={int(self.merged.sum())})"
 
@@ -281,10 +299,12 @@ class Selector(ABC):
 # Model side
 # ---------------------------------------------------------------------------------------------------------
 class InsertionPoint(ABC):
-    """A kind of place in a multimodal model where visual tokens can be pruned.
+    """A kind of place in a multimodal model where visual tokens can be pruned: its name, what a stage there sees
+    and the signals computed there.
 
-    An adapter declares which insertion points it implements; a method's stages name them. ``signals`` are the
-    relevance signals an adapter may offer there (see :meth:`StageContext.relevance`).
+    The three points are defined by the library (:mod:`prunekit.insertion_points`), not registered by plugins: each
+    describes what the runtime implements. An adapter declares which of them it offers; a method's stages name
+    them. ``signals`` are the relevance signals an adapter may offer there (see :meth:`StageContext.relevance`).
     """
 
     name: ClassVar[str]
@@ -431,7 +451,21 @@ class ModelAdapter(ABC):
 
 
 class Method(ABC):
-    """A pruning method: a config model and a plan of stages. Register with ``prunekit_register_methods``."""
+    """A pruning method: a config model, a selection rule and a plan of stages. Register with
+    ``prunekit_register_methods``.
+
+    A method states its rule once, as one of two class methods, and both ways of using it derive from that:
+
+    * :meth:`rule` selects for one sample: ``features`` ``[n, D]``, ``relevance`` ``[n]`` (or None), budget ``k``,
+      the config, and as keywords the model signals a stage gives it (absent in a model-free call, where the rule
+      falls back on what it has: the features as keys, no [CLS] feature); it returns kept indices or a
+      :class:`Choice`;
+    * :meth:`batch_rule` selects for a batch of samples of equal size at once (a :class:`SelectionInput`),
+      returning ``[B, k]`` indices: the greedy and DPP methods, whose selectors work on batches.
+
+    :meth:`chooser` turns the rule into a stage's ``choose`` (what the stage feeds it: its relevance signal,
+    other signals) for :meth:`plan`; :meth:`select` runs it model-free for ``prunekit.select`` / ``reduce``.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type["MethodConfig"]]
@@ -441,6 +475,10 @@ class Method(ABC):
     #: what ``budget_per="auto"`` means for this method: the unit its official code budgets per (``"crop"``: each
     #: crop of an AnyRes image on its own), used on models whose adapter offers that unit, else ``"prompt"``
     official_budget_per: ClassVar[str] = "prompt"
+    #: what the model-free ``relevance`` stands for when the rule cannot do without it (e.g. ``"the [CLS]
+    #: attention"``): :meth:`select` then refuses a call without it, naming it; None: the rule reads none, or
+    #: does without (a method whose need depends on its config overrides :meth:`check_selection`)
+    relevance_input: ClassVar[str | None] = None
 
     def __init__(self, config: "MethodConfig") -> None:
         self.config = config
@@ -449,9 +487,100 @@ class Method(ABC):
     def plan(self, spec: ModelSpec) -> list[Stage]:
         ...
 
+    def budget_per(self, spec: ModelSpec) -> str:
+        """The budget unit this method asks for on the model ``spec`` describes: ``config.budget_per`` (``"auto"``
+        is resolved by ``build`` against the adapter's units). A method whose own settings choose a unit (a TOPS
+        preset's) overrides this: configs are frozen, so the choice is returned, never written into the config."""
+        return self.config.budget_per
+
+    # -- the rule -------------------------------------------------------------------------------------------
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: Any) -> Tensor:
-        raise NotImplementedError(f"method {cls.name!r} needs a model to select tokens; use prunekit.build")
+    def rule(cls, features: Tensor, relevance: Tensor | None, k: int, config: Any, **signals: Any) -> "Tensor | Choice":
+        """The selection rule for one sample (see the class doc); state this or :meth:`batch_rule`."""
+        raise NotImplementedError(f"method {cls.name!r} states no rule for one sample")
+
+    @classmethod
+    def batch_rule(cls, inputs: SelectionInput, k: int, config: Any) -> Tensor:
+        """The selection rule for a batch of samples of equal size: kept indices ``[B, k]``, ascending."""
+        raise NotImplementedError(f"method {cls.name!r} states no batch rule")
+
+    @classmethod
+    def _states(cls, rule: str) -> bool:
+        """Whether this class (not :class:`Method` itself) defines ``rule``."""
+        return next(c for c in cls.__mro__ if rule in vars(c)) is not Method
+
+    def chooser(
+        self,
+        relevance: Callable[["StageContext"], list[Tensor]] | None = None,
+        *,
+        features: Callable[["StageContext"], list[Tensor]] | None = None,
+        query: Callable[["StageContext"], list[Tensor]] | None = None,
+        config: Any = None,
+        **signals: Callable[["StageContext"], list[Any]],
+    ) -> Callable[["StageContext"], list["Tensor | Choice"]]:
+        """A stage's ``choose`` that applies the rule to what the stage sees.
+
+        Each argument reads the stage's context and gives one value per sample: ``relevance`` the relevance,
+        ``features`` what the rule reads as features (default: the stage's visual features), ``query`` the query
+        (batch rules), and every other keyword a signal the rule takes by that name. ``config``: the config the
+        rule runs with (default: the method's; a stage may run the rule with other settings, such as TOPS's
+        stage-II weights). A sample whose budget keeps every token keeps them as they are, without the rule.
+        """
+        cls, config = type(self), self.config if config is None else config
+        if cls._states("batch_rule"):
+
+            def choose_batched(ctx: "StageContext") -> list[Tensor]:
+                rel = None if relevance is None else relevance(ctx)
+                qry = None if query is None else query(ctx)
+                return ctx.select_grouped(rel, lambda inputs, k: cls.batch_rule(inputs, k, config), query=qry)
+
+            return choose_batched
+
+        def choose(ctx: "StageContext") -> list["Tensor | Choice"]:
+            feats = ctx.features if features is None else features(ctx)
+            rel = [None] * ctx.batch_size if relevance is None else relevance(ctx)
+            given = {name: read(ctx) for name, read in signals.items()}
+            out: list[Tensor | Choice] = []
+            for b, (own, k) in enumerate(zip(ctx.features, ctx.keep)):
+                if k >= own.shape[0]:
+                    out.append(torch.arange(own.shape[0], device=own.device))
+                else:
+                    out.append(cls.rule(feats[b], rel[b], k, config, **{name: v[b] for name, v in given.items()}))
+            return out
+
+        return choose
+
+    # -- model-free ------------------------------------------------------------------------------------------
+    @classmethod
+    def check_selection(cls, relevance: Tensor | None, query: Tensor | None, config: Any) -> None:
+        """Refuse a model-free selection without an input the rule needs (:attr:`relevance_input`)."""
+        if cls.relevance_input is not None and relevance is None:
+            raise ValueError(f"{cls.name} needs {cls.relevance_input}: pass relevance=[B, N]")
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: Any) -> "Tensor | Reduction":
+        """Model-free selection by the rule: kept indices ``[B, k]``, or a :class:`Reduction` where the rule
+        merges. A method that reads a query overrides this with a ``query`` keyword (and passes it on to
+        :meth:`apply_rule`): ``prunekit.select`` accepts a query only for such a method."""
+        cls.check_selection(relevance, None, config)
+        return cls.apply_rule(features, relevance, k, config)
+
+    @classmethod
+    def apply_rule(
+        cls, features: Tensor, relevance: Tensor | None, k: int, config: Any, query: Tensor | None = None,
+        **signals: list[Any],
+    ) -> "Tensor | Reduction":
+        """The rule over a batch ``features`` ``[B, N, D]``: at once (:meth:`batch_rule`) or sample by sample
+        (:meth:`rule`, with ``signals`` given per sample), the results stacked."""
+        if cls._states("batch_rule"):
+            return cls.batch_rule(SelectionInput(features, relevance, query), k, config)
+        if not cls._states("rule"):
+            raise NotImplementedError(f"method {cls.name!r} needs a model to select tokens; use prunekit.build")
+        out = [cls.rule(f, None if relevance is None else relevance[b], k, config,
+                        **{name: v[b] for name, v in signals.items()}) for b, f in enumerate(features)]
+        if all(isinstance(o, Tensor) for o in out):
+            return torch.stack(out)
+        return Reduction.from_choices([o if isinstance(o, Choice) else Choice(o) for o in out], features)
 
 
 #: the attribute of a patched model that holds its :class:`Patch` (a plain attribute: not a submodule, not in the

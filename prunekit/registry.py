@@ -18,9 +18,16 @@ import pluggy
 
 from . import hookspecs
 from .errors import RegistryError, UnknownNameError
+from .insertion_points import INSERTION_POINTS
 
 ENTRY_POINT_GROUP = "prunekit"
-KINDS = ("scorers", "selectors", "insertion_points", "methods", "adapters")
+#: the kinds plugins register (one hook each, ``prunekit_register_<kind>``)
+KINDS = ("scorers", "selectors", "methods", "adapters")
+#: kinds the library defines itself and plugins cannot extend, looked up like the others (the insertion points are
+#: what the runtime implements: see :mod:`prunekit.insertion_points`)
+BUILT_IN_KINDS = {"insertion_points": INSERTION_POINTS}
+#: the plugin name their entries carry
+LIBRARY = "prunekit"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,12 @@ class Registry:
                 pm.register(module, name=ep.name)
             for obj, name in self._extra:
                 pm.register(obj, name=name)
+            for name, plugin in pm.list_name_plugin():
+                if hasattr(plugin, "prunekit_register_insertion_points"):
+                    raise RegistryError(
+                        f"prunekit plugin {name!r} registers insertion points, which are not a plugin kind: the "
+                        f"runtime implements {', '.join(INSERTION_POINTS)} and nothing else (see prunekit.insertion_points)"
+                    )
             pm.check_pending()  # an implementation that matches no hook spec is a typo: fail loudly
             self._pm = pm
         return self._pm
@@ -69,6 +82,8 @@ class Registry:
             if self._tables is None:
                 pm = self._plugin_manager()
                 tables: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+                for kind, classes in BUILT_IN_KINDS.items():
+                    tables[kind] = {name: Entry(name, cls, LIBRARY) for name, cls in classes.items()}
                 for kind in KINDS:
                     caller = getattr(pm.hook, f"prunekit_register_{kind}")
                     for impl in caller.get_hookimpls():

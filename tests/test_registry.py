@@ -24,7 +24,7 @@ def test_builtins_registered_through_entry_points():
     from prunekit.registry import _discover_entry_points
 
     names = {ep.name for ep in _discover_entry_points()}
-    assert {"tops", "relevance", "facility_location", "diversity", "greedy", "llava", "insertion_points"} <= names
+    assert {"tops", "relevance", "facility_location", "diversity", "greedy", "llava"} <= names
     for kind, expected in BUILTIN.items():
         assert expected <= set(registry.names(kind))
     assert set(prunekit.list_methods()) >= {"tops"}

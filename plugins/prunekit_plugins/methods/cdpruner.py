@@ -29,7 +29,6 @@ from prunekit.plugin import (
     registered_name,
     registry,
 )
-from prunekit_plugins.selectors.dpp import DppSelector
 
 
 class CDPrunerSelection(StrictModel):
@@ -58,9 +57,6 @@ class CDPrunerSelection(StrictModel):
         r = torch.where(hi > lo, (r - lo + 1e-6) / (hi - lo).clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
         return r if self.theta is None else torch.exp(self.theta / (2 * (1 - self.theta)) * r)
 
-    def select(self, inputs: SelectionInput, k: int) -> Tensor:
-        return DppSelector().select(SelectionInput(inputs.features, self.relevance(inputs)), k)
-
 
 class CDPrunerConfig(CDPrunerSelection, MethodConfig):
     pass
@@ -84,23 +80,31 @@ class CDPruner(Method):
                 "give CDPruner; use it with prunekit.select(..., relevance=...)"
             )
 
-        def choose(ctx):
-            query = ctx.relevance("text_embeddings") if needs_query else None
-            return ctx.select_grouped(None, cfg.select, query=query)
-
+        choose = self.chooser(query=(lambda ctx: ctx.relevance("text_embeddings")) if needs_query else None)
         plan = StagePlan("after_projector", choose, label="cdpruner",
                          signals=("text_embeddings",) if needs_query else ())
         return make_stages(cfg, spec, [plan], method=self.name)
 
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: CDPrunerSelection,
-               query: Tensor | None = None) -> Tensor:
+    def batch_rule(cls, inputs: SelectionInput, k: int, config: CDPrunerSelection) -> Tensor:
+        """The registered ``dpp`` selector, its relevance the normalised scorer gains."""
+        dpp = registry.get("selectors", "dpp")()
+        return dpp.select(SelectionInput(inputs.features, config.relevance(inputs)), k)
+
+    @classmethod
+    def check_selection(cls, relevance: Tensor | None, query: Tensor | None, config: CDPrunerSelection) -> None:
         scorer = registry.get("scorers", config.relevance_scorer)
         if scorer.requires_query and query is None:
             raise ValueError(f"cdpruner's relevance scorer {config.relevance_scorer!r} needs query=[B, Q, D]")
         if scorer.requires_relevance and relevance is None:
             raise ValueError(f"cdpruner's relevance scorer {config.relevance_scorer!r} needs relevance=[B, N]")
-        return config.select(SelectionInput(features, relevance, query), k)
+
+    @classmethod
+    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: CDPrunerSelection,
+               query: Tensor | None = None) -> Tensor:
+        """Model-free, with the instruction as ``query`` where the relevance scorer reads one."""
+        cls.check_selection(relevance, query, config)
+        return cls.apply_rule(features, relevance, k, config, query=query)
 
 
 @hookimpl

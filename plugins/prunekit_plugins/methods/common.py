@@ -1,6 +1,6 @@
-"""Building blocks shared by the baseline methods: pure tensor rules and small config pieces.
+"""Building blocks shared by the baseline methods: pure tensor rules, a shared rule's home and small config pieces.
 
-Nothing here knows a model; every function works on plain tensors.
+Nothing here knows a model; every function works on plain tensors or on a stage's context.
 """
 
 from __future__ import annotations
@@ -11,34 +11,18 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from prunekit.plugin import Choice, MethodConfig, Reduction, StageContext, StrictModel, topk
+from prunekit.plugin import Method, MethodConfig, StageContext, StrictModel, topk
 
 
-def relevance_topk(signal: str, **options):
-    """A stage chooser: per sample, the ``k`` tokens with the highest ``signal``."""
+class KeepMostRelevant(Method):
+    """Base of the methods whose rule keeps the ``k`` most relevant tokens, ties to the lower index (FastV,
+    PyramidDrop, FasterVLM): they differ only in where they prune and which signal is the relevance."""
 
-    def choose(ctx: StageContext) -> list[Tensor]:
-        relevance = ctx.relevance(signal, **options)
-        return [topk(r.float(), k) for r, k in zip(relevance, ctx.keep)]
+    SelectionConfig = StrictModel
 
-    return choose
-
-
-def stack_choices(choices: list[Choice], features: Tensor) -> Reduction:
-    """Batch per-sample :class:`Choice` objects of equal size into a :class:`Reduction`."""
-    idx = torch.stack([c.indices.long() for c in choices])
-    order = idx.argsort(-1)
-    idx = idx.gather(1, order)
-    values = torch.stack([
-        features[b, c.indices.long()] if c.values is None else c.values.to(features.dtype)
-        for b, c in enumerate(choices)
-    ])
-    values = values.gather(1, order[..., None].expand(-1, -1, values.shape[-1]))
-    merged = torch.stack([
-        torch.zeros(c.indices.numel(), dtype=torch.bool) if c.merged is None else c.merged.bool().cpu()
-        for c in choices
-    ]).to(idx.device).gather(1, order)
-    return Reduction(idx, values, merged)
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config) -> Tensor:
+        return topk(relevance, k)
 
 
 def above_mean_similarity(visual: Tensor, text: Tensor) -> Tensor:
@@ -77,15 +61,6 @@ def rater_attention(
 def rater_signals(raters: str) -> tuple[str, ...]:
     """The decoder signals :func:`rater_attention` reads for ``raters``."""
     return ("text_attention", "layer_input") if raters == "sparsevlm" else ("text_attention",)
-
-
-def rater_topk(raters: str, layer: str = "previous"):
-    """A stage chooser: per sample, the ``k`` tokens the raters attend to most (:func:`rater_attention`)."""
-
-    def choose(ctx: StageContext) -> list[Tensor]:
-        return [topk(r.float(), k) for r, k in zip(rater_attention(ctx, raters, layer), ctx.keep)]
-
-    return choose
 
 
 class OriginalPositionsConfig(MethodConfig):

@@ -104,6 +104,15 @@ class Dart(Method):
     Config = DartConfig
     SelectionConfig = DartSelection
     description = "Pivot tokens by key norm; keep the visual tokens least similar to the pivots."
+    relevance_input = "the visual tokens' key norms (its pivots are picked by key norm)"
+
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config: DartSelection,
+             text_states: Tensor | None = None, text_key_norms: Tensor | None = None,
+             visual_positions: Tensor | None = None, text_positions: Tensor | None = None) -> Tensor:
+        """``relevance``: the visual tokens' key norms. The text pivots come from ``text_states`` (none model-free)."""
+        return dart_select(features, relevance, k, text_states, text_key_norms, config.image_pivots,
+                           config.text_pivots if text_states is not None else 0, visual_positions, text_positions)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
@@ -111,30 +120,21 @@ class Dart(Method):
 
         official = cfg.official_signals
 
-        def choose(ctx):
-            vkeys = ctx.relevance("keys", tokens="visual", rope=official)
-            tkeys = ctx.relevance("keys", tokens="text", rope=official)
-            feats = ctx.relevance("states", tokens="visual", final_norm=official)
-            texts = ctx.relevance("states", tokens="text", final_norm=official)
-            vpos = ctx.relevance("positions", tokens="visual")
-            tpos = ctx.relevance("positions", tokens="text")
-            return [
-                dart_select(f, vk.float().abs().sum(-1), k, ts, tk.float().abs().sum(-1), cfg.image_pivots,
-                            cfg.text_pivots, vp, tp)
-                for f, vk, tk, ts, vp, tp, k in zip(feats, vkeys, tkeys, texts, vpos, tpos, ctx.keep)
-            ]
+        def key_norms(tokens: str):
+            return lambda ctx: [k.float().abs().sum(-1) for k in ctx.relevance("keys", tokens=tokens, rope=official)]
+
+        choose = self.chooser(
+            key_norms("visual"),
+            features=lambda ctx: ctx.relevance("states", tokens="visual", final_norm=official),
+            text_states=lambda ctx: ctx.relevance("states", tokens="text", final_norm=official),
+            text_key_norms=key_norms("text"),
+            visual_positions=lambda ctx: ctx.relevance("positions", tokens="visual"),
+            text_positions=lambda ctx: ctx.relevance("positions", tokens="text"),
+        )
 
         plan = StagePlan("decoder_layer", choose, layer, label=f"dart (layer {layer})",
                          signals=("keys", "states", "positions"))
         return make_stages(cfg, spec, [plan], method=self.name, nominal=partial(official_count, config=cfg))
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: DartSelection) -> Tensor:
-        """Model-free: ``relevance`` stands for the visual tokens' key norms (no text pivots)."""
-        if relevance is None:
-            raise ValueError("dart picks pivots by key norm: pass relevance=[B, N] (the visual tokens' key norms)")
-        return torch.stack([dart_select(f, r, k, None, None, config.image_pivots, 0)
-                            for f, r in zip(features, relevance)])
 
 
 @hookimpl

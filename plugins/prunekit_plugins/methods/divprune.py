@@ -17,6 +17,7 @@ from prunekit.plugin import (
     MethodConfig,
     ModelSpec,
     SelectionInput,
+    Selector,
     Stage,
     StagePlan,
     StrictModel,
@@ -24,13 +25,13 @@ from prunekit.plugin import (
     make_stages,
     registry,
 )
-from prunekit_plugins.selectors.greedy import GreedySelector
 
 
 class DivPruneSelection(StrictModel):
-    def selector(self) -> GreedySelector:
-        return GreedySelector([(registry.get("scorers", "diversity")(), 1.0)], normalize="none",
-                              seed=registry.get("scorers", "isolation")())
+    def selector(self) -> Selector:
+        """The registered ``greedy`` selector on the ``diversity`` scorer alone, seeded by ``isolation``."""
+        return registry.get("selectors", "greedy")([(registry.get("scorers", "diversity")(), 1.0)], normalize="none",
+                                                   seed=registry.get("scorers", "isolation")())
 
 
 class DivPruneConfig(DivPruneSelection, MethodConfig):
@@ -45,18 +46,14 @@ class DivPrune(Method):
     SelectionConfig = DivPruneSelection
     description = "Greedy max-min cosine-distance subset."
 
-    def plan(self, spec: ModelSpec) -> list[Stage]:
-        selector = self.config.selector()
-
-        def choose(ctx):
-            return ctx.select_grouped(None, selector.select)
-
-        plan = StagePlan(self.config.insertion_point, choose, label="divprune")
-        return make_stages(self.config, spec, [plan], method=self.name)
-
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: DivPruneSelection) -> Tensor:
-        return config.selector().select(SelectionInput(features), k)
+    def batch_rule(cls, inputs: SelectionInput, k: int, config: DivPruneSelection) -> Tensor:
+        """Reads the features only (a relevance given to ``prunekit.select`` is not used)."""
+        return config.selector().select(SelectionInput(inputs.features), k)
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        plan = StagePlan(self.config.insertion_point, self.chooser(), label="divprune")
+        return make_stages(self.config, spec, [plan], method=self.name)
 
 
 @hookimpl

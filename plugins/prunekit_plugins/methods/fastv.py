@@ -10,35 +10,34 @@ that the layer average is ``T``; a ``T`` below ``K·n/L`` cannot be met (an erro
 from __future__ import annotations
 
 from pydantic import Field, PositiveInt
-from torch import Tensor
 
-from prunekit.plugin import Method, ModelSpec, Stage, StagePlan, StrictModel, check_layers, hookimpl, make_stages, topk
-from prunekit_plugins.methods.common import DecoderStageConfig, OriginalPositionsConfig, rater_signals, rater_topk
+from prunekit.plugin import ModelSpec, Stage, StagePlan, check_layers, hookimpl, make_stages
+from prunekit_plugins.methods.common import (
+    DecoderStageConfig,
+    KeepMostRelevant,
+    OriginalPositionsConfig,
+    rater_attention,
+    rater_signals,
+)
 
 
 class FastVConfig(OriginalPositionsConfig, DecoderStageConfig):
     layer: PositiveInt = Field(2, description="K: the first decoder layer that sees the pruned tokens (paper: K=2).")
 
 
-class FastV(Method):
+class FastV(KeepMostRelevant):
     name = "fastv"
     Config = FastVConfig
-    SelectionConfig = StrictModel
     description = "Top-k visual tokens by the last token's attention at layer K-1."
+    relevance_input = "each token's attention from the text (e.g. the last token's)"
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
         layer = check_layers([cfg.layer], spec.num_layers, "layer")[0]
-        choose = rater_topk(cfg.raters)
+        choose = self.chooser(lambda ctx: [r.float() for r in rater_attention(ctx, cfg.raters)])
         plan = StagePlan("decoder_layer", choose, layer, label=f"fastv (layer {layer})",
                          signals=rater_signals(cfg.raters))
         return make_stages(cfg, spec, [plan], method=self.name, nominal=lambda n, t: [int(t + 0.5)])
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config) -> Tensor:
-        if relevance is None:
-            raise ValueError("this method selects by attention: pass relevance=[B, N] (e.g. last-token attention)")
-        return topk(relevance, k)
 
 
 @hookimpl

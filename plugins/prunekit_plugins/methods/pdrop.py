@@ -13,9 +13,8 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator
 
-from prunekit.plugin import Method, ModelSpec, Stage, StagePlan, check_layers, hookimpl, make_stages, scale_layers
-from prunekit_plugins.methods.common import DecoderStageConfig, rater_signals, rater_topk
-from prunekit_plugins.methods.fastv import FastV
+from prunekit.plugin import ModelSpec, Stage, StagePlan, check_layers, hookimpl, make_stages, scale_layers
+from prunekit_plugins.methods.common import DecoderStageConfig, KeepMostRelevant, rater_attention, rater_signals
 
 
 class PDropConfig(DecoderStageConfig):
@@ -36,12 +35,11 @@ class PDropConfig(DecoderStageConfig):
         return v
 
 
-class PDrop(Method):
+class PDrop(KeepMostRelevant):  # one stage's rule is FastV's: the top-k by the raters' attention
     name = "pdrop"
     Config = PDropConfig
-    SelectionConfig = FastV.SelectionConfig
-    select = FastV.select  # one stage's rule is FastV's top-k
     description = "Top-k by last-instruction-token attention at several layers, pyramid budgets."
+    relevance_input = "each token's attention from the text (e.g. the last instruction token's)"
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
@@ -49,8 +47,9 @@ class PDrop(Method):
             layers = check_layers(cfg.layers, spec.num_layers)
         else:
             layers = scale_layers((8, 16, 24), spec.num_layers)
+        choose = self.chooser(lambda ctx: [r.float() for r in rater_attention(ctx, cfg.raters, cfg.attention_layer)])
         plans = [
-            StagePlan("decoder_layer", rater_topk(cfg.raters, layer=cfg.attention_layer),
+            StagePlan("decoder_layer", choose,
                       layer,
                       shape=cfg.ratio ** (i + 1), label=f"pdrop stage {i + 1} (layer {layer})",
                       signals=rater_signals(cfg.raters))

@@ -27,7 +27,6 @@ from prunekit.plugin import (
     hookimpl,
     make_stages,
 )
-from prunekit_plugins.methods.common import stack_choices
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,32 +100,30 @@ class Pool(Method):
     SelectionConfig = PoolSelection
     description = "Average-pool each image's token grid to the budget."
 
-    def plan(self, spec: ModelSpec) -> list[Stage]:
-        def choose(ctx):
-            out = []
-            for b, (f, k) in enumerate(zip(ctx.features, ctx.keep)):
-                if k >= f.shape[0]:
-                    out.append(torch.arange(f.shape[0], device=f.device))
-                    continue
-                grids = ctx.grids[b]
-                if grids is None:
-                    raise ValueError("pool needs the token grid of each image; this model's adapter does not give one")
-                out.append(pool_grids(f, grids, k))
-            return out
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor | None, k: int, config,
+             grids: list[tuple[int, int]] | None = None) -> Choice:
+        """``grids``: the ``(rows, cols)`` of each image whose tokens ``features`` holds, in order."""
+        if grids is None:
+            raise ValueError("pool needs the token grid of each image; this model's adapter does not give one")
+        return pool_grids(features, grids, k)
 
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        choose = self.chooser(grids=lambda ctx: ctx.grids)
         return make_stages(self.config, spec, [StagePlan(self.config.insertion_point, choose, label="pool")],
                            method=self.name)
 
     @classmethod
     def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: PoolSelection) -> Reduction:
-        N = features.shape[1]
+        """Model-free: every sample is one grid, ``config.grid`` or a square."""
+        B, N = features.shape[:2]
         grid = config.grid
         if grid is None:
             side = math.isqrt(N)
             if side * side != N:
                 raise ValueError(f"pool: {N} tokens are not a square grid; pass grid=(rows, cols)")
             grid = (side, side)
-        return stack_choices([pool_grids(f, [grid], k) for f in features], features)
+        return cls.apply_rule(features, relevance, k, config, grids=[[grid]] * B)
 
 
 @hookimpl

@@ -34,7 +34,6 @@ from prunekit.plugin import (
     Method,
     MethodConfig,
     ModelSpec,
-    Reduction,
     Stage,
     StagePlan,
     StrictModel,
@@ -42,7 +41,6 @@ from prunekit.plugin import (
     hookimpl,
     make_stages,
 )
-from prunekit_plugins.methods.common import stack_choices
 
 
 def iqr_outliers(attn: Tensor, factor: float = 1.5) -> Tensor:
@@ -152,26 +150,23 @@ class PruMergePlus(Method):
     Config = PruMergePlusConfig
     SelectionConfig = PruMergePlusSelection
     description = "[CLS]-attention outliers + spatial samples, merged with their key neighbours."
+    relevance_input = "the [CLS] attention"
+
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config: PruMergePlusSelection,
+             keys: Tensor | None = None) -> Choice:
+        """``relevance``: the [CLS] attention; ``keys`` (model-free: the features) find the neighbours. The values
+        fill the places in sequence order unless the full config asks for the official order."""
+        return prumerge_plus_choice(features, relevance, features if keys is None else keys, k, config.neighbours,
+                                    config.iqr_factor, config.extra_token, getattr(config, "order", "sequence"))
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
-
-        def choose(ctx):
-            where = dict(heads="one", layer=cfg.attention_layer)
-            attn, keys = ctx.relevance("cls_attention", **where), ctx.relevance("keys", **where)
-            return [prumerge_plus_choice(f, a, kk, k, cfg.neighbours, cfg.iqr_factor, cfg.extra_token, cfg.order)
-                    for f, a, kk, k in zip(ctx.features, attn, keys, ctx.keep)]
-
+        where = dict(heads="one", layer=cfg.attention_layer)
+        choose = self.chooser(lambda ctx: ctx.relevance("cls_attention", **where),
+                              keys=lambda ctx: ctx.relevance("keys", **where))
         plan = StagePlan("vision_features", choose, label="prumerge_plus", signals=("cls_attention", "keys"))
         return make_stages(cfg, spec, [plan], method=self.name)
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: PruMergePlusSelection) -> Reduction:
-        """Model-free: ``relevance`` is the [CLS] attention; the features double as keys; values in sequence order."""
-        if relevance is None:
-            raise ValueError("prumerge_plus needs the [CLS] attention: pass relevance=[B, N]")
-        return stack_choices([prumerge_plus_choice(f, r, f, k, config.neighbours, config.iqr_factor,
-                                                   config.extra_token) for f, r in zip(features, relevance)], features)
 
 
 @hookimpl

@@ -41,20 +41,16 @@ class RandomPruning(Method):
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
-        seed = cfg.seed
-
-        def choose(ctx):
-            return [random_subset(f.shape[0], k, seed, f.device) for f, k in zip(ctx.features, ctx.keep)]
-
         layer = None
         if cfg.insertion_point == "decoder_layer":
             layer = check_layers([cfg.layer], spec.num_layers, "layer")[0]
-        return make_stages(cfg, spec, [StagePlan(cfg.insertion_point, choose, layer, label="random")], method=self.name)
+        plan = StagePlan(cfg.insertion_point, self.chooser(), layer, label="random")
+        return make_stages(cfg, spec, [plan], method=self.name)
 
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: SeedSelection) -> Tensor:
-        B, N = features.shape[:2]
-        return random_subset(N, k, config.seed, features.device).expand(B, k).clone()
+    def rule(cls, features: Tensor, relevance: Tensor | None, k: int, config: SeedSelection) -> Tensor:
+        """The same seeded subset for every sample of a size."""
+        return random_subset(features.shape[0], k, config.seed, features.device)
 
 
 @hookimpl

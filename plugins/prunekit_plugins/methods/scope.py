@@ -16,6 +16,7 @@ from prunekit.plugin import (
     MethodConfig,
     ModelSpec,
     SelectionInput,
+    Selector,
     Stage,
     StagePlan,
     StrictModel,
@@ -23,16 +24,17 @@ from prunekit.plugin import (
     make_stages,
     registry,
 )
-from prunekit_plugins.selectors.greedy import GreedySelector
 
 
 class ScopeSelection(StrictModel):
     alpha: float = Field(1.0, ge=0.0, description="α, exponent of the saliency ([CLS] attention).")
 
-    def selector(self) -> GreedySelector:
+    def selector(self) -> Selector:
+        """The registered ``greedy`` selector, coverage gain × saliency^α."""
         coverage = registry.get("scorers", "facility_location")(floor=0.0)  # SCOPE's running maximum starts at 0
         saliency = registry.get("scorers", "relevance")()
-        return GreedySelector([(coverage, 1.0), (saliency, self.alpha)], combine="product", normalize="none")
+        return registry.get("selectors", "greedy")([(coverage, 1.0), (saliency, self.alpha)], combine="product",
+                                                   normalize="none")
 
 
 class ScopeConfig(ScopeSelection, MethodConfig):
@@ -46,21 +48,16 @@ class Scope(Method):
     description = "Greedy coverage gain × [CLS]-attention saliency^α."
     #: the official code selects in every crop alone, int(T / crops) tokens each (clip_encoder.py L120-129)
     official_budget_per = "crop"
-
-    def plan(self, spec: ModelSpec) -> list[Stage]:
-        selector = self.config.selector()
-
-        def choose(ctx):
-            return ctx.select_grouped(ctx.relevance("cls_attention"), selector.select)
-
-        plan = StagePlan("vision_features", choose, label="scope", signals=("cls_attention",))
-        return make_stages(self.config, spec, [plan], method=self.name)
+    relevance_input = "the saliency ([CLS] attention)"
 
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: ScopeSelection) -> Tensor:
-        if relevance is None:
-            raise ValueError("scope needs the saliency ([CLS] attention): pass relevance=[B, N]")
-        return config.selector().select(SelectionInput(features, relevance), k)
+    def batch_rule(cls, inputs: SelectionInput, k: int, config: ScopeSelection) -> Tensor:
+        return config.selector().select(inputs, k)
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        choose = self.chooser(lambda ctx: ctx.relevance("cls_attention"))
+        plan = StagePlan("vision_features", choose, label="scope", signals=("cls_attention",))
+        return make_stages(self.config, spec, [plan], method=self.name)
 
 
 @hookimpl

@@ -34,7 +34,6 @@ from prunekit.plugin import (
     Choice,
     Method,
     ModelSpec,
-    Reduction,
     Stage,
     StagePlan,
     StrictModel,
@@ -44,7 +43,7 @@ from prunekit.plugin import (
     scale_layers,
     topk,
 )
-from prunekit_plugins.methods.common import DecoderStageConfig, rater_attention, rater_signals, stack_choices
+from prunekit_plugins.methods.common import DecoderStageConfig, rater_attention, rater_signals
 
 #: the official per-stage counts on LLaVA-1.5-7B (``score.py``, version 1.0), by nominal budget ``RETAIN_TOKN``
 PAPER_SCHEDULES = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -200,6 +199,15 @@ class SparseVLM(Method):
     Config = SparseVLMConfig
     SelectionConfig = SparseVLMSelection
     description = "Text-rater attention top-k at three LLM layers, with recycling of deleted tokens."
+    relevance_input = "the rater attention"
+
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config: SparseVLMSelection,
+             top: int | None = None) -> Choice:
+        """``relevance``: the raters' attention; ``top``: the count kept by relevance where a nominal stage fixed it
+        (None: :func:`split_count`)."""
+        return sparsevlm_choice(features, relevance, k, config.recycle, config.recycle_ratio, config.cluster_size,
+                                top=top)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
@@ -223,28 +231,18 @@ class SparseVLM(Method):
                 present = keep + recycled
             return [keep + recycled for keep, recycled in schedule]
 
+        def relevance(ctx):
+            return [r.float() for r in rater_attention(ctx, cfg.raters, from_embeddings=from_embeddings)]
+
         def chooser(i: int):
-            def choose(ctx):
-                relevance = rater_attention(ctx, cfg.raters, from_embeddings=from_embeddings)
-                return [sparsevlm_choice(f, r.float(), k, cfg.recycle, cfg.recycle_ratio, cfg.cluster_size,
-                                         top=splits.get((i, f.shape[0], k)))
-                        for f, r, k in zip(ctx.features, relevance, ctx.keep)]
-            return choose
+            return self.chooser(relevance, top=lambda ctx: [splits.get((i, f.shape[0], k))
+                                                            for f, k in zip(ctx.features, ctx.keep)])
 
         plans = [StagePlan("decoder_layer", chooser(i), layer, shape=s, signals=rater_signals(cfg.raters),
                            label=f"sparsevlm stage {i + 1} (layer {layer})")
                  for i, (layer, s) in enumerate(zip(layers, shape))]
         # the official schedules have three stages; with other layers T is the layer average
         return make_stages(cfg, spec, plans, method=self.name, nominal=nominal if len(layers) == 3 else None)
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: SparseVLMSelection) -> Reduction:
-        if relevance is None:
-            raise ValueError("sparsevlm selects by rater attention: pass relevance=[B, N]")
-        return stack_choices([
-            sparsevlm_choice(f, r, k, config.recycle, config.recycle_ratio, config.cluster_size)
-            for f, r in zip(features, relevance)
-        ], features)
 
 
 @hookimpl

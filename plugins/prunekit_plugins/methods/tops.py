@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor
@@ -25,6 +25,8 @@ from prunekit.plugin import (
     Method,
     MethodConfig,
     ModelSpec,
+    SelectionInput,
+    Selector,
     Stage,
     StageContext,
     StagePlacement,
@@ -34,7 +36,6 @@ from prunekit.plugin import (
     registry,
     resolve_counts,
 )
-from prunekit_plugins.selectors.greedy import GreedySelector
 from prunekit_plugins.methods.common import rater_attention, rater_signals
 
 Principle = Literal["relevance", "coverage", "diversity"]
@@ -148,9 +149,9 @@ class TopsSelection(StrictModel):
     def _registered(cls, v):
         return registered_name("scorers", v)
 
-    def selector(self, diversity_weight: float | None = None, coverage_weight: float | None = None) -> GreedySelector:
-        alpha = self.diversity_weight if diversity_weight is None else diversity_weight
-        lam = self.coverage_weight if coverage_weight is None else coverage_weight
+    def selector(self) -> Selector:
+        """The registered ``greedy`` selector over this selection's scorers and weights."""
+        alpha, lam = self.diversity_weight, self.coverage_weight
         scorer = lambda field: registry.get("scorers", getattr(self, field))()  # noqa: E731
         terms, seed = [], None
         if "relevance" in self.principles:
@@ -161,7 +162,8 @@ class TopsSelection(StrictModel):
         if "coverage" in self.principles:
             terms.append((scorer("coverage_scorer"), lam))
         limit = None if self.max_similarity_mib is None else int(self.max_similarity_mib * 2**20)
-        return GreedySelector(terms, combine="sum", normalize=self.normalize, seed=seed, max_similarity_bytes=limit)
+        return registry.get("selectors", "greedy")(terms, combine="sum", normalize=self.normalize, seed=seed,
+                                                   max_similarity_bytes=limit)
 
     @property
     def needs_relevance(self) -> bool:
@@ -229,6 +231,17 @@ class Tops(Method):
     SelectionConfig = TopsSelection
     description = "Relevance + facility-location coverage + diversity, greedy, after the projector and in the LLM."
 
+    @classmethod
+    def batch_rule(cls, inputs: SelectionInput, k: int, config: TopsSelection) -> Tensor:
+        return config.selector().select(inputs, k)
+
+    @classmethod
+    def check_selection(cls, relevance: Tensor | None, query: Tensor | None, config: TopsSelection) -> None:
+        if config.needs_relevance and relevance is None:
+            raise ValueError(
+                "TOPS with the 'relevance' principle needs relevance=[B, N]; pass it or set principles without it"
+            )
+
     def _preset(self, spec: ModelSpec) -> dict | None:
         if self.config.preset is not None:
             return PRESETS[self.config.preset]
@@ -236,6 +249,13 @@ class Tops(Method):
             if preset.get("auto", True) and (preset["family"], preset["num_layers"]) == (spec.family, spec.num_layers):
                 return preset
         return None
+
+    def budget_per(self, spec: ModelSpec) -> str:
+        """A preset's budget unit (LLaVA-Video: per frame) applies unless the user set ``budget_per``."""
+        preset = self._preset(spec)
+        if preset is not None and "budget_per" in preset and "budget_per" not in self.config.model_fields_set:
+            return preset["budget_per"]
+        return self.config.budget_per
 
     def _layers(self, spec: ModelSpec, preset: dict | None) -> tuple[int, int]:
         if self.config.layers is not None:
@@ -266,11 +286,9 @@ class Tops(Method):
         cfg = self.config
         preset = self._preset(spec)
         insertion_points = cfg.insertion_points
-        if preset is not None:  # a preset's stages and budget unit apply unless the user set them
-            if "insertion_points" in preset and "insertion_points" not in cfg.model_fields_set:
-                insertion_points = preset["insertion_points"]
-            if "budget_per" in preset and "budget_per" not in cfg.model_fields_set:
-                cfg.budget_per = preset["budget_per"]
+        # a preset's stages apply unless the user set them (its budget unit: see budget_per)
+        if preset is not None and "insertion_points" in preset and "insertion_points" not in cfg.model_fields_set:
+            insertion_points = preset["insertion_points"]
         points: list[tuple[str, int | None, str, str]] = []  # point, layer, stage key, label
         if "after_projector" in insertion_points:
             points.append(("after_projector", None, "after_projector", "stage I"))
@@ -306,45 +324,29 @@ class Tops(Method):
             hint = cfg.target(spec.visual_tokens_per_image)
         decoder_weights = self._decoder_weights(preset, hint)
 
+        # stage II runs the same rule with its own weights
+        alpha, lam = decoder_weights
+        decoder_cfg = cfg.model_copy(update={"diversity_weight": alpha, "coverage_weight": lam})
         stages = []
         for i, (point, layer, _, label) in enumerate(points):
             if point == "after_projector":
-                selector = cfg.selector()
+                stage_cfg = cfg
                 signal = cfg.projector_relevance
                 if signal == "auto":
                     signal = "cls_attention" if spec.has_cls else "text_similarity"
                 signals = (signal,)
                 relevance_of = partial(StageContext.relevance, signal=signal)
             else:  # stage II: the text raters' attention (the SparseVLM rule on layer p-1's normalised input)
-                selector = cfg.selector(*decoder_weights)
+                stage_cfg = decoder_cfg
                 signals = rater_signals(cfg.raters)
                 relevance_of = partial(rater_attention, raters=cfg.raters)
             stages.append(Stage(
                 point=point, layer=layer, label=label,
                 keep=lambda n, i=i: counts(n)[i],
-                choose=self._chooser(selector, relevance_of),
+                choose=self.chooser(relevance_of if cfg.needs_relevance else None, config=stage_cfg),
                 signals=signals if cfg.needs_relevance else (),
             ))
         return stages
-
-    def _chooser(self, selector: GreedySelector, relevance_of: Callable[[StageContext], list[Tensor]]):
-        needs_relevance = self.config.needs_relevance
-
-        def choose(ctx: StageContext) -> list[Tensor]:
-            relevance = relevance_of(ctx) if needs_relevance else None
-            return ctx.select_grouped(relevance, selector.select)
-
-        return choose
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: TopsSelection) -> Tensor:
-        if config.needs_relevance and relevance is None:
-            raise ValueError(
-                "TOPS with the 'relevance' principle needs relevance=[B, N]; pass it or set principles without it"
-            )
-        from prunekit.plugin import SelectionInput
-
-        return config.selector().select(SelectionInput(features, relevance), k)
 
 
 @hookimpl

@@ -27,7 +27,6 @@ from prunekit.plugin import (
     Method,
     MethodConfig,
     ModelSpec,
-    Reduction,
     Stage,
     StagePlan,
     StrictModel,
@@ -35,7 +34,6 @@ from prunekit.plugin import (
     make_stages,
     topk,
 )
-from prunekit_plugins.methods.common import stack_choices
 
 
 def trim_scores(similarity: Tensor, negate: bool = True) -> Tensor:
@@ -117,27 +115,18 @@ class Trim(Method):
     Config = TrimConfig
     SelectionConfig = TrimSelection
     description = "Top-k by (negated) question similarity, softmax-scored, + one mean token of the rest."
+    relevance_input = "each token's similarity to the question (e.g. CLIP patch-text)"
 
-    @staticmethod
-    def _choice(features: Tensor, similarity: Tensor, k: int, cfg: TrimSelection) -> Choice:
-        return trim_choice(features, similarity, k, cfg.negate_similarity, cfg.mean_token, cfg.mean_order)
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config: TrimSelection) -> Choice:
+        """``relevance``: each token's similarity to the question."""
+        return trim_choice(features, relevance, k, config.negate_similarity, config.mean_token, config.mean_order)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
-
-        def choose(ctx):
-            sims = ctx.relevance(cfg.similarity)
-            return [self._choice(f, s, k, cfg) for f, s, k in zip(ctx.features, sims, ctx.keep)]
-
+        choose = self.chooser(lambda ctx: ctx.relevance(cfg.similarity))
         plan = StagePlan(cfg.insertion_point, choose, label="trim", signals=(cfg.similarity,))
         return make_stages(cfg, spec, [plan], method=self.name)
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: TrimSelection) -> Reduction:
-        """Model-free: ``relevance`` is each token's similarity to the question (e.g. CLIP patch–text)."""
-        if relevance is None:
-            raise ValueError("trim needs each token's similarity to the question: pass relevance=[B, N]")
-        return stack_choices([cls._choice(f, r, k, config) for f, r in zip(features, relevance)], features)
 
 
 @hookimpl

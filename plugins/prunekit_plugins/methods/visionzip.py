@@ -29,7 +29,6 @@ from prunekit.plugin import (
     Method,
     MethodConfig,
     ModelSpec,
-    Reduction,
     Stage,
     StagePlan,
     StrictModel,
@@ -37,7 +36,6 @@ from prunekit.plugin import (
     make_stages,
     topk,
 )
-from prunekit_plugins.methods.common import stack_choices
 
 
 def contextual_count(k: int, ratio: float, fixed: int | None) -> int:
@@ -139,35 +137,29 @@ class VisionZip(Method):
     description = "Dominant tokens by [CLS] attention + contextual tokens merged by key similarity."
     #: the official code reduces every crop to dominant + contextual tokens (clip_encoder.py L46-83)
     official_budget_per = "crop"
+    relevance_input = "the [CLS] attention"
 
-    @staticmethod
-    def _choice(features: Tensor, cls_attention: Tensor, keys: Tensor, k: int, cfg: VisionZipSelection,
-                cls_feature: Tensor | None = None) -> Choice:
-        return visionzip_choice(features, cls_attention, keys, k, cfg.contextual_ratio, cfg.contextual_tokens,
-                                cfg.contextual_value, cfg.contextual_order, cls_feature)
+    @classmethod
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config: VisionZipSelection, keys: Tensor | None = None,
+             cls_feature: Tensor | None = None) -> Choice:
+        """``relevance``: the [CLS] attention; ``keys`` (model-free: the features) assign the contextual tokens;
+        ``cls_feature`` (a model's [CLS] feature, none model-free) takes a dominant place."""
+        return visionzip_choice(features, relevance, features if keys is None else keys, k, config.contextual_ratio,
+                                config.contextual_tokens, config.contextual_value, config.contextual_order,
+                                cls_feature)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
         use_cls = cfg.cls_token if cfg.cls_token != "auto" else "cls_feature" not in spec.unavailable
-
-        def choose(ctx):
-            cls_attn = ctx.relevance("cls_attention")
-            keys = ctx.relevance("keys")
-            cls = [_unit_cls(c) for c in ctx.relevance("cls_feature")] if use_cls else [None] * len(keys)
-            return [self._choice(f, a, kk, k, cfg, c)
-                    for f, a, kk, k, c in zip(ctx.features, cls_attn, keys, ctx.keep, cls)]
+        signals = {"keys": lambda ctx: ctx.relevance("keys")}
+        if use_cls:
+            signals["cls_feature"] = lambda ctx: [_unit_cls(c) for c in ctx.relevance("cls_feature")]
+        choose = self.chooser(lambda ctx: ctx.relevance("cls_attention"), **signals)
 
         least = 2 if cfg.contextual_tokens is None else cfg.contextual_tokens + 1
         signals = ("cls_attention", "keys") + (("cls_feature",) if use_cls else ())
         plan = StagePlan("vision_features", choose, label="visionzip", signals=signals)
         return make_stages(cfg, spec, [plan], minimum=lambda n: least, method=self.name)
-
-    @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: VisionZipSelection) -> Reduction:
-        """Model-free: ``relevance`` is the [CLS] attention; the features double as keys."""
-        if relevance is None:
-            raise ValueError("visionzip needs the [CLS] attention: pass relevance=[B, N]")
-        return stack_choices([cls._choice(f, r, f, k, config) for f, r in zip(features, relevance)], features)
 
 
 @hookimpl

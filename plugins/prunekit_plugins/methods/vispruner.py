@@ -72,24 +72,16 @@ class VisPruner(Method):
     description = "Important tokens by [CLS] attention + diverse tokens by iterative de-duplication."
     #: the official code keeps `visual_token_num` tokens of every crop (llava_arch.py L141-186)
     official_budget_per = "crop"
-
-    def plan(self, spec: ModelSpec) -> list[Stage]:
-        cfg = self.config
-
-        def choose(ctx):
-            attn = ctx.relevance("cls_attention")
-            return [vispruner_select(f, a, k, cfg.important_ratio, cfg.step)
-                    for f, a, k in zip(ctx.features, attn, ctx.keep)]
-
-        plan = StagePlan("vision_features", choose, label="vispruner", signals=("cls_attention",))
-        return make_stages(cfg, spec, [plan], method=self.name)
+    relevance_input = "the [CLS] attention"
 
     @classmethod
-    def select(cls, features: Tensor, relevance: Tensor | None, k: int, config: VisPrunerSelection) -> Tensor:
-        if relevance is None:
-            raise ValueError("vispruner needs the [CLS] attention: pass relevance=[B, N]")
-        return torch.stack([vispruner_select(f, r, k, config.important_ratio, config.step)
-                            for f, r in zip(features, relevance)])
+    def rule(cls, features: Tensor, relevance: Tensor, k: int, config: VisPrunerSelection) -> Tensor:
+        return vispruner_select(features, relevance, k, config.important_ratio, config.step)
+
+    def plan(self, spec: ModelSpec) -> list[Stage]:
+        choose = self.chooser(lambda ctx: ctx.relevance("cls_attention"))
+        plan = StagePlan("vision_features", choose, label="vispruner", signals=("cls_attention",))
+        return make_stages(self.config, spec, [plan], method=self.name)
 
 
 @hookimpl

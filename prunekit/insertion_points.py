@@ -1,8 +1,16 @@
-"""The insertion points of a decoder-only multimodal model (every adapter offers a subset)."""
+"""The insertion points: the three places in a decoder-only multimodal model where prunekit's runtime prunes.
+
+They are defined here, in the library, and are not a plugin kind: each describes what the runtime and the adapter
+base classes implement (where the sequence is cut, what the stage's features are, which signals are computed
+there), so a point registered from outside could be named by a method but never run. An adapter offers a subset
+(``ModelAdapter.insertion_points``); a method's stages name them; ``build`` checks a stage against its point (a
+decoder layer where one is needed, only the signals offered there). ``prunekit.list_insertion_points()`` lists
+them, and the registry answers for them under the kind ``"insertion_points"`` like for any other kind.
+"""
 
 from __future__ import annotations
 
-from prunekit.plugin import InsertionPoint, hookimpl
+from .interfaces import InsertionPoint
 
 
 class VisionFeatures(InsertionPoint):
@@ -51,8 +59,7 @@ class DecoderLayer(InsertionPoint):
     needs_layer = True
 
 
-@hookimpl
-def prunekit_register_insertion_points(register):
-    register(VisionFeatures)
-    register(AfterProjector)
-    register(DecoderLayer)
+#: every insertion point, by name
+INSERTION_POINTS: dict[str, type[InsertionPoint]] = {
+    cls.name: cls for cls in (VisionFeatures, AfterProjector, DecoderLayer)
+}
