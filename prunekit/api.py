@@ -11,7 +11,7 @@ from torch import Tensor
 from . import contracts
 from .config import MethodConfig, get_method, make_config
 from .errors import UnsupportedModelError
-from .interfaces import PATCH_ATTRIBUTE as _ATTR, Method, ModelAdapter, Patch, Reduction, patch_of as _patch
+from .interfaces import PATCH_ATTRIBUTE as _ATTR, Method, ModelAdapter, Reduction, patch_of as _patch
 from .registry import registry
 from .report import PruningReport
 
