@@ -20,3 +20,12 @@ def doc_to_text(doc):
 
 def process_results(doc, results):
     return {"exact_match": float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))}
+
+
+def doc_to_choice(doc):
+    """Four answers of the answer's kind (colors, shapes, yes/no, numbers), the right one among them."""
+    from prunekit.data.shapes import COLORS, NUMBERS, SHAPES
+
+    kinds = [list(COLORS), list(SHAPES), ["yes", "no"], list(NUMBERS[1:])]
+    kind = next(k for k in kinds if doc["answer"] in k)
+    return sorted({doc["answer"], *[c for c in kind if c != doc["answer"]][:3]}, key=kind.index)
