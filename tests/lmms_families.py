@@ -70,7 +70,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 SPECIALS = ("<unk>", "<|im_start|>", "<|im_end|>")
-CHAT_WORDS = ("system", "user", "assistant", "model", ":")
+#: the chat templates' words and the local task's (tests/lmms_eval_task: shapes questions and their answers)
+WORDS = ("system", "user", "assistant", "model", ":", "what", "color", "colors", "shape", "is", "the", "object",
+         "objects", "in", "top", "bottom", "left", "right", "how", "many", "are", "there", "a", "?", "yes", "no",
+         "red", "green", "blue", "yellow", "purple", "cyan", "circle", "square", "triangle", "diamond", "circles",
+         "squares", "triangles", "diamonds", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+         "nine", "ten")
 
 
 def chat_template(image_text: str) -> str:
@@ -87,11 +92,8 @@ def build_tokenizer(family: Family):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from prunekit import bundled
-
     fixed = {"<pad>": 0, "<s>": 1, "</s>": 2, **family.specials}
-    words = [*SPECIALS, *CHAT_WORDS, *(w for w in bundled.vocabulary() if not w.startswith("<"))]
-    words = list(dict.fromkeys(words))
+    words = list(dict.fromkeys((*SPECIALS, *WORDS)))
     free = [i for i in range(VOCAB) if i not in fixed.values()]
     if len(words) > len(free):
         raise ValueError(f"{len(words)} words do not fit the {len(free)} free ids of a {VOCAB}-token vocabulary")
