@@ -15,11 +15,19 @@ loaded model::
 ``method``, the configuration saved with the checkpoint (:mod:`prunekit.saved`) applies, and without one the model
 runs unpruned. Every request's pruning report (nominal budget, layer-averaged visual tokens, prefill FLOPs, per-stage
 counts) goes into its sample record (``token_counts[0]["prunekit"]`` in the samples file), and their means into the
-results file (``throughput``: ``avg_prunekit_*``).
+results file (``throughput``: ``avg_prunekit_*``). An unpruned run records the same fields (``method: "none"``):
+its model carries a prunekit patch that stays disabled, which measures each prefill and prunes nothing.
+
+Log-likelihood requests (multiple-choice tasks) go through the wrapper's own ``loglikelihood`` on the pruned
+prefill (the wrapper's forward with ``labels`` is scored from the pruned logits, :class:`_LabelledForward`), and
+count in the summary; a wrapper that has none fails the run saying so. Data parallel (``torchrun`` or
+``accelerate launch``) runs as lmms-eval runs it; on CPUs, where lmms-eval's wrappers report a single process,
+the process group's rank and size are used.
 
 Failures are never answers: lmms-eval's chat wrappers turn an exception in ``generate`` into an empty answer and its
-command line turns any exception into exit code 0, so an invalid option or a pruning error is raised as
-:class:`EvaluationAborted` (not an ``Exception``), which ends the run with exit code 1 and prunekit's message.
+command line turns any exception into exit code 0, so an invalid option, a pruning error or any error in the
+wrapper is raised as :class:`EvaluationAborted` (not an ``Exception``), which ends the run with exit code 1 and the
+error's message.
 
 This module is imported by lmms-eval, never by ``import prunekit``; the classes lmms-eval loads are made on first use,
 so importing it does not import lmms-eval.
@@ -27,6 +35,7 @@ so importing it does not import lmms-eval.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -104,10 +113,13 @@ def load(*, chat: bool = True, **model_args: Any):
     if method is not None:
         prunekit.make_config(method, **options)  # an invalid option fails here, before the weights are loaded
     device_map = params.get("device_map")
-    if (device_map is not None and device_map.default == "" and "device_map" not in model_args
-            and int(os.environ.get("WORLD_SIZE", "1")) == 1):
-        # llava_hf's default device_map="" (meant for data parallel) is refused by transformers 5 on one process
-        model_args["device_map"] = model_args.get("device", params["device"].default if "device" in params else "cuda")
+    device = str(model_args.get("device", params["device"].default if "device" in params else "cuda"))
+    if device_map is not None and "device_map" not in model_args:
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if (device_map.default == "" and single) or (device.startswith("cpu") and device_map.default != device):
+            # llava_hf's default device_map="" (meant for data parallel) is refused by transformers 5 on one process;
+            # the wrappers' defaults ("auto", "cuda", and "" under data parallel) put the model or its inputs on GPUs
+            model_args["device_map"] = device
     lm = _pruning_class(wrapper)(**model_args)
     lm._prunekit_start(method, options)
     return lm
@@ -135,20 +147,33 @@ def _parse_option(value: Any) -> Any:
     return value
 
 
+#: the method a run without pruning is patched with, always disabled, so that its reports give the unpruned visual
+#: tokens and prefill FLOPs (``random`` before the LLM needs nothing of a model: no [CLS] token, no text)
+MEASURE = ("random", {"keep_ratio": 0.5})
+
+
 class PruningWrapper:
     """Mixed into lmms-eval's wrapper class: patches its model, records each request's pruning, and lets no error
     become an answer."""
 
     def _prunekit_start(self, method: str | None, options: dict) -> None:
         import prunekit
+        from loguru import logger
 
         self._prunekit_method, self._prunekit_options, self._prunekit_records = method, options, []
-        model = self.model
+        self._prunekit_model = model = self.model
+        self._prunekit_measuring = False
         if method is not None:
             try:
                 prunekit.build(method, model, **options)
             except Exception as err:
                 raise EvaluationAborted(f"prunekit.build({method!r}, {type(model).__name__}, {options}): {err}") from err
+        else:
+            try:  # unpruned: a patch that stays disabled measures what each prefill costs
+                prunekit.build(MEASURE[0], model, **MEASURE[1])
+                self._prunekit_measuring = True
+            except Exception as err:
+                logger.warning(f"prunekit: the unpruned run records no visual tokens or FLOPs ({err})")
         original = model.generate
 
         def generate(*args, **kwargs):
@@ -159,27 +184,89 @@ class PruningWrapper:
 
         model.generate = generate  # an instance attribute: the class's generate stays as it was
 
+    @property
+    def _prunekit_wrapper(self) -> str:
+        base = next(c for c in type(self).__mro__[1:] if c is not PruningWrapper)
+        return f"{base.__module__}.{base.__name__}"
+
+    def _prunekit_one(self, kind: str, request):
+        """``(result, record)``: lmms-eval's wrapper's answer to one request, and the pruning report of its prefill
+        (None where it held no visual tokens)."""
+        import prunekit
+
+        model = self._prunekit_model
+        patched = self._prunekit_method is not None or self._prunekit_measuring
+        before = prunekit.pruning_report(model) if patched else None
+        try:
+            with prunekit.disabled(model) if self._prunekit_measuring else contextlib.nullcontext():
+                (result,) = getattr(super(), kind)([request])
+        except NotImplementedError as err:
+            raise EvaluationAborted(f"{self._prunekit_wrapper} (lmms-eval's wrapper for this model) has no {kind}: "
+                                    f"{err}; tasks whose output_type needs it cannot run on this model") from err
+        except Exception as err:  # lmms-eval's command line would log it and exit with code 0
+            raise EvaluationAborted(f"{self._prunekit_wrapper}.{kind} failed with {type(err).__name__}: {err}") from err
+        report = prunekit.pruning_report(model) if patched else None
+        if report is None or report is before:  # no prefill with visual tokens in this request
+            return result, None
+        record = _record(report)
+        if self._prunekit_measuring:
+            record.update(method=NO_METHOD, budget=None, budget_meaning=None)
+        record["task"] = request.task_name
+        self._prunekit_records.append(record)
+        return result, record
+
     def generate_until(self, requests):
         # one request per call, so that each answer is paired with the report of its own prefill (lmms-eval's HF
         # wrappers run llava at batch size 1 anyway; in-LLM pruning needs equal kept lengths across a batch)
-        import prunekit
-
         types = _lmms_types()
         out = []
         for request in requests:
-            before = prunekit.pruning_report(self.model) if self._prunekit_method else None
-            (result,) = super().generate_until([request])
-            report = prunekit.pruning_report(self.model) if self._prunekit_method else None
-            if report is None or report is before:  # no prefill with visual tokens in this request
+            result, record = self._prunekit_one("generate_until", request)
+            if record is None:
                 out.append(result)
                 continue
-            record = _record(report)
-            record["task"] = request.task_name
-            self._prunekit_records.append(record)
             text, counts = (result.text, result.token_counts) if isinstance(result, types.GenerationResult) else (result, None)
             fields = dataclasses.asdict(counts) if counts is not None else {}
             out.append(types.GenerationResult(text=text, token_counts=types.PruningTokenCounts(**fields, prunekit=record)))
         return out
+
+    def loglikelihood(self, requests):
+        """Each request's log-likelihood from lmms-eval's wrapper, on the pruned prefill. The wrapper's forward with
+        ``labels`` (which prunekit refuses: the logits of a pruned sequence are shorter than its labels) goes through
+        :class:`_LabelledForward`. Its pruning report counts in the results file's summary; lmms-eval keeps no
+        per-sample record for these requests."""
+        out = []
+        self._prunekit_labelled = True
+        try:
+            for request in requests:
+                out.append(self._prunekit_one("loglikelihood", request)[0])
+        finally:
+            self._prunekit_labelled = False
+        return out
+
+    @property
+    def rank(self):
+        return self._prunekit_ranks()[0]
+
+    @property
+    def world_size(self):
+        return self._prunekit_ranks()[1]
+
+    def _prunekit_ranks(self) -> tuple[int, int]:
+        """lmms-eval's wrappers take data parallel for GPUs only: given a device_map (data parallel on CPUs, each
+        process holding its own copy), they report one process. The process group's rank and size then apply."""
+        rank, size = super().rank, super().world_size
+        accelerator = getattr(self, "accelerator", None)
+        if size == 1 and accelerator is not None and accelerator.num_processes > 1:
+            return accelerator.process_index, accelerator.num_processes
+        return rank, size
+
+    @property
+    def model(self):
+        model = super().model
+        if getattr(self, "_prunekit_labelled", False) and self._prunekit_method is not None:
+            return _LabelledForward(model)
+        return model
 
     def clean(self):
         self._prunekit_summarise()
@@ -197,7 +284,7 @@ class PruningWrapper:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, records)
             records = [r for rank in gathered for r in rank]
-        if not self._prunekit_method or not records:
+        if not records:
             return
 
         def mean(key: str) -> float | None:
@@ -210,7 +297,8 @@ class PruningWrapper:
         summary["prunekit_prefill_flops_percent"] = 100 * flops / full if flops is not None and full else None
         summary["prunekit_requests"] = len(records)
         summary = {k: v for k, v in summary.items() if v is not None}
-        logger.info(f"prunekit {self._prunekit_method} {self._prunekit_options}: {summary}")
+        logger.info(f"prunekit {self._prunekit_method or NO_METHOD} {self._prunekit_options} in {self._prunekit_wrapper}: "
+                    f"{summary}")
         log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=summary)
 
 
@@ -229,6 +317,44 @@ def _record(report) -> dict:
         "prefill_flops_unpruned": first(d["prefill_flops_unpruned"]),
         "stages": [{**s, "kept": first(s["kept"]), "merged": first(s["merged"])} for s in d["stages"]],
     }
+
+
+class _LabelledForward:
+    """The model as a wrapper's ``loglikelihood`` calls it (``model(**inputs, labels=labels)``), pruned: the forward
+    runs without ``labels``; the loss is computed on the continuation (the labelled tokens, which end the prompt and
+    follow every visual token) from the returned logits, whose last rows belong to the last tokens whatever was
+    pruned before them; the logits come back at the prompt's full length, the kept rows aligned to the end (rows of
+    pruned positions are zeros). Everything else is the model's."""
+
+    def __init__(self, model) -> None:
+        self.__dict__["_model"] = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, labels=None, **kwargs):
+        import torch
+        import torch.nn.functional as F
+
+        out = self._model(*args, **kwargs)
+        if labels is None:
+            return out
+        logits, ids = out.logits, kwargs["input_ids"]
+        if labels.shape[0] != 1:
+            raise ValueError(f"loglikelihood with pruning runs one request at a time, got a batch of {labels.shape[0]}")
+        labelled = (labels[0] != -100).nonzero().flatten()
+        n, length, kept = int(labelled.numel()), ids.shape[1], logits.shape[1]
+        if n == 0 or labelled.tolist() != list(range(length - n, length)):
+            raise ValueError("loglikelihood with pruning needs the labelled tokens (the continuation) to end the prompt")
+        visual = [getattr(self._model.config, k, None) for k in ("image_token_id", "image_token_index",
+                                                                  "video_token_id", "video_token_index")]
+        if torch.isin(ids[0, length - n - 1:], torch.tensor([v for v in visual if v is not None], device=ids.device)).any():
+            raise ValueError("loglikelihood with pruning needs text between the visual tokens and the continuation")
+        out.loss = F.cross_entropy(logits[0, kept - n - 1:kept - 1].float(), labels[0, length - n:])
+        full = logits.new_zeros((logits.shape[0], length, logits.shape[2]))
+        full[:, length - kept:] = logits
+        out.logits = full
+        return out
 
 
 @functools.cache
@@ -271,8 +397,8 @@ def _entry_classes() -> dict[str, type]:
             args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
             try:
                 return load(chat=not cls.is_simple, **args)
-            except (ValueError, TypeError, KeyError, OSError) as err:
-                raise EvaluationAborted(f"lmms-eval --model prunekit: {err}") from err
+            except Exception as err:  # lmms-eval's command line would log it and exit with code 0
+                raise EvaluationAborted(f"lmms-eval --model prunekit: {type(err).__name__}: {err}") from err
 
     class PrunekitChat(Prunekit):
         """``--model prunekit`` (chat): see :mod:`prunekit.integrations.lmms_eval`."""
