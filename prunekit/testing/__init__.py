@@ -1,8 +1,10 @@
-"""For tests, docs and plugin authors: tiny models built from configs (nothing is downloaded) and their inputs.
+"""For tests, docs and plugin authors: tiny models built from configs (nothing is downloaded), their inputs, and
+the conformance suite a third-party adapter or method runs in its own tests (:class:`PruningConformance`).
 
 Imports only what the library does (torch, transformers, pydantic, pluggy): no test runner is needed to import it.
 """
 
+from .conformance import CHECKS, PruningConformance, footprint_difference, own_state, patch_footprint, refusal
 from .models import (
     assert_pruned,
     batch_of,
@@ -21,4 +23,6 @@ __all__ = [
     "prunable_points",
     # registering a plugin for a block, asserting pruning happened
     "registered", "assert_pruned",
+    # the conformance suite
+    "PruningConformance", "CHECKS", "patch_footprint", "footprint_difference", "own_state", "refusal",
 ]
