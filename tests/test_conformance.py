@@ -149,3 +149,20 @@ def test_a_broken_remove_or_disabled_fails_its_check(monkeypatch, broken, fails)
         methods = ["random"]
 
     assert _failed(_run_unittest(Case)) == {fails}
+
+
+# --- TOPS at each insertion point alone ------------------------------------------------------------------------------
+class TestTopsBeforeTheLLM(PruningConformance):
+    """TOPS at the projector alone, on every adapter (Gemma3 included: it refuses only in-LLM pruning)."""
+
+    methods = ["tops"]
+    options = {"insertion_points": ["after_projector"]}
+
+
+class TestTopsInsideTheLLM(PruningConformance):
+    """TOPS inside the LLM alone (where the adapter allows it), at a budget 4 decoder layers can reach."""
+
+    methods = ["tops"]
+    adapters = [n for n in registry.names("adapters") if not registry.get("adapters", n).no_decoder_pruning]
+    options = {"insertion_points": ["decoder_layer"]}
+    keep_ratio = 0.7

@@ -129,6 +129,7 @@ class _Reference:
     model: Any
     inputs: dict
     logits: torch.Tensor
+    generated: Any  # generate's output (sequences and step scores)
     own_state: set  # footprint entries the unpatched model's own calls change
 
 
@@ -147,6 +148,7 @@ class _Observed:
     generate_report: Any = None
     keep_all: torch.Tensor | None = None
     keep_all_report: Any = None
+    keep_all_generated: Any = None
     before: dict = field(default_factory=dict)
     patched: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
@@ -160,8 +162,8 @@ class PruningConformance:
     For each pair, on the adapter's tiny model (``ModelAdapter.tiny`` and ``tiny_rows``, collated into one
     left-padded batch) or the model :meth:`make_model` returns:
 
-    - ``keep_all_is_bit_exact``: with ``keep_ratio=1.0`` every visual token is kept and the logits equal the
-      unpatched model's bit for bit;
+    - ``keep_all_is_bit_exact``: with ``keep_ratio=1.0`` every visual token is kept, and the logits, and
+      ``generate``'s tokens and scores, equal the unpatched model's bit for bit;
     - ``pruning_changes_the_output``: at :attr:`keep_ratio` the report shows every sample dropped tokens, and each
       sample's last logits differ from the unpatched model's;
     - ``disabled_equals_unpatched_and_reenabled_equals_pruned``: inside ``prunekit.disabled(model)`` the logits
@@ -234,8 +236,9 @@ class PruningConformance:
             prunekit.remove(model)
             with torch.no_grad():
                 logits = model(**inputs).logits
-                own = own_state(model, lambda: (model(**inputs), model.generate(**inputs, **self._generate_kwargs())))
-            self._references[adapter] = _Reference(model, inputs, logits, own)
+                generated = []
+                own = own_state(model, lambda: generated.append(model.generate(**inputs, **self._generate_kwargs())))
+            self._references[adapter] = _Reference(model, inputs, logits, generated[0], own)
         return self._references[adapter]
 
     def observe(self, adapter: str, method: str) -> _Observed:
@@ -277,6 +280,7 @@ class PruningConformance:
                 prunekit.build(method, model, keep_ratio=1.0, **options)  # replaces the pruning patch
                 seen.keep_all = model(**inputs).logits
                 seen.keep_all_report = copy.deepcopy(prunekit.pruning_report(model))
+                seen.keep_all_generated = model.generate(**inputs, **self._generate_kwargs())
                 seen.patched = patch_footprint(model)
                 prunekit.remove(model)
                 seen.after = patch_footprint(model)
@@ -304,9 +308,13 @@ class PruningConformance:
         assert report is not None and report.visual_tokens, f"keep_ratio=1.0: no prefill was recorded: {report}"
         assert list(report.layer_average) == [float(n) for n in report.visual_tokens], \
             f"keep_ratio=1.0 dropped visual tokens: {report}"
-        assert torch.equal(seen.keep_all, self.reference(adapter).logits), \
-            f"keep_ratio=1.0 changed the logits (max difference " \
-            f"{_max_difference(seen.keep_all, self.reference(adapter).logits)})"
+        ref = self.reference(adapter)
+        assert torch.equal(seen.keep_all, ref.logits), \
+            f"keep_ratio=1.0 changed the logits (max difference {_max_difference(seen.keep_all, ref.logits)})"
+        out = seen.keep_all_generated
+        assert torch.equal(out.sequences, ref.generated.sequences), "keep_ratio=1.0 changed what generate returns"
+        for step, (a, b) in enumerate(zip(out.scores, ref.generated.scores)):
+            assert torch.equal(a, b), f"keep_ratio=1.0 changed generate's scores at step {step}"
 
     def check_pruning_changes_the_output(self, adapter: str, method: str, seen: _Observed) -> None:
         _assert_dropped(seen.pruned_report, f"keep_ratio={self.keep_ratio}")
