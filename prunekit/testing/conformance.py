@@ -190,8 +190,12 @@ class PruningConformance:
             keep_ratio = 0.5          # the pruning budget: a fraction of each sample's visual tokens
             options = {"layer": 2}    # further method options, passed to prunekit.build for every pair
 
-    The plugin must be registered (installed, or ``prunekit.plugin.registry.register``-ed) before the class is
-    defined. Override :meth:`make_model` to run a model of your own instead of an adapter's tiny one.
+    An adapter author sets ``adapters = ["my_adapter"]`` instead (every registered method on it); its adapter
+    class must build a tiny model (``tiny``) and input rows (``tiny_rows``), or the suite overrides
+    :meth:`make_model` to return a model of its own. The plugin must be registered (installed, or
+    ``prunekit.plugin.registry.register``-ed) before the class is defined. Each pair runs its protocol once
+    (:meth:`observe`) and its five tests assert on what it recorded; on tiny models one torch thread
+    (``torch.set_num_threads(1)``) is several times faster than several.
     """
 
     adapters: ClassVar[Sequence[str] | None] = None
