@@ -204,14 +204,37 @@ def test_text_only_input_prunes_nothing(model):
     assert prunekit.pruning_report(model).stages == []
 
 
+def _layout(footprint):
+    """A patch_footprint with hooks counted and objects unnamed: two builds of the same patch have equal layouts."""
+    def shape(key, value):
+        if "hooks" in key and isinstance(value, tuple):  # a hook table's handle ids
+            return len(value)
+        if isinstance(value, dict):
+            return sorted(value)
+        return "object" if isinstance(value, tuple) and value[:1] == ("id",) else value
+
+    return {owner: {key: shape(key, value) for key, value in entry.items()}
+            for owner, entry in footprint.items() if owner.startswith("module")}
+
+
 def test_build_replaces_an_existing_patch(model, inputs):
-    prunekit.build("tops", model, keep_tokens=16)
+    """Building over a patch leaves exactly what building on the unpatched model would: no hook, wrapper or
+    attribute of the first patch survives, the second one prunes, and remove() then restores everything."""
+    from prunekit.testing import footprint_difference, patch_footprint
+
+    model(**inputs)  # transformers installs its own output-capturing hooks at the first call
+    unpatched = patch_footprint(model)
     prunekit.build("tops", model, keep_tokens=8, insertion_points=["after_projector"])
+    alone = _layout(patch_footprint(model))
+    prunekit.remove(model)
+    prunekit.build("tops", model, keep_tokens=16)
+    first = _layout(patch_footprint(model))
+    prunekit.build("tops", model, keep_tokens=8, insertion_points=["after_projector"])
+    assert _layout(patch_footprint(model)) == alone != first
     model(**inputs)
     assert [s.counts for s in prunekit.pruning_report(model).stages] == [[8, 8]]
-    n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     prunekit.remove(model)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) < n_hooks
+    assert footprint_difference(unpatched, patch_footprint(model)) == []
 
 
 def test_build_accepts_a_config_object(model, inputs):

@@ -56,11 +56,16 @@ def test_throwaway_plugin_found_through_the_entry_point_path(monkeypatch):
     registry.reset()
     try:
         assert "feature_norm" in prunekit.list_scorers()
-        # ...and is usable at once, e.g. as TOPS's relevance term
-        H = torch.randn(1, 20, 4)
-        out = prunekit.select("tops", H, None, k=5, relevance_scorer="feature_norm")
-        assert out[0, 0].item() in out[0].tolist()
-        assert prunekit.select("tops", H, torch.zeros(1, 20), k=1, relevance_scorer="feature_norm").shape == (1, 1)
+        # ...and is usable at once, e.g. as TOPS's relevance term: relevance alone keeps the largest norms
+        H = torch.randn(1, 20, 4, generator=torch.Generator().manual_seed(0))
+        norms = H.norm(dim=-1)
+        out = prunekit.select("tops", H, None, k=5, relevance_scorer="feature_norm", principles=["relevance"])
+        assert torch.equal(out, norms.topk(5).indices.sort().values)
+        # with every principle, it seeds the selection: the largest norm is kept, and alone when k=1, whatever
+        # relevance= says (zeros would seed the first token)
+        assert norms.argmax().item() in prunekit.select("tops", H, None, k=5, relevance_scorer="feature_norm")
+        one = prunekit.select("tops", H, torch.zeros(1, 20), k=1, relevance_scorer="feature_norm")
+        assert one.tolist() == [[norms.argmax().item()]] != [[0]]
     finally:
         monkeypatch.undo()
         registry.reset()

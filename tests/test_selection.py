@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 import prunekit
-from prunekit.plugin import SelectionInput, registry
+from prunekit.plugin import SelectionInput, Selector, registry
 from prunekit_plugins.scorers.facility_location import fixed_point_bits
 
 PRINCIPLES = ["relevance", "coverage", "diversity"]
@@ -151,9 +151,20 @@ def test_every_scorer_is_a_valid_greedy_term(name):
         assert row.unique().numel() == 10 and torch.equal(row, row.sort().values)
 
 
-@pytest.mark.parametrize("name", registry.names("selectors"))
-def test_every_selector_is_registered_with_a_name(name):
-    assert registry.get("selectors", name).name == name
+def test_every_selector_is_registered_with_a_name():
+    """Each selector a plugin registers (its ``prunekit_register_selectors`` hook, called here directly) is a
+    Selector found under its ``name`` as that very class: none dropped, renamed or swapped by the registry."""
+    from importlib.metadata import entry_points
+
+    declared = {}
+    for ep in entry_points(group="prunekit"):
+        hook = getattr(ep.load(), "prunekit_register_selectors", None)
+        if hook is not None:
+            hook(register=lambda cls: declared.setdefault(cls.name, cls))
+    assert {"greedy", "dpp"} <= set(declared)
+    assert registry.names("selectors") == prunekit.list_selectors() == sorted(declared)
+    for name, cls in declared.items():
+        assert issubclass(cls, Selector) and registry.get("selectors", name) is cls, name
 
 
 # --- the incremental coverage against the from-scratch reference ------------------------------------------------
@@ -235,11 +246,14 @@ def test_max_similarity_bytes_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_incremental_coverage_on_cuda_equals_cpu(dtype):
+    """The same tokens on CUDA as on the CPU, token for token (exact ties included), and the same as the
+    recomputed reference on CUDA."""
     H, r = _data(5, B=4, N=500, D=64, dtype=dtype, ties=True)
     cpu = _select(H, r, 200, "facility_location")
-    assert torch.equal(_select(H, r, 200, "facility_location", device="cuda"),
-                       _select(H, r, 200, "facility_location_naive", device="cuda"))
     assert cpu.shape == (4, 200)
+    cuda = _select(H, r, 200, "facility_location", device="cuda")
+    assert torch.equal(cuda, cpu), f"{int((cuda != cpu).sum())} of {cpu.numel()} kept indices differ"
+    assert torch.equal(_select(H, r, 200, "facility_location_naive", device="cuda"), cpu)
 
 
 def test_tops_max_similarity_mib_streams_rows():

@@ -1,4 +1,4 @@
-"""Tiny models for tests, docs and plugin authors (built from configs; nothing is downloaded)."""
+"""Tiny models and their inputs, for tests, docs and plugin authors (built from configs; nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -66,13 +66,13 @@ class registered:
         self.plugin, self.name = plugin, name
 
     def __enter__(self):
-        from .registry import registry
+        from prunekit.plugin import registry
 
         registry.register(self.plugin, name=self.name)
         return self.plugin
 
     def __exit__(self, *exc) -> None:
-        from .registry import registry
+        from prunekit.plugin import registry
 
         registry.unregister(self.name)
 
@@ -129,8 +129,8 @@ _TINY: dict[tuple[str, int], tuple] = {}
 def tiny_adapter_model(name: str, num_layers: int = 4) -> tuple:
     """``(model, rows)``: the tiny model of registered adapter ``name`` and its single-prompt inputs, built once per
     process and returned unpatched (a conformance suite's shared fixture)."""
-    from . import api
-    from .registry import registry
+    import prunekit
+    from prunekit.plugin import registry
 
     key = (name, num_layers)
     if key not in _TINY:
@@ -138,7 +138,7 @@ def tiny_adapter_model(name: str, num_layers: int = 4) -> tuple:
         model = cls.tiny(num_layers=num_layers)
         _TINY[key] = (model, cls.tiny_rows(model))
     model, rows = _TINY[key]
-    api.remove(model)
+    prunekit.remove(model)
     return model, rows
 
 
@@ -150,7 +150,7 @@ def batch_of(model, rows: list[dict]) -> dict:
 def prunable_points(adapter_name: str) -> list[str]:
     """The insertion points a conformance run prunes at on adapter ``adapter_name``: before the LLM, and inside it
     unless the adapter refuses in-LLM pruning."""
-    from .registry import registry
+    from prunekit.plugin import registry
 
     cls = registry.get("adapters", adapter_name)
     points = {"after_projector"} | ({"decoder_layer"} if not cls.no_decoder_pruning else set())
@@ -160,9 +160,9 @@ def prunable_points(adapter_name: str) -> list[str]:
 def assert_pruned(model):
     """Assert that the patched ``model``'s last prefill pruned: stages ran and every sample's layer-averaged
     visual-token count is below what it brought. Returns the report."""
-    from . import api
+    import prunekit
 
-    report = api.pruning_report(model)
+    report = prunekit.pruning_report(model)
     assert report is not None and report.enabled and report.stages, f"no pruning was recorded: {report}"
     assert all(a < n for a, n in zip(report.layer_average, report.visual_tokens)), str(report)
     return report
