@@ -28,11 +28,7 @@ class TestEveryPair(PruningConformance):
 
 
 #: (adapter, method, check) known to fail, and why: strict expected failures, so a fix shows (remove it here)
-KNOWN_FAILURES = {
-    ("llava_onevision", "dart", "keep_all_is_bit_exact"):
-        "DART's nominal count P·(B // P) + image_pivots is below B when B mod P < image_pivots (a 13-token image "
-        "keeps 12 at keep_ratio=1.0), while keep_ratio=1.0 is documented to prune nothing",
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 for (_adapter, _method, _check), _why in KNOWN_FAILURES.items():
     _name = f"test_{_adapter}__{_method}__{_check}"
     if hasattr(TestEveryPair, _name):

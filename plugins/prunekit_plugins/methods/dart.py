@@ -81,9 +81,12 @@ def dart_select(
 
 def official_count(n: int, budget: float, config: "DartSelection") -> list[int]:
     """The official code's count for a budget ``B``: each of the ``P`` pivots claims ``B // P`` tokens, and the
-    visual pivots are kept on top."""
+    visual pivots are kept on top. A budget that covers every token keeps every token (``keep_ratio=1.0`` prunes
+    nothing, where the official count could fall one pivot group short of ``n``)."""
     pivots = config.image_pivots + config.text_pivots
     b = int(budget + 0.5)  # keep_ratio x tokens is fractional: the nearest count
+    if b >= n:
+        return [n]
     return [pivots * (b // pivots) + config.image_pivots if pivots else b]
 
 
