@@ -23,6 +23,7 @@ class VisionFeatures(InsertionPoint):
     )
     signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
                          "cls_feature"})
+    query_signals = frozenset({"text_embeddings", "text_similarity"})
 
 
 class AfterProjector(InsertionPoint):
@@ -33,6 +34,7 @@ class AfterProjector(InsertionPoint):
     )
     signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
                          "cls_feature"})
+    query_signals = frozenset({"text_embeddings", "text_similarity"})
 
 
 class DecoderLayer(InsertionPoint):
