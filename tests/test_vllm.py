@@ -54,6 +54,25 @@ def test_the_plugin_is_registered_and_import_prunekit_leaves_vllm_alone():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_shipped_checkpoint_is_in_the_layout_vllm_loads_and_transformers_reads_it_exactly():
+    """vLLM's LLaVA reads the tower under vision_tower.vision_model.*; transformers maps those names to its own,
+    and every tensor it loads is the file's tensor bit for bit (nothing missing, nothing left over)."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    stored = load_file(bundled.MODEL_DIR / "model.safetensors")
+    tower = [k for k in stored if k.startswith("vision_tower.")]
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    model, info = LlavaForConditionalGeneration.from_pretrained(bundled.MODEL_DIR, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    state = model.state_dict()
+    assert len(stored) == len(state) - 1  # lm_head is tied to the embeddings
+    for name, tensor in stored.items():
+        mapped = ("model." + name.replace("vision_tower.vision_model.", "vision_tower.")
+                  .replace("language_model.model.", "language_model."))
+        assert torch.equal(state[mapped], tensor), name
+
+
 def _block(method: str, options: dict) -> dict:
     return prunekit.saved.config_block(method, keep_tokens=K, **options)
 

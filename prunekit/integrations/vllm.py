@@ -97,7 +97,9 @@ class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
     """vLLM's LLaVA processing info, with each image's token count the number the method keeps."""
 
     def pruner(self) -> ImagePruner | None:
-        return llava_pruner(self.get_hf_config())
+        if "_prunekit_pruner" not in self.__dict__:  # built once: every prompt asks for its image token count
+            self._prunekit_pruner = llava_pruner(self.get_hf_config())
+        return self._prunekit_pruner
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
