@@ -28,7 +28,7 @@ def spec(shipped):
 
 
 def pruner(method, spec, signals=CLS, **options):
-    return ImagePruner(method, spec, server="a test server", signals=signals, **{"keep_tokens": K, **options})
+    return ImagePruner(method, spec, server="a test server", signals=signals, options={"keep_tokens": K, **options})
 
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "sparsevlm", "dart"])
@@ -71,8 +71,9 @@ def test_every_registered_method_is_either_served_or_refused_with_its_name(spec)
 
 
 def test_positions_and_budget_units_the_server_cannot_give_are_refused(spec):
-    with pytest.raises(UnservableMethodError, match=r"positions='original'.*contiguous|positions='original'"):
+    with pytest.raises(UnservableMethodError, match=r"positions='original' means 'original'.*'renumber' positions"):
         pruner("divprune", spec, positions="original")
+    assert pruner("divprune", spec, positions="renumber").kept_count(144) == K
     with pytest.raises(UnservableMethodError, match=r"budget_per='crop'"):
         pruner("divprune", spec, budget_per="crop")
     assert pruner("divprune", spec, budget_per="image").budget_per == "image"
@@ -85,6 +86,9 @@ def test_a_saved_block_is_read_and_validated_as_build_reads_it(spec):
     assert ImagePruner.from_config({}, spec, server="s") is None
     with pytest.raises(ValueError, match="keep_tokens"):
         ImagePruner.from_config({"prunekit": {**block, "options": {"keep_tokens": 0}}}, spec, server="s")
+    original = prunekit.saved.config_block("divprune", keep_tokens=K, positions="original")
+    with pytest.raises(UnservableMethodError, match="positions='original'"):
+        ImagePruner.from_config({"prunekit": original}, spec, server="s", signals=CLS)
 
 
 @pytest.mark.parametrize("method", ["divprune", "pool", "random"])

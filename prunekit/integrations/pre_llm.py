@@ -28,7 +28,7 @@ from ..api import make_config
 from ..config import MethodConfig
 from ..interfaces import Choice, ModelSpec, Stage, StageContext
 from ..registry import registry
-from ..saved import KEY, read_block
+from ..saved import read_block
 
 #: the insertion points a server can run before its language model, in the order they come in a forward pass
 POINTS = ("vision_features", "after_projector")
@@ -49,8 +49,8 @@ class Kept:
 
 
 class ImagePruner:
-    """The stages of ``method`` (a saved block's method and options, see :mod:`prunekit.saved`) for a model described
-    by ``spec``, checked to be servable per image.
+    """The stages of ``method`` with ``options`` (its config fields, as in a saved block, see :mod:`prunekit.saved`)
+    for a model described by ``spec``, checked to be servable per image.
 
     ``server``: the server's name for error messages; ``signals``: the signals the server's model computes (a
     stage asking for another is refused, naming what is offered); ``positions``: how the server numbers the
@@ -60,8 +60,8 @@ class ImagePruner:
 
     def __init__(self, method: str | MethodConfig, spec: ModelSpec, *, server: str, signals: frozenset[str] = frozenset(),
                  positions: str = "renumber", budget_units: frozenset[str] = frozenset({"prompt", "image"}),
-                 **options: Any) -> None:
-        cls, config = make_config(method, **options)
+                 options: Mapping[str, Any] | None = None) -> None:
+        cls, config = make_config(method, **(options or {}))
         self.method, self.config, self.spec, self.server = cls.name, config, spec, server
         self.stages: list[Stage] = cls(config).plan(spec)
         for stage in self.stages:
@@ -92,7 +92,7 @@ class ImagePruner:
         block = read_block(config)
         if block is None:
             return None
-        return cls(block["method"], spec, **kwargs, **block.get("options", {}))
+        return cls(block["method"], spec, options=block.get("options", {}), **kwargs)
 
     def _check(self, stage: Stage, offered: frozenset[str]) -> None:
         where = f"method {self.method!r} ({stage.label or stage.point})"
@@ -172,4 +172,4 @@ class ImagePruner:
         return Kept(current, features, merged)
 
 
-__all__ = ["KEY", "POINTS", "ImagePruner", "Kept", "UnservableMethodError"]
+__all__ = ["POINTS", "ImagePruner", "Kept", "UnservableMethodError"]
