@@ -31,6 +31,7 @@ class VisionFeatures(InsertionPoint):
     )
     signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
                          "cls_feature"})
+    query_signals = frozenset({"text_embeddings", "text_similarity"})
 
 
 class AfterProjector(InsertionPoint):
@@ -41,6 +42,7 @@ class AfterProjector(InsertionPoint):
     )
     signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
                          "cls_feature"})
+    query_signals = frozenset({"text_embeddings", "text_similarity"})
 
 
 class DecoderLayer(InsertionPoint):

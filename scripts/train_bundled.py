@@ -383,6 +383,19 @@ def evaluate(model, tokenizer, size: int, split: str, seed: int = 0) -> dict:
     return {**{t: round(v, 4) for t, v in base.per_type.items()}, "all": round(base.accuracy, 4)}
 
 
+def nest_vision_keys(path: Path) -> None:
+    """Store the CLIP tower's weights under ``vision_tower.vision_model.*`` (the layout of the original LLaVA
+    checkpoints), as vLLM's LLaVA loads them; transformers maps them back to its own names on load. Only the keys
+    change: every tensor's bytes stay as they are."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    head, nested = "vision_tower.", "vision_tower.vision_model."
+    renamed = {(nested + k[len(head):] if k.startswith(head) and not k.startswith(nested) else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/shapes-llava", help="checkpoints and logs; a rerun resumes from here")
@@ -419,6 +432,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(out)  # float16 on disk (a few MB); load() casts to float32
+    nest_vision_keys(out / "model.safetensors")
     bundled.build_processor(tok).save_pretrained(out)
     model.float()
     from prunekit.tools.bundled import load
