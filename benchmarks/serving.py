@@ -43,7 +43,7 @@ def write_7b_width(folder: Path, decoder_layers: int, vision_layers: int) -> Pat
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from prunekit import bundled
+    from prunekit.tools import bundled
 
     tok = bundled.build_tokenizer()
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
@@ -73,7 +73,7 @@ def random_images(n: int, size: int, seed: int):
 def measure(llm, images, question: str, output_tokens: int, repeats: int) -> dict:
     from vllm import SamplingParams
 
-    from prunekit import bundled
+    from prunekit.tools import bundled
 
     def requests(batch):
         return [{"prompt": bundled.prompt(question), "multi_modal_data": {"image": im}} for im in batch]
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     from vllm import LLM
 
     import prunekit
-    from prunekit import bundled
+    from prunekit.tools import bundled
 
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp())

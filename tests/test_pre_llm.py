@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import bundled
-from prunekit.data import ShapesVQA
+from prunekit.tools import bundled
+from prunekit.tools.data import ShapesVQA
 from prunekit.integrations.pre_llm import ImagePruner, UnservableMethodError
 
 #: what a server offers when it computes prunekit's [CLS] signals on a CLIP tower (as the vLLM integration does)
@@ -105,7 +105,7 @@ def test_stages_on_one_image_keep_the_tokens_build_keeps(method, shipped, spec):
             x = processor(images=s.image, text=bundled.prompt(s.question), return_tensors="pt")
             with torch.no_grad():
                 model(**x)
-            (stage,) = prunekit.inspect(model).stages
+            (stage,) = prunekit.pruning_report(model).stages
             kept = p.prune(captured["out"][0], grid=(bundled.GRID, bundled.GRID))
             assert kept.indices.numel() == K < bundled.GRID**2  # it pruned
             assert torch.equal(kept.indices, stage.kept[0])

