@@ -62,7 +62,8 @@ class RefuseLabels:
             raise PruningError(
                 f"{self.pruner.method}: a forward with labels= computes the loss on logits of the pruned, shorter "
                 "sequence against labels of the whole prompt; compute the loss from the returned logits (which "
-                "positions were kept: prunekit.pruning_report(model)), or run the forward inside prunekit.disabled(model)"
+                "positions were kept: prunekit.pruning_report(model)), or run the forward inside "
+                "prunekit.disabled(model)"
             )
         return None
 

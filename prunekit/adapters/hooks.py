@@ -76,7 +76,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         # the feature layer's output: the [CLS] feature, and the next layer's signals (computed when asked for)
         feature_layer = adapter.vision_layer() if signals & VISION_SIGNALS else None
         self._want_received = "attention_received" in signals
-        self.handles: list[Any] = [self.inner.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+        self.handles: list[Any] = [self.inner.register_forward_pre_hook(self.capture_inputs, with_kwargs=True),
                                    self.inner.register_forward_hook(self._check_consumed)]
         for name in adapter.encoder_methods:
             if hasattr(self.inner, name):
@@ -166,7 +166,10 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         projector = self.adapter.projector()
         return projector(values.to(next(projector.parameters()).dtype))
 
-    def _capture_inputs(self, module, args, kwargs):
+    def capture_inputs(self, module, args, kwargs):
+        """The forward pre-hook on the multimodal model: finds the call's visual tokens (by placeholder ids, or in
+        ``inputs_embeds``) and whether it brings images. An adapter that needs more of the call's inputs overrides
+        it, calls ``super()``, and may return ``(args, kwargs)`` to change them."""
         input_ids = C.MODEL_INPUT_IDS.get(kwargs, args[0] if args else None)
         self._brings = brings_images(kwargs)
         ids = torch.tensor(self.adapter.visual_token_ids())

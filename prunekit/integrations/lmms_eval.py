@@ -29,7 +29,8 @@ command line turns any exception into exit code 0, so an invalid option, a pruni
 wrapper is raised as :class:`EvaluationAborted` (not an ``Exception``), which ends the run with exit code 1 and the
 error's message.
 
-This module is imported by lmms-eval, never by ``import prunekit``; the classes lmms-eval loads are made on first use,
+One module (~420 lines) because every part of it is the one wrapper lmms-eval loads. This module is imported by
+lmms-eval, never by ``import prunekit``; the classes lmms-eval loads are made on first use,
 so importing it does not import lmms-eval.
 """
 

@@ -102,7 +102,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
     # -- copies -------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> "DecoderPruner":
         """``copy.deepcopy`` of a patched model copies its patch along: the copy's hooks (partials of bound
-        methods, not closures) run the copied pruner on the copied modules, and removing either patch leaves the other in place."""
+        methods, not closures) run the copied pruner on the copied modules, and removing either patch leaves the
+        other in place."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__getstate__().items():

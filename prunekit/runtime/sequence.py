@@ -137,7 +137,8 @@ def segment_for(call: Call, j: int) -> int | None:
             idx = i
     return idx
 
-def remap(call: Call, idx: int, hidden: Tensor, kwargs: dict, *, positions: str, rotary, gen: "Generation | None") -> dict:
+def remap(call: Call, idx: int, hidden: Tensor, kwargs: dict, *, positions: str, rotary,
+          gen: "Generation | None") -> dict:
     """The attention mask, rotary embeddings (and position ids) a decoder layer of segment ``idx`` needs, in the
     pruned sequence's coordinates: gathered from the unpruned ones of ``kwargs`` (prefill), or mapped onto the
     pruned cache (decode: ``gen`` is the prefill that filled it). Computed once per call and segment."""

@@ -18,6 +18,8 @@ once and its result shown under both.
 
 A method that cannot reach a budget on the model (for instance a method that starts pruning inside the language model
 when the budget is below what the layers before it already see) is reported as not run, with the reason.
+
+(~410 lines: the run and its output formats stay together; the output section is short.)
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ class _Gemma3Hooks(VisualHooks):
     _mask_2d: Tensor | None = PerThread()  # the 2-D mask and token types of the model's current call
     _token_types: Tensor | None = PerThread()
 
-    def _capture_inputs(self, module, args, kwargs):
-        super()._capture_inputs(module, args, kwargs)
+    def capture_inputs(self, module, args, kwargs):
+        super().capture_inputs(module, args, kwargs)
         self._mask_2d = C.MODEL_ATTENTION_MASK.get(kwargs)
         self._token_types = C.MODEL_TOKEN_TYPE_IDS.get(kwargs)
         mask = self._mask_2d
