@@ -16,6 +16,7 @@ from .models import (
     tiny_llava,
     tiny_llava_inputs,
 )
+from .ops import HOST_SYNC_OPS, OpCount, count_ops
 
 __all__ = [
     # tiny models and their inputs
@@ -25,4 +26,6 @@ __all__ = [
     "registered", "assert_pruned",
     # the conformance suite
     "PruningConformance", "CHECKS", "patch_footprint", "footprint_difference", "own_state", "refusal",
+    # counting the kernel launches and host reads of a computation (what it costs on a GPU), on any machine
+    "count_ops", "OpCount", "HOST_SYNC_OPS",
 ]

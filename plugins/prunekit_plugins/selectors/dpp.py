@@ -24,25 +24,26 @@ def dpp_greedy_map(kernel: Tensor, k: int, fallback: Tensor | None = None, eps: 
     gains = L.diagonal(dim1=1, dim2=2).clone()
     order = (fallback if fallback is not None else gains).to(dtype)
     chol = torch.zeros(B, k, N, dtype=dtype, device=L.device)
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=L.device)
+    # chosen items are -inf in both the gains and the fallback order, written in place as they are picked (no
+    # mask, no copy per step); the fallback pick is taken every step and chosen on the device, so the loop never
+    # reads a value back to the host
+    left = order.clone()  # (order may be gains itself)
     picks = []
     for t in range(k):
-        g = gains.masked_fill(chosen, float("-inf"))
-        best, j = g.max(-1)
+        best, j = gains.max(-1)
         spent = best <= eps
-        if bool(spent.any()):
-            alt = order.masked_fill(chosen, float("-inf")).argmax(-1)
-            j = torch.where(spent, alt, j)
+        j = torch.where(spent, left.argmax(-1), j)
         picks.append(j)
-        chosen[rows, j] = True
+        left[rows, j] = float("-inf")
         if t + 1 == k:
             break
         dj = gains[rows, j].clamp_min(0).sqrt()
+        gains[rows, j] = float("-inf")
         cj = chol[rows, :t, j]  # [B, t]
         e = (L[rows, j] - torch.einsum("bt,btn->bn", cj, chol[:, :t])) / dj.clamp_min(eps)[:, None]
-        e = torch.where(spent[:, None] | (dj[:, None] <= eps), torch.zeros_like(e), e)
+        e = torch.where((spent | (dj <= eps))[:, None], 0.0, e)
         chol[:, t] = e
-        gains = gains - e**2
+        gains = gains - e**2  # -inf stays -inf at chosen items
     return torch.stack(picks, 1)
 
 

@@ -1,0 +1,153 @@
+"""What a greedy selection step costs on a GPU, counted on CPU: its kernel launches and its host reads.
+
+On a GPU each operation of a greedy step is a kernel launch (several µs, whatever its size), and an operation that
+reads a value back to the host (``nonzero``, ``.item()``, ``bool(t)``, ``int(t)``) stalls the stream. Both are
+counted at the dispatcher with :func:`prunekit.testing.count_ops`, so a step that gains a launch or a host read fails
+here, on a machine without a GPU.
+
+What counts, per greedy step:
+
+* **launches**: aten operations that run a kernel. Views (``view``, ``slice``, ``select``, ``expand``,
+  ``diagonal``, ...), metadata reads and uninitialised allocations (``empty``) do not count; in-place and
+  ``out=`` operations do;
+* **operations**: every aten operation dispatched, views included;
+* **syncs**: host-synchronising operations (``prunekit.testing.HOST_SYNC_OPS``: value reads, operations whose
+  output size depends on values, boolean-mask indexing).
+
+A step's cost is the difference between two selections of the same inputs with different ``k``, divided by the
+difference in steps: the setup (input checks, the similarity matrix, the first gains) cancels. Counted for every
+registered method whose model-free selection runs a registered selector, through ``prunekit.select``:
+
+* ``one``: one sample;
+* ``batch``: three samples of equal size in one call (a selector's batch), one with exact duplicates, so the
+  rows' updates touch different numbers of tokens in a step;
+* ``mixed``: three samples with different visual counts (96, 80, 96), as a model's stage selects them: samples
+  that share a token count and budget are selected together (``StageContext.select_grouped``), so this batch runs
+  two selections and a step of the batch costs both.
+
+The ceilings are what the code measured when they were recorded (launches / operations / syncs per step); a
+change that makes a step cheaper lowers them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.plugin import registry
+from prunekit.interfaces import StageContext
+from prunekit.testing import count_ops
+
+N, D = 96, 64  # D >= K: the DPP's kernel keeps its rank over every counted step
+K1, K2 = 8, 40
+MIXED = (96, 80, 96)
+
+#: per greedy step, (launches, operations, syncs) for ``one``, ``batch`` and ``mixed`` (see the module docstring)
+CEILINGS = {
+    "tops": {"one": (45, 70, 1), "batch": (62, 91, 1), "mixed": (107, 161, 2)},
+    "scope": {"one": (31, 50, 1), "batch": (46, 68, 1), "mixed": (77, 118, 2)},
+    "divprune": {"one": (10, 17, 0), "batch": (12, 20, 0), "mixed": (22, 37, 0)},
+    "cdpruner": {"one": (22, 39, 0), "batch": (22, 39, 0), "mixed": (44, 78, 0)},
+}
+
+
+def _reads_query(name: str) -> bool:
+    return "query" in inspect.signature(registry.get("methods", name).select).parameters
+
+
+def _select(name: str, features, relevance, query, k: int):
+    return prunekit.select(name, features, relevance, k=k, **({"query": query} if _reads_query(name) else {}))
+
+
+def _methods_with_selectors() -> list[str]:
+    """The registered methods whose model-free selection calls a registered selector's ``select``."""
+    used: list[str] = []
+    patched = []
+    for sel in prunekit.list_selectors():
+        cls = registry.get("selectors", sel)
+        own = vars(cls).get("select")
+        original = cls.select
+
+        def spy(self, inputs, k, _original=original):
+            used.append("yes")
+            return _original(self, inputs, k)
+
+        cls.select = spy
+        patched.append((cls, own))
+    found = []
+    try:
+        g = torch.Generator().manual_seed(0)
+        # 36 tokens: a square grid, for the methods that pool one
+        H, r, q = torch.randn(1, 36, 8, generator=g), torch.rand(1, 36, generator=g), torch.randn(1, 3, 8, generator=g)
+        for name in prunekit.list_methods():
+            if registry.get("methods", name).SelectionConfig is None:
+                continue  # needs a model to select
+            used.clear()
+            _select(name, H, r, q, 9)
+            if used:
+                found.append(name)
+    finally:
+        for cls, own in patched:
+            if own is None:
+                del cls.select
+            else:
+                cls.select = own
+    return found
+
+
+GREEDY = _methods_with_selectors()
+
+
+def _inputs(counts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(n, D, generator=g) for n in counts]
+    if len(feats) > 1:
+        feats[1][::2] = feats[1][1::2]  # exact duplicates in one sample: ties, and a different update per step
+    rel = [torch.rand(n, generator=g) for n in counts]
+    query = [torch.randn(5, D, generator=g) for _ in counts]
+    return feats, rel, query
+
+
+def _run(name: str, case: str, steps: int):
+    if case != "mixed":
+        feats, rel, query = _inputs((N,) if case == "one" else (N, N, N))
+        return lambda: _select(name, torch.stack(feats), torch.stack(rel), torch.stack(query), steps)
+    feats, rel, query = _inputs(MIXED)
+    method = registry.get("methods", name)
+    config = method.SelectionConfig()
+    ctx = StageContext(None, feats, [steps] * len(feats), signal=None)  # type: ignore[arg-type]
+    return lambda: ctx.select_grouped(rel, lambda inputs, k: method.batch_rule(inputs, k, config),
+                                      query=query if _reads_query(name) else None)
+
+
+def per_step(name: str, case: str) -> tuple[float, float, float]:
+    """(launches, operations, syncs) per greedy step of ``name``'s selection in ``case``."""
+    a, b = (count_ops(_run(name, case, k))[1] for k in (K1, K2))
+    steps = K2 - K1
+    return ((b.launches - a.launches) / steps, (b.operations - a.operations) / steps, (b.syncs - a.syncs) / steps)
+
+
+def test_every_greedy_method_has_ceilings():
+    assert GREEDY, "no registered method's selection runs a selector"
+    assert sorted(GREEDY) == sorted(CEILINGS), "record the per-step ceilings of every greedy/DPP method in CEILINGS"
+
+
+@pytest.mark.parametrize("case", ["one", "batch", "mixed"])
+@pytest.mark.parametrize("name", GREEDY)
+def test_greedy_step_launches_and_host_reads_stay_under_their_ceilings(name, case):
+    launches, operations, syncs = per_step(name, case)
+    ceiling = CEILINGS[name][case]
+    got = (launches, operations, syncs)
+    assert all(x <= c for x, c in zip(got, ceiling)), f"{name} ({case}): {got} per step, ceiling {ceiling}"
+
+
+def test_dpp_steps_after_the_kernel_rank_is_spent_read_nothing_from_the_host():
+    """Past the kernel's rank (D < k) the DPP takes the fallback order; choosing it costs no host read either."""
+    g = torch.Generator().manual_seed(1)
+    H, r, q = torch.randn(2, N, 4, generator=g), torch.rand(2, N, generator=g), torch.randn(2, 5, 4, generator=g)
+    a, b = (count_ops(_select, "cdpruner", H, r, q, k)[1] for k in (K1, K2))
+    assert b.syncs == a.syncs, b.sync_names
+    assert (b.launches - a.launches) / (K2 - K1) <= CEILINGS["cdpruner"]["batch"][0]
