@@ -117,3 +117,31 @@ def test_failed_import_names_the_plugin(monkeypatch):
     monkeypatch.setattr(registry_module, "_discover_entry_points", lambda: [bad])
     with pytest.raises(RegistryError, match="broken"):
         Registry().names("methods")
+
+
+@pytest.mark.parametrize("missing,methods", [("greedy", ["tops", "scope", "divprune"]), ("dpp", ["cdpruner"])])
+def test_a_method_whose_selector_is_not_registered_fails_at_build(missing, methods):
+    """Without the selector plugin, build fails naming it (not the first forward, nor a silent fallback)."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    names = sorted({ep.name for ep in entry_points(group="prunekit")} - {missing})
+    code = (
+        "import prunekit\n"
+        "from prunekit.testing import tiny_llava\n"
+        f"for method in {methods!r}:\n"
+        "    model = tiny_llava()\n"
+        "    try:\n"
+        "        prunekit.build(method, model, keep_tokens=4)\n"
+        "    except prunekit.UnknownNameError as err:\n"
+        f"        assert {missing!r} in str(err), err\n"
+        "        assert not prunekit.is_patched(model)\n"
+        "    else:\n"
+        "        raise SystemExit(f'{method}: built without its selector')\n"
+        "print('refused')\n"
+    )
+    env = {**os.environ, "PRUNEKIT_LOAD_PLUGINS": ",".join(names)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "refused" in result.stdout, result.stderr[-2000:] + result.stdout

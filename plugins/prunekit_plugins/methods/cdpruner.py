@@ -72,6 +72,7 @@ class CDPruner(Method):
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
+        registry.get("selectors", "dpp")  # a selector plugin that is not registered fails here, at build
         scorer = registry.get("scorers", cfg.relevance_scorer)
         needs_query = scorer.requires_query
         if scorer.requires_relevance:

@@ -52,6 +52,7 @@ class DivPrune(Method):
         return config.selector().select(SelectionInput(inputs.features), k)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
+        self.config.selector()  # a selector or scorer plugin that is not registered fails here, at build
         plan = StagePlan(self.config.insertion_point, self.chooser(), label="divprune")
         return make_stages(self.config, spec, [plan], method=self.name)
 

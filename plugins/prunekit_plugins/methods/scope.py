@@ -55,6 +55,7 @@ class Scope(Method):
         return config.selector().select(inputs, k)
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
+        self.config.selector()  # a selector or scorer plugin that is not registered fails here, at build
         choose = self.chooser(lambda ctx: ctx.relevance("cls_attention"))
         plan = StagePlan("vision_features", choose, label="scope", signals=("cls_attention",))
         return make_stages(self.config, spec, [plan], method=self.name)

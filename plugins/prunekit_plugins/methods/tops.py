@@ -284,6 +284,7 @@ class Tops(Method):
 
     def plan(self, spec: ModelSpec) -> list[Stage]:
         cfg = self.config
+        cfg.selector()  # a selector or scorer plugin that is not registered fails here, at build, not at a forward
         preset = self._preset(spec)
         insertion_points = cfg.insertion_points
         # a preset's stages apply unless the user set them (its budget unit: see budget_per)
