@@ -13,6 +13,13 @@ from __future__ import annotations
 from .interfaces import InsertionPoint
 
 
+#: the signals offered before the language model (vision_features and after_projector alike) ...
+BEFORE_LLM_SIGNALS = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
+                                "cls_feature"})
+#: ... of which these read the question (a server that caches encoder outputs per image cannot serve them)
+QUERY_SIGNALS = frozenset({"text_embeddings", "text_similarity"})
+
+
 class VisionFeatures(InsertionPoint):
     name = "vision_features"
     description = (
@@ -29,9 +36,8 @@ class VisionFeatures(InsertionPoint):
         "after the feature layer (its norm and q/k on the feature layer's output), last the encoder's last layer "
         "(the feature layer or the next one)."
     )
-    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
-                         "cls_feature"})
-    query_signals = frozenset({"text_embeddings", "text_similarity"})
+    signals = BEFORE_LLM_SIGNALS
+    query_signals = QUERY_SIGNALS
 
 
 class AfterProjector(InsertionPoint):
@@ -40,9 +46,8 @@ class AfterProjector(InsertionPoint):
         "After the multimodal projector, before the language model: visual tokens are removed from the LLM's input "
         "sequence. Features: projected visual tokens. Signals as at vision_features."
     )
-    signals = frozenset({"cls_attention", "keys", "text_embeddings", "text_similarity", "attention_received",
-                         "cls_feature"})
-    query_signals = frozenset({"text_embeddings", "text_similarity"})
+    signals = BEFORE_LLM_SIGNALS
+    query_signals = QUERY_SIGNALS
 
 
 class DecoderLayer(InsertionPoint):
