@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ..api import make_config
 from ..config import MethodConfig
-from ..interfaces import Choice, ModelSpec, Stage, StageContext
+from ..interfaces import ModelSpec, Stage, StageContext
 from ..registry import registry
+from ..runtime.stages import choose
 from ..saved import read_block
 
 #: the insertion points a server can run before its language model, in the order they come in a forward pass
@@ -151,22 +152,13 @@ class ImagePruner:
                 return [signal(name, options)[rows]]
 
             grids = [[grid]] if grid is not None and i == 0 else [None]
-            ctx = StageContext(stage, [features], [keep], stage_signal, grids=grids)
-            (choice,) = stage.choose(ctx)
-            choice = choice if isinstance(choice, Choice) else Choice(choice)
-            if choice.ordered:
+            # the runtime's own check of what a stage returns (count, range, repeats), kept in place order
+            (idx,), (values,), (flags,) = choose(stage, StageContext(stage, [features], [keep], stage_signal,
+                                                                     grids=grids))
+            if bool((idx[1:] < idx[:-1]).any()):
                 raise UnservableMethodError(f"method {self.method!r} reorders tokens, which {self.server} cannot")
-            idx = choice.indices.to(device=features.device, dtype=torch.long).flatten()
-            if idx.numel() != keep or idx.unique().numel() != keep or (keep and not 0 <= int(idx.min()) <=
-                                                                           int(idx.max()) < features.shape[0]):
-                raise ValueError(f"{stage.label or stage.point}: method {self.method!r} returned invalid indices "
-                                 f"({idx.numel()} for a budget of {keep} of {features.shape[0]})")
-            idx, order = idx.sort()
-            values = features[idx] if choice.values is None else choice.values.to(features)[order]
-            flags = merged[idx]
-            if choice.merged is not None:
-                flags = flags | choice.merged.to(device=flags.device, dtype=torch.bool).flatten()[order]
-            features, current, merged = values, current[idx], flags
+            values = features[idx] if values is None else values.to(features)
+            features, current, merged = values, current[idx], merged[idx] | flags
         if space == "vision_features":
             features = project(features)
         return Kept(current, features, merged)
