@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .base import MultimodalAdapter
 
 __all__ = ["VISION_SIGNALS", "CLS_SIGNALS", "ATTENTION_SIGNALS", "VISION_LAYERS", "attention_signals",
-           "resolve_layer", "next_layer_signals", "check_options"]
+           "resolve_layer", "next_layer_signals", "check_options", "cls_signals"]
 
 #: Signals read from the vision encoder (the rest come from the language model's input or its layers).
 VISION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received", "cls_feature"})
@@ -29,6 +29,20 @@ ATTENTION_SIGNALS = frozenset({"cls_attention", "keys", "attention_received"})
 VISION_LAYERS = ("feature", "next", "last")
 
 
+def cls_signals(q_cls: Tensor, k: Tensor, heads: int, head_dim: int) -> dict[str, dict[str, Tensor]]:
+    """[CLS] attention to the patches and the patches' keys, from the [CLS] row's query ``q_cls`` ``[n, 1, width]``
+    and every row's keys ``k`` ``[n, L, width]`` (heads side by side; the [CLS] token first):
+    ``{"cls": {"mean", "one"}, "keys": {"mean", "one"}}``, ``"mean"`` over the heads, ``"one"`` the whole width as
+    a single head (scaled by width^-1/2, PruMerge+'s code)."""
+    n, L, _ = k.shape
+    qh = q_cls.view(n, 1, heads, head_dim).transpose(1, 2).float()
+    kh = k.view(n, L, heads, head_dim).transpose(1, 2).float()
+    probs = ((qh @ kh.transpose(-1, -2)) * head_dim**-0.5).softmax(-1)  # [n, H, 1, L]
+    one = ((q_cls.float() @ k.float().transpose(-1, -2)) * k.shape[-1] ** -0.5).softmax(-1)  # [n, 1, L]
+    return {"cls": {"mean": probs.mean(1)[:, 0, 1:], "one": one[:, 0, 1:]},  # [CLS] → patches
+            "keys": {"mean": kh.mean(1)[:, 1:], "one": k[:, 1:]}}
+
+
 def attention_signals(adapter: "MultimodalAdapter", module, hidden: Tensor, received: bool) -> dict[str, Any]:
     """The signals of the attention ``module`` on its input ``hidden`` ``[n, L, width]`` (after the layer's
     norm): ``cls`` and ``keys`` (with a [CLS] token) and ``received`` (when asked for)."""
@@ -38,18 +52,10 @@ def attention_signals(adapter: "MultimodalAdapter", module, hidden: Tensor, rece
     q, k = C.VISION_Q_PROJ.get(module)(rows), C.VISION_K_PROJ.get(module)(hidden)
     if C.VISION_Q_NORM.has(module):  # InternViT normalises q and k before the heads split
         q, k = C.VISION_Q_NORM.get(module)(q), C.VISION_K_NORM.get(module)(k)
-    whole_q, whole_k = q, k  # [n, rows, width], [n, L, width]: heads side by side
+    first = 1 if adapter.has_cls() else 0  # patches start after the [CLS] token
+    out: dict[str, Any] = cls_signals(q[:, :1], k, heads, hd) if first else {}
     q = q.view(n, -1, heads, hd).transpose(1, 2).float()
     k = k.view(n, L, heads, hd).transpose(1, 2).float()
-    first = 1 if adapter.has_cls() else 0  # patches start after the [CLS] token
-    out: dict[str, Any] = {}
-    if first:
-        probs = ((q[:, :, :1] @ k.transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [n, H, 1, L]
-        # heads="one": q and k over the whole width as a single head, scaled by width^-1/2 (PruMerge+'s code)
-        one = (whole_q[:, :1].float() @ whole_k.float().transpose(-1, -2)) * whole_k.shape[-1] ** -0.5
-        one = one.softmax(-1)  # [n, 1, L]
-        out["cls"] = {"mean": probs.mean(1)[:, 0, 1:], "one": one[:, 0, 1:]}  # [CLS] → patches
-        out["keys"] = {"mean": k.mean(1)[:, 1:], "one": whole_k[:, 1:]}
     if received:  # mean attention each patch receives from the patches, one head at a time
         out["received"] = torch.zeros(n, L - first, device=hidden.device)
         for h in range(heads):

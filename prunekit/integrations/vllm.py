@@ -33,6 +33,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ..adapters.vision import cls_signals
 from ..interfaces import ModelSpec
 from .pre_llm import ImagePruner, UnservableMethodError
 
@@ -171,15 +172,8 @@ class _ClsSignals:
         qkv, _ = self.attention.qkv_proj(hidden)
         q, k, _ = qkv.chunk(3, dim=-1)
         heads, hd = self.attention.num_heads_per_partition, self.attention.head_dim
-        if options.get("heads", "mean") == "one":
-            whole = (q[:, :1].float() @ k.float().transpose(-1, -2)) * k.shape[-1] ** -0.5
-            return whole.softmax(-1)[0, 0, 1:] if name == "cls_attention" else k[0, 1:]
-        q = q.view(1, -1, heads, hd).transpose(1, 2).float()
-        k = k.view(1, -1, heads, hd).transpose(1, 2).float()
-        if name == "keys":
-            return k.mean(1)[0, 1:]
-        probs = ((q[:, :, :1] @ k.transpose(-1, -2)) * hd**-0.5).softmax(-1)  # [1, H, 1, L]
-        return probs.mean(1)[0, 0, 1:]
+        signals = cls_signals(q[:, :1], k, heads, hd)  # the transformers adapters' computation
+        return signals["cls" if name == "cls_attention" else "keys"][options.get("heads", "mean")][0]
 
 
 @MULTIMODAL_REGISTRY.register_processor(_llava_processor, info=_llava_info, dummy_inputs=LlavaDummyInputsBuilder)
