@@ -265,7 +265,15 @@ class ScorerRun(ABC):
         """Gain of adding each token to the current set, ``[B, N]`` (values of chosen tokens are ignored)."""
 
     def update(self, picked: Tensor) -> None:
-        """Add ``picked`` (``[B]`` indices) to the set. Set-independent scorers need not override this."""
+        """Add ``picked`` (``[B]`` indices) to the set. Set-independent scorers need not override this.
+
+        A selector may call it with ``picked`` still on the device: an update that reads values back to the host
+        (``.item()``, ``nonzero``, a boolean mask) stalls a GPU at every step."""
+
+    def gains_into(self, out: Tensor) -> None:
+        """Write :meth:`gains` into ``out`` (``[B, N]`` float64). A selector passes the same ``out`` at every step,
+        so a run that keeps its gains there (or knows they did not change) can skip the copy."""
+        out.copy_(self.gains())
 
 
 class Scorer(ABC):

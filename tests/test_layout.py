@@ -16,6 +16,9 @@ PLUGINS = ROOT / "plugins" / "prunekit_plugins"
 #: the library's dependencies (pyproject.toml); packaging compares transformers releases, annotated_types carries
 #: pydantic's field constraints (both come with transformers / pydantic)
 CORE_DEPENDENCIES = {"torch", "transformers", "pydantic", "pluggy", "packaging", "annotated_types"}
+#: optional: imported only inside the Triton implementations of selection's kernels, on CUDA (prunekit/kernels.py)
+OPTIONAL = {"triton"}
+KERNEL_MODULES = ("_greedy_triton.py", "_coverage_triton.py")
 #: apart from the library: imported only by the tools that need them
 APART = ("prunekit/tools", "prunekit/integrations")
 #: what a plugin (built-in or not) imports from prunekit
@@ -80,6 +83,8 @@ CORE = [p for p in _files(PACKAGE) if not str(p.relative_to(ROOT)).startswith(AP
 @pytest.mark.parametrize("path", CORE + _files(PLUGINS), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_library_imports_only_its_dependencies(path):
     allowed = CORE_DEPENDENCIES | {"prunekit", "prunekit_plugins"} | set(sys.stdlib_module_names)
+    if path.name in KERNEL_MODULES or path.name == "kernels.py":
+        allowed |= OPTIONAL
     for name in _imports(path):
         assert name.split(".")[0] in allowed, f"{path.relative_to(ROOT)} imports {name}"
         assert not name.startswith(("prunekit.tools", "prunekit.integrations")), \

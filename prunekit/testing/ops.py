@@ -6,7 +6,11 @@ stream until the device catches up. Both are visible at the dispatcher on CPU, s
 there with a ``TorchDispatchMode``: a test can then fail on a machine without a GPU when a loop gains a launch or a
 host read.
 
-Imports only torch.
+A :class:`prunekit.kernels.Kernel` call counts as one launch named ``prunekit::<name>`` and no host read, whichever
+implementation runs: on a GPU with Triton it is one kernel that reads nothing back. The operations of its tensor
+reference (what runs on CPU) are not counted.
+
+Imports only torch (and prunekit.kernels, which imports only torch).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..kernels import inside_kernel, observe_launches
 
 __all__ = ["HOST_SYNC_OPS", "OpCount", "count_ops"]
 
@@ -92,7 +98,17 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.count = count
 
+    def kernel(self, name: str) -> None:
+        if inside_kernel():  # a kernel called by a kernel's reference is part of that one launch
+            return
+        name = f"prunekit::{name}"
+        self.count.operations += 1
+        self.count.launches += 1
+        self.count.by_name[name] = self.count.by_name.get(name, 0) + 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if inside_kernel():
+            return func(*args, **(kwargs or {}))
         count = self.count
         count.operations += 1
         if _launches(func):
@@ -113,6 +129,7 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, O
     runs. Per-iteration costs of a loop are best taken as the difference between two runs of different lengths,
     which cancels the setup. Operations run inside ``torch.no_grad`` or not are counted alike."""
     count = OpCount()
-    with _Counter(count):
+    counter = _Counter(count)
+    with counter, observe_launches(counter.kernel):
         out = fn(*args, **kwargs)
     return out, count

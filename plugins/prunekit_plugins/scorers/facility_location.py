@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from prunekit.plugin import Scorer, ScorerRun, SelectionInput, hookimpl, take_rows
+from prunekit.plugin import Kernel, Scorer, ScorerRun, SelectionInput, hookimpl, take_rows
 
 #: stands for "+inf" in fixed point: a term max(0, F - _OUT) is always 0
 _OUT = 1 << 62
@@ -134,48 +134,115 @@ class _NaiveRun(ScorerRun):
         self._add(picked, self._grown(self.fixed.column(picked)))
 
 
+def _prepare_reference(fixed: _Fixed, picked: Tensor, best: Tensor, chosen: Tensor, index: Tensor, old: Tensor,
+                       new: Tensor, count: Tensor) -> None:
+    B, N = best.shape
+    column = fixed.column(picked)  # F[:, p] = F[p, :]
+    grown = torch.maximum(best, column)
+    # j enters the update when m_j grows or j leaves the sum (j = p); chosen j never were in it.
+    changed = (column > best) & ~chosen
+    changed.scatter_(1, picked[:, None], True)
+    if B == 1:
+        idx = changed[0].nonzero().T  # [1, U]
+        counts = torch.tensor([idx.shape[1]], device=best.device)
+        o, n = best.gather(1, idx), grown.gather(1, idx)
+    else:  # pad every sample to the largest U; a padding term has old = new = 0 and adds nothing
+        counts = changed.sum(-1)
+        idx = torch.sort((~changed).to(torch.int8), dim=-1, stable=True).indices[:, : int(counts.max())]
+        valid = torch.arange(idx.shape[1], device=idx.device)[None, :] < counts[:, None]
+        o = best.gather(1, idx).masked_fill(~valid, 0)
+        n = grown.gather(1, idx).masked_fill(~valid, 0)
+    U = idx.shape[1]
+    index[:, :U] = idx
+    old[:, :U] = o
+    new[:, :U] = n.masked_fill(idx == picked[:, None], _OUT)  # p leaves the sum: its term becomes 0
+    count.copy_(counts)
+    best.copy_(grown)
+    chosen.scatter_(1, picked[:, None], True)
+
+
+def _delta_reference(fixed: _Fixed, index: Tensor, old: Tensor, new: Tensor, count: Tensor, gain: Tensor,
+                     out: Tensor | None) -> None:
+    U = int(count.max())
+    index, old, new = index[:, :U], old[:, :U], new[:, :U]
+    # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows,
+    # a block of rows at a time (exact integer sums: the blocks never change the result).
+    gain += old.sum(1, keepdim=True)
+    for start, end in fixed.blocks(U):
+        rows = fixed.rows(index[:, start:end])  # [B, u, N]: F[j, i] = F[i, j]
+        gain -= torch.clamp(rows, old[:, start:end, None], new[:, start:end, None], out=rows).sum(1)
+        del rows  # before the next block is made: one block at a time
+    if out is not None:
+        out.copy_(gain).div_(fixed.scale)
+
+
+def _prepare_triton():
+    from prunekit_plugins.scorers._coverage_triton import prepare
+
+    return prepare
+
+
+def _delta_triton():
+    from prunekit_plugins.scorers._coverage_triton import delta
+
+    return delta
+
+
+#: after a pick: the new best similarities ``m``, and the list of tokens whose term changes (``index``, their
+#: ``old`` and ``new`` m, ``count`` of them per sample), written on the device
+PREPARE = Kernel("coverage_prepare", _prepare_reference, _prepare_triton)
+#: the gains minus the change of the listed terms, ``Σ_u clamp(F_iu, old_u, new_u) − old_u`` (and, given ``out``,
+#: the gains in float64 there)
+DELTA = Kernel("coverage_delta", _delta_reference, _delta_triton)
+
+
 class _IncrementalRun(_NaiveRun):
-    """Keeps the gains and updates only the rows whose ``m`` changed (see the module docstring)."""
+    """Keeps the gains and updates only the rows whose ``m`` changed (see the module docstring).
+
+    An update is two kernels (:data:`PREPARE`, :data:`DELTA`) over buffers allocated once, so it neither reads the
+    host nor changes shape; the float gains are written straight into the selector's buffer (:meth:`gains_into`)."""
 
     hold = True
 
     def __init__(self, inputs: SelectionInput, floor: float | None = None) -> None:
         super().__init__(inputs, floor)
         self.gain: Tensor | None = None  # c_i on the grid, None until needed
+        self._out: Tensor | None = None  # the selector's float64 buffer, current while _current
+        self._current = False
+        self._work: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def gains(self) -> Tensor:
         if self.gain is None:
             self.gain = self.fixed.coverage(self.best, self.chosen)
         return self.fixed.to_float(self.gain)
 
+    def gains_into(self, out: Tensor) -> None:
+        same = self._out is not None and self._out.data_ptr() == out.data_ptr() and self._out.shape == out.shape
+        if self.gain is None or not (self._current and same):
+            if self.gain is None:
+                self.gain = self.fixed.coverage(self.best, self.chosen)
+            out.copy_(self.gain).div_(self.fixed.scale)
+            self._out, self._current = out, True
+
     def update(self, picked: Tensor) -> None:
-        column = self.fixed.column(picked)  # F[:, p] = F[p, :]
-        new_best = self._grown(column)
         if self.best is None or self.gain is None:  # m jumps from 0 everywhere: recompute when next asked
-            self._add(picked, new_best)
+            self._add(picked, self._grown(self.fixed.column(picked)))
             self.gain = None
+            self._current = False
             return
-        # j enters the update when m_j grows or j leaves the sum (j = p); chosen j never were in it.
-        changed = (column > self.best) & ~self.chosen
-        changed[self.rows, picked] = True
-        if changed.shape[0] == 1:
-            index = changed[0].nonzero().T  # [1, U]
-            old, new = self.best.gather(1, index), new_best.gather(1, index)
-        else:  # pad every sample to the largest U; a padding term has old = new = 0 and adds nothing
-            counts = changed.sum(-1)
-            index = torch.sort((~changed).to(torch.int8), dim=-1, stable=True).indices[:, : int(counts.max())]
-            valid = torch.arange(index.shape[1], device=index.device)[None, :] < counts[:, None]
-            old = self.best.gather(1, index).masked_fill(~valid, 0)
-            new = new_best.gather(1, index).masked_fill(~valid, 0)
-        new = new.masked_fill(index == picked[:, None], _OUT)  # p leaves the sum: its term becomes 0
-        # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows,
-        # a block of rows at a time (exact integer sums: the blocks never change the result).
-        self.gain += old.sum(1, keepdim=True)
-        for start, end in self.fixed.blocks(index.shape[1]):
-            rows = self.fixed.rows(index[:, start:end])  # [B, u, N]: F[j, i] = F[i, j]
-            self.gain -= torch.clamp(rows, old[:, start:end, None], new[:, start:end, None], out=rows).sum(1)
-            del rows  # before the next block is made: one block at a time
-        self._add(picked, new_best)
+        if self._work is None:
+            B, N = self.chosen.shape
+            device = self.chosen.device
+            self._work = (torch.zeros(B, N, dtype=torch.int64, device=device),
+                          torch.zeros(B, N, dtype=torch.int64, device=device),
+                          torch.zeros(B, N, dtype=torch.int64, device=device),
+                          torch.zeros(B, dtype=torch.int64, device=device))
+        index, old, new, count = self._work
+        device = self.chosen.device
+        held = not self.fixed.inputs.streamed  # the Triton kernels read a held matrix
+        PREPARE(device, self.fixed, picked, self.best, self.chosen, index, old, new, count, triton=held)
+        DELTA(device, self.fixed, index, old, new, count, self.gain, self._out if self._current else None,
+              triton=held)
 
 
 class FacilityLocationCoverage(Scorer):

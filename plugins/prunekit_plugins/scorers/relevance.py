@@ -10,9 +10,17 @@ from prunekit.plugin import Scorer, ScorerRun, SelectionInput, hookimpl
 class _Constant(ScorerRun):
     def __init__(self, values: Tensor) -> None:
         self._values = values
+        self._written: tuple | None = None
 
     def gains(self) -> Tensor:
         return self._values
+
+    def gains_into(self, out: Tensor) -> None:
+        # constant gains: a selector passes the same buffer at every step, so one copy is enough
+        where = (out.data_ptr(), tuple(out.shape), tuple(out.stride()))
+        if self._written != where:
+            out.copy_(self._values)
+            self._written = where
 
 
 class Relevance(Scorer):

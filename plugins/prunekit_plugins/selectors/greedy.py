@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from prunekit.plugin import Scorer, SelectionInput, Selector, hookimpl
+from prunekit.plugin import Kernel, Scorer, SelectionInput, Selector, hookimpl
 
 Normalize = Literal["minmax", "mean", "none"]
 
@@ -41,6 +41,41 @@ def _best_candidate(score: Tensor, penalty: Tensor) -> Tensor:
     info = torch.finfo(score.dtype)
     finite = torch.nan_to_num(score, nan=info.min, posinf=info.max, neginf=info.min)
     return (finite - penalty.to(score.dtype)).argmax(-1)
+
+
+def combined_score(gains: Tensor, weights: Sequence[float], penalty: Tensor, normalize: Normalize,
+                   combine: str) -> Tensor:
+    """The greedy score ``[B, N]`` of gains ``[T, B, N]`` (float64): each term normalised over the candidates,
+    then ``Σ w·N(g)`` (``sum``) or ``Π max(N(g), 0)^w`` (``product``), term by term in order."""
+    g = normalize_over(gains, penalty, normalize)
+    total = None
+    for t, weight in enumerate(weights):  # term by term, in order: the sums round as the spec's would
+        if combine == "sum":
+            part = weight * g[t]
+            total = part if total is None else total + part
+        else:
+            part = g[t].clamp_min(0) ** weight
+            total = part if total is None else total * part
+    return total  # type: ignore[return-value]
+
+
+def _pick_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor, step: int,
+                    normalize: Normalize, combine: str) -> Tensor:
+    picked = _best_candidate(combined_score(gains, weights, penalty, normalize, combine), penalty)
+    penalty.scatter_(1, picked[:, None], float("inf"))
+    picks[:, step] = picked
+    return picks[:, step]
+
+
+def _pick_triton():
+    from prunekit_plugins.selectors._greedy_triton import pick
+
+    return pick
+
+
+#: one greedy step after the gains are known: score every candidate, take the best, mark it chosen
+#: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum".
+PICK = Kernel("greedy_pick", _pick_reference, _pick_triton)
 
 
 class GreedySelector(Selector):
@@ -79,21 +114,11 @@ class GreedySelector(Selector):
         self.seed = seed
         self.max_similarity_bytes = max_similarity_bytes
 
-    def _score(self, runs, penalty: Tensor) -> Tensor:
-        # All terms at once ([T, B, N], float64): one pass of normalisation ops per step instead of one per term.
-        gains = torch.stack([run.gains().to(torch.float64) for run, _ in runs])
-        g = normalize_over(gains, penalty, self.normalize)
-        total = None
-        for t, (_, weight) in enumerate(runs):  # term by term, in order: the sums round as the spec's would
-            if self.combine == "sum":
-                part = weight * g[t]
-                total = part if total is None else total + part
-            else:
-                part = g[t].clamp_min(0) ** weight
-                total = part if total is None else total * part
-        return total  # type: ignore[return-value]
-
     def select(self, inputs: SelectionInput, k: int) -> Tensor:
+        with torch.no_grad():  # indices carry no gradient; the loop's in-place and out= operations need none
+            return self._select(inputs, k)
+
+    def _select(self, inputs: SelectionInput, k: int) -> Tensor:
         B, N = inputs.batch_size, inputs.num_tokens
         device = inputs.features.device
         if k <= 0:
@@ -102,22 +127,32 @@ class GreedySelector(Selector):
             return torch.arange(N, device=device).expand(B, N).clone()
         if self.max_similarity_bytes is not None:
             inputs.limit_similarity(self.max_similarity_bytes)
-        runs = [(scorer.start(inputs), weight) for scorer, weight in self.terms]
+        runs = [scorer.start(inputs) for scorer, _ in self.terms]
+        # Every buffer of the loop is allocated here: inside it, shapes are static and nothing is read back to the
+        # host (a step is the scorers' updates and one PICK), so a GPU runs the K steps without waiting.
+        gains = torch.empty(len(runs), B, N, dtype=torch.float64, device=device)
+        weights = tuple(w for _, w in self.terms)
+        weight_tensor = torch.empty(len(weights), dtype=torch.float64, device=device)
+        for t, w in enumerate(weights):  # filled on the device: no copy from host memory (capturable)
+            weight_tensor[t].fill_(float(w))
         penalty = torch.zeros(B, N, dtype=torch.float64, device=device)  # +inf at chosen tokens
-        rows = torch.arange(B, device=device)
-        picks = []
+        picks = torch.empty(B, k, dtype=torch.long, device=device)
+        fused = self.normalize in ("minmax", "none") and self.combine == "sum"
         for step in range(k):
             if step == 0 and self.seed is not None:
-                score = self.seed.start(inputs).gains()
+                picked = _best_candidate(self.seed.start(inputs).gains(), penalty)
+                penalty.scatter_(1, picked[:, None], float("inf"))
+                picks[:, 0] = picked
+                picked = picks[:, 0]
             else:
-                score = self._score(runs, penalty)
-            picked = _best_candidate(score, penalty)
-            penalty[rows, picked] = float("inf")
-            picks.append(picked)
+                for t, run in enumerate(runs):
+                    run.gains_into(gains[t])
+                picked = PICK(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, self.combine,
+                              triton=fused)
             if step + 1 < k:
-                for run, _ in runs:
+                for run in runs:
                     run.update(picked)
-        return torch.stack(picks, 1).sort(-1).values
+        return picks.sort(-1).values
 
 
 @hookimpl

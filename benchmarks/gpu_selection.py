@@ -1,0 +1,198 @@
+"""Greedy selection on a GPU: the Triton kernels against the tensor reference (docs/performance.md).
+
+    python benchmarks/gpu_selection.py --out results/        # on a CUDA machine with Triton
+    python benchmarks/gpu_selection.py --smoke --device cpu  # a seconds-long run of every part on CPU
+
+For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), on clustered random features
+(``prunekit.tools.bench.clustered_features``):
+
+1. **exactness**: the kept indices on the GPU (Triton kernels) equal those of the same selection on CPU (the
+   reference), for several sizes, batches and seeds, with exact duplicate tokens in the batch;
+2. **host syncs per step**: ``torch.cuda.set_sync_debug_mode("warn")`` warnings of ``k = K2`` minus ``k = K1``,
+   divided by the extra steps;
+3. **kernels per step**: CUDA kernels (and memsets/copies) the profiler records, same difference;
+4. **CUDA graph**: one TOPS selection captured with ``torch.cuda.graph`` and replayed (same indices, replay time);
+5. **time**: median wall time of ``prunekit.select`` with the Triton kernels and with ``PRUNEKIT_KERNELS=reference``
+   (the same selection as tensor operations), per size and batch.
+
+Writes ``gpu_selection.json`` into ``--out`` and prints each result as it comes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.tools.bench import clustered_features
+
+METHODS = ("tops", "divprune", "scope")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _select(method, feats, rel, k, reference=False, **kw):
+    os.environ["PRUNEKIT_KERNELS"] = "reference" if reference else ""
+    try:
+        return prunekit.select(method, feats, rel, k=k, **kw)
+    finally:
+        os.environ["PRUNEKIT_KERNELS"] = ""
+
+
+def _timed(fn, device, repeats):
+    fn()  # warm-up (and Triton's compilation)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _features(n, dim, batch, seed, device):
+    feats, rel = clustered_features(n, dim, batch=batch, seed=seed)
+    if batch > 1:  # an exact duplicate of the first sample, and duplicate tokens inside it
+        feats[-1] = feats[0]
+        rel[-1] = rel[0]
+        feats[0, 1::7] = feats[0, 0]
+    return feats.to(device), rel.to(device)
+
+
+def exactness(device, cases, dim):
+    rows = []
+    for method in METHODS:
+        for n, k, batch, seed in cases:
+            feats, rel = _features(n, dim, batch, seed, device)
+            got = _select(method, feats, rel, k).cpu()
+            want = _select(method, feats.cpu(), rel.cpu(), k, reference=True)
+            rows.append({"method": method, "n": n, "k": k, "batch": batch, "seed": seed,
+                         "equal": bool(torch.equal(got, want))})
+            print(f"exact {method} N={n} K={k} B={batch} seed={seed}: {rows[-1]['equal']}", flush=True)
+    return rows
+
+
+def per_step(device, n, k1, k2, dim, batch):
+    """Host syncs and device kernels per greedy step (k2 minus k1 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    feats, rel = _features(n, dim, batch, 0, device)
+    for method in METHODS:
+        for reference in (False, True):
+            counts = {}
+            for k in (k1, k2):
+                _select(method, feats, rel, k, reference)  # warm-up
+                _sync(device)
+                torch.cuda.set_sync_debug_mode("warn")
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    _select(method, feats, rel, k, reference)
+                torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchroniz" in str(w.message) for w in caught)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    _select(method, feats, rel, k, reference)
+                    _sync(device)
+                kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+                counts[k] = (syncs, kernels)
+            steps = k2 - k1
+            row = {"method": method, "kernels": "reference" if reference else "triton", "n": n, "batch": batch,
+                   "syncs_per_step": (counts[k2][0] - counts[k1][0]) / steps,
+                   "device_kernels_per_step": (counts[k2][1] - counts[k1][1]) / steps,
+                   "syncs_total": counts[k2][0]}
+            out.append(row)
+            print(f"per step {row}", flush=True)
+    return out
+
+
+def graph(device, n, k, dim):
+    feats, rel = _features(n, dim, 1, 0, device)
+    want = _select("tops", feats, rel, k)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            _select("tops", feats, rel, k)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = _select("tops", feats, rel, k)
+    g.replay()
+    _sync(device)
+    replay = _timed(g.replay, device, 10)
+    eager = _timed(lambda: _select("tops", feats, rel, k), device, 5)
+    row = {"n": n, "k": k, "equal": bool(torch.equal(out, want)), "replay_ms": replay, "eager_ms": eager}
+    print(f"graph {row}", flush=True)
+    return row
+
+
+def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
+    rows = []
+    for n, k in sizes:
+        for batch in batches:
+            feats, rel = _features(n, dim, batch, 0, device)
+            for method in METHODS:
+                # TOPS holds the matrices of a batch of video-size samples on a large GPU (the others stream them)
+                cap = {"max_similarity_mib": 16384} if device.type == "cuda" and method == "tops" else {}
+                fast = _timed(lambda: _select(method, feats, rel, k, **cap), device, repeats)
+                ref = None
+                if k <= reference_up_to_steps:
+                    ref = _timed(lambda: _select(method, feats, rel, k, reference=True, **cap), device, 1)
+                rows.append({"method": method, "n": n, "k": k, "batch": batch, "triton_ms": fast,
+                             "reference_ms": ref})
+                print(f"time {rows[-1]}", flush=True)
+            del feats, rel
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=".")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for a run on CPU")
+    p.add_argument("--parts", nargs="+", default=["exact", "steps", "graph", "time"])
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.smoke:
+        cases = [(48, 12, 1, 0), (48, 12, 3, 1)]
+        sizes, batches, dim, repeats = [(64, 16)], [1, 2], 16, 1
+    else:
+        cases = [(n, k, b, s) for n, k in ((576, 128), (2880, 256)) for b in (1, 8) for s in (0, 1)]
+        cases += [(10816, 4096, 1, 0)]
+        sizes, batches, dim, repeats = [(576, 128), (2880, 256), (10816, 4096)], [1, 8], args.dim, 3
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dim": dim}
+    parts = {
+        "exact": lambda: exactness(device, cases, dim),
+        "steps": lambda: per_step(device, 576, 8, 40, dim, 1) + per_step(device, 576, 8, 40, dim, 8),
+        "graph": lambda: graph(device, 576, 128, dim),
+        "time": lambda: timing(device, sizes, batches, dim, repeats, reference_up_to_steps=4096),
+    }
+    for name in args.parts:
+        if device.type != "cuda" and name in ("steps", "graph"):
+            continue
+        try:
+            result[name] = parts[name]()
+        except Exception as err:  # keep the other parts' results
+            traceback.print_exc()
+            result[name] = {"error": f"{type(err).__name__}: {err}"}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_selection.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The Triton kernels of selection against their tensor references, in Triton's interpreter on CPU.
+
+Run by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1`` (set before Triton is imported; in the
+test session itself it would send every CPU selection through the interpreter). Prints one JSON object:
+check name -> "ok" or the failure. ``PRUNEKIT_KERNELS=reference`` switches a call to the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+import prunekit
+from prunekit.plugin import SelectionInput, registry
+from prunekit_plugins.scorers import facility_location as fl
+from prunekit_plugins.selectors import greedy
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+
+def _reference(on: bool) -> None:
+    os.environ["PRUNEKIT_KERNELS"] = "reference" if on else ""
+
+
+def _both(fn):
+    """fn() with the reference and with the Triton kernels."""
+    _reference(True)
+    try:
+        want = fn()
+    finally:
+        _reference(False)
+    return want, fn()
+
+
+def _assert_equal(want, got, what):
+    for a, b in zip(want, got):
+        assert torch.equal(a, b), f"{what}: reference {a} != triton {b}"
+
+
+def check_pick_kernel():
+    """Scores with ties, constant terms, NaN and infinities; chosen tokens; minmax and none; one and several rows."""
+    assert greedy.PICK.uses_triton(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        T, B, N = 1 + trial % 3, 1 + trial % 4, 5 + 7 * trial
+        gains = torch.randint(0, 4, (T, B, N), generator=g).to(torch.float64) / 3  # many exact ties
+        if trial % 2:
+            gains += torch.rand(T, B, N, generator=g, dtype=torch.float64)
+        if trial % 3 == 2:
+            gains[0, :, 1] = float("nan")
+            gains[-1, :, 2] = float("inf")
+            gains[-1, :, 3] = float("-inf")
+        if trial % 4 == 3:
+            gains[0] = 0.5  # a constant term: span 0
+        weights = tuple(float(w) for w in torch.rand(T, generator=g, dtype=torch.float64) * 3)
+        weight_tensor = torch.tensor(weights, dtype=torch.float64)
+        chosen = torch.rand(B, N, generator=g) < 0.3
+        chosen[:, 0] = False  # at least one candidate
+        for normalize in ("minmax", "none"):
+            def run():
+                penalty = torch.zeros(B, N, dtype=torch.float64).masked_fill(chosen, float("inf"))
+                picks = torch.full((B, 4), -1, dtype=torch.long)
+                out = greedy.PICK(torch.device("cpu"), gains, weights, weight_tensor, penalty, picks, 2, normalize,
+                                  "sum").clone()
+                return out, penalty, picks
+
+            want, got = _both(run)
+            _assert_equal(want, got, f"trial {trial} {normalize}")
+
+
+def _coverage_steps(features, picks_per_step, floor, cap):
+    """Drive a coverage run through fixed picks; the gains (int and float) and m after every step."""
+    inputs = SelectionInput(features, max_similarity_bytes=cap)
+    run = fl.FacilityLocationCoverage(floor).start(inputs)
+    B, N = features.shape[:2]
+    out = torch.empty(B, N, dtype=torch.float64)
+    seen = []
+    for picked in picks_per_step:
+        run.gains_into(out)
+        run.update(picked)
+        run.gains_into(out)
+        seen += [out.clone(), run.gain.clone(), run.best.clone(), run.chosen.clone()]
+    return seen
+
+
+def check_coverage_kernels():
+    """Held integer matrix and float matrix put on the grid as read; floors; duplicates; several rows."""
+    g = torch.Generator().manual_seed(1)
+    for B, N, floor in ((1, 40, None), (3, 33, 0.0), (2, 70, None)):
+        features = torch.randn(B, N, 8, generator=g)
+        features[0, 1::5] = features[0, 0]  # exact duplicates: equal similarities
+        order = torch.stack([torch.randperm(N, generator=g)[:12] for _ in range(B)], 1)  # [12, B]
+        picks = [order[i] for i in range(12)]
+        nbytes = B * N * N * 4
+        for cap, held in ((1 << 30, "int64 matrix"), (nbytes, "float matrix")):
+            want, got = _both(lambda: _coverage_steps(features, picks, floor, cap))
+            _assert_equal(want, got, f"B={B} N={N} floor={floor} {held}")
+        inputs = SelectionInput(features, max_similarity_bytes=nbytes)
+        run = fl.FacilityLocationCoverage(floor).start(inputs)
+        assert run.fixed.matrix is None and not inputs.streamed  # the float case above read F on the grid
+
+
+def check_greedy_methods():
+    """Every registered method whose selection runs the greedy selector: the same indices both ways."""
+    g = torch.Generator().manual_seed(2)
+    for name in ("tops", "divprune", "scope"):
+        assert registry.get("methods", name) is not None
+        for B, N, k in ((1, 50, 17), (3, 41, 9)):
+            feats = torch.randn(B, N, 16, generator=g)
+            if B > 1:
+                feats[1] = feats[0]
+                feats[2, 1::2] = feats[2, 0::2][: (N // 2)]
+            rel = torch.rand(B, N, generator=g)
+            want, got = _both(lambda: (prunekit.select(name, feats, rel, k=k),))
+            _assert_equal(want, got, f"{name} B={B} N={N} k={k}")
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+def _small_blocks():
+    """Chunks of a few tokens, so that every loop of the kernels (and the running argmax across chunks) runs."""
+    from prunekit_plugins.scorers import _coverage_triton
+    from prunekit_plugins.selectors import _greedy_triton
+
+    _greedy_triton.BLOCK = 4
+    _coverage_triton.PREPARE_BLOCK, _coverage_triton.DELTA_ROWS, _coverage_triton.DELTA_COLS = 8, 2, 4
+
+
+if __name__ == "__main__":
+    results = {}
+    for blocks in ("default", "small"):
+        if blocks == "small":
+            _small_blocks()
+        for name in sys.argv[1:] or CHECKS:
+            if blocks == "small" and name == "greedy_methods":
+                continue  # the kernels' own checks cover the chunk loops; whole selections take long there
+            try:
+                CHECKS[name]()
+                results.setdefault(name, "ok")
+            except Exception:
+                results[name] = f"{blocks} blocks: " + traceback.format_exc()
+    print(json.dumps(results))
