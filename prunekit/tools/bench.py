@@ -125,17 +125,17 @@ def _decoder_layer(dim: int, heads: int, mlp: int, device, dtype):
 def decoder_layer_prefill_ms(tokens: int, *, dim: int = 4096, heads: int = 32, mlp: int = 11008, batch: int = 1,
                              repeats: int = 1, device: str | torch.device = "cpu",
                              dtype: torch.dtype = torch.float32) -> float:
-    """Median time of one causal 7B-width decoder layer over ``batch`` sequences of ``tokens`` tokens (sdpa)."""
+    """Median time of one causal 7B-width decoder layer over ``batch`` sequences of ``tokens`` tokens (sdpa),
+    after a warm-up."""
     device = torch.device(device)
     layer, rotary = _decoder_layer(dim, heads, mlp, device, dtype)
     x = torch.randn(batch, tokens, dim, device=device, dtype=dtype)
     pos = torch.arange(tokens, device=device)[None]
     emb = rotary(x, pos)
-    times = []
     with torch.no_grad():
-        for _ in range(repeats):
-            times.append(_timed(lambda: layer(x, attention_mask=None, position_ids=pos, position_embeddings=emb),
-                                device))
+        run = lambda: layer(x, attention_mask=None, position_ids=pos, position_embeddings=emb)  # noqa: E731
+        run()  # warm-up
+        times = [_timed(run, device) for _ in range(repeats)]
     del layer, x
     return statistics.median(times)
 

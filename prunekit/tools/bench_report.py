@@ -33,20 +33,20 @@ def check_targets(selection: Sequence[SelectionRow], models: Sequence[ModelRow])
                 if limit is not None else f"TOPS selection / unpruned prefill, N={row.n} (no target above 10,816)")
         out.append({"target": name, "batch": row.batch, "value": value,
                     "ok": None if value is None or limit is None else value <= limit})
-    by = {(r.model, r.batch, r.method, r.keep_tokens): r for r in models if r.error is None}
-    for (model, batch, method, t), row in by.items():
-        if method != "tops":
-            continue
-        vz = by.get((model, batch, "visionzip", t))
+    by = {(r.model, r.batch, r.method, r.keep_tokens): r for r in models}
+    pairs = dict.fromkeys((m, b, t) for (m, b, method, t) in by if method == "tops" and (m, b, "visionzip", t) in by)
+    for model, batch, t in pairs:
+        row, vz = by[(model, batch, "tops", t)], by[(model, batch, "visionzip", t)]
         name = f"{_short(model)}: TOPS prefill <= VisionZip + 5%, T={t} ({row.budget_meaning}), batch {batch}"
-        if vz is None:
-            if any(r.method == "visionzip" and r.model == model and r.batch == batch for r in models):
-                out.append({"target": name, "batch": batch, "value": None, "ok": None})
+        if row.error is not None or vz.error is not None:  # one of them did not run: not measured, and why
+            out.append({"target": name, "batch": batch, "value": None, "ok": None,
+                        "why": row.error if row.error is not None else vz.error})
             continue
         # each against its own interleaved unpruned baseline, so that drift between the two runs cancels
         ratio = vz.speedup / row.speedup
         out.append({"target": name, "batch": batch, "value": ratio, "ok": ratio <= 1.05,
-                    "tokens_layer_average": {"tops": row.tokens_layer_average, "visionzip": vz.tokens_layer_average}})
+                    "tokens_layer_average": {"tops": row.tokens_layer_average, "visionzip": vz.tokens_layer_average},
+                    "tflops": {"tops": row.flops_scaled / 1e12, "visionzip": vz.flops_scaled / 1e12}})
     for row in models:
         if row.error is None and row.efficiency is not None and row.method != "oracle":
             out.append({"target": f"{_short(row.model)}: {row.method} T={row.keep_tokens}, batch {row.batch}: "
