@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .bench_report import _fmt, check_targets, plots, tables
+from .bench_report import PREFILL_LABELS, _fmt, check_targets, plots, tables
 from .measure import LayerClock, _StepClock, _progress, _say, _timed, count_flops, peak_memory_mib
 
 #: the paper's selection sizes: LLaVA-1.5 (576 → 256), LLaVA-NeXT (2,880 → 1,280), LLaVA-Video (64 × 169 → 4,096)
@@ -163,9 +163,6 @@ def selection_prefill_kind(prefill: str | bool, device: str | torch.device, deco
         real = decoder_layers == REAL_DECODER_LAYERS and torch.device(device).type != "cpu"
         return "decoder" if real else "layer"
     return None if prefill == "none" else prefill
-
-
-PREFILL_LABELS = {"decoder": f"{REAL_DECODER_LAYERS}-layer 7B decoder", "layer": f"1 layer x {REAL_DECODER_LAYERS}"}
 
 
 @dataclass

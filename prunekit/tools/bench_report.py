@@ -13,6 +13,9 @@ def _short(model: str) -> str:
     return model.split(",")[0].split(" (")[0]
 
 
+#: how the unpruned prefill next to a selection was measured (``SelectionRow.prefill``)
+PREFILL_LABELS = {"decoder": "32-layer 7B decoder", "layer": "1 layer x 32"}
+
 #: the selection-time targets (docs/performance.md): TOPS's selection as a fraction of the unpruned prefill
 SELECTION_LIMITS = ((2880, 0.02), (10816, 0.05))
 
@@ -72,8 +75,6 @@ def _pct(x) -> str:
 
 
 def tables(selection: Sequence[SelectionRow], models: Sequence[ModelRow], targets: Sequence[dict]) -> str:
-    from .bench import PREFILL_LABELS
-
     lines = []
     if selection:
         lines += ["| N | K | batch | incremental (ms) | naive (ms) | speed-up | same selection | unpruned prefill (ms) | "
