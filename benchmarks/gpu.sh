@@ -19,7 +19,7 @@
 # bench.md, selection_time.png} and OUT/model/{bench.json, bench.md, speedup_llava_1_5_7b_shapes.png}.
 #
 # Time: about 3 minutes on an H200 (estimate; not yet run on one). Each part runs under its own limit
-# (SELECTION_LIMIT, MODEL_LIMIT seconds, default 140 each): a part that reaches it is interrupted and still writes
+# (SELECTION_LIMIT, MODEL_LIMIT seconds, default 130 each): a part that reaches it is interrupted and still writes
 # what it measured (bench.json says "interrupted"), and the other part runs anyway. The whole script stays under
 # about 5 minutes.
 #
@@ -28,13 +28,13 @@
 #                    32, one-layer x 32 prefill of width 32, the tiny test model instead of the 7B): proves the script
 #                    runs end to end without a GPU, in about 1-2 minutes on 2 cores. Its numbers mean nothing.
 #   PYTHON           the interpreter (default: python3)
-#   SELECTION_LIMIT, MODEL_LIMIT   seconds each part may run (default 140 each)
+#   SELECTION_LIMIT, MODEL_LIMIT   seconds each part may run (default 130 each)
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu.sh OUTPUT_FOLDER}
 PY=${PYTHON:-python3}
-SELECTION_LIMIT=${SELECTION_LIMIT:-140}
-MODEL_LIMIT=${MODEL_LIMIT:-140}
+SELECTION_LIMIT=${SELECTION_LIMIT:-130}
+MODEL_LIMIT=${MODEL_LIMIT:-130}
 export PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 mkdir -p "$OUT"
