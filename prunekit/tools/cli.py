@@ -17,19 +17,23 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.quick:  # a smoke run: tiny model and sizes, seconds on a CPU
         sizes, models, budgets, repeats, new_tokens = ((64, 16), (256, 64)), ("tiny",), (6,), 1, 2
-        dim, prefill = 32, False
+        dim, prefill = 32, "none"
     else:
+        if len(args.n) != len(args.k):
+            raise ValueError(f"--n and --k must have the same length; got {args.n} and {args.k}")
+        bad = [(n, k) for n, k in zip(args.n, args.k) if not 1 <= k <= n]
+        if bad:
+            raise ValueError(f"--k must be in 1..N for its --n; got (N, K) = {bad}")
         sizes = tuple(zip(args.n, args.k))
         models, budgets, repeats, new_tokens = args.model, args.budgets, args.repeats, args.new_tokens
-        dim, prefill = args.dim, not args.no_prefill
-    if not args.quick and len(args.n) != len(args.k):
-        raise ValueError(f"--n and --k must have the same length; got {args.n} and {args.k}")
+        dim, prefill = args.dim, "none" if args.no_prefill else args.selection_prefill
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     bench_module.run(
         args.out, parts=args.parts, models=models, methods=args.methods, budgets=budgets, sizes=sizes, dim=dim,
-        decoder_layers=args.decoder_layers, vision_layers=args.vision_layers, repeats=repeats,
+        decoder_layers=args.decoder_layers, vision_layers=args.vision_layers, batch=args.batch, repeats=repeats,
         new_tokens=new_tokens, device=args.device, dtype=dtypes[args.dtype], prefill=prefill,
-        budget_meaning=args.budget_meaning, progress=not args.no_progress,
+        naive_up_to=args.naive_up_to, max_similarity_mib=args.max_similarity_mib, memory=not args.no_memory,
+        oracle=not args.no_oracle, budget_meaning=args.budget_meaning, progress=not args.no_progress,
     )
     print(f"\nwrote {args.out}/bench.json, bench.md and plots")
     return 0
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=8)
     p.set_defaults(func=demo)
-    from .bench import DEFAULT_BUDGETS, DEFAULT_METHODS, SELECTION_SIZES
+    from .bench import DEFAULT_BUDGETS, DEFAULT_METHODS, SELECTION_PREFILLS, SELECTION_SIZES
 
     p = sub.add_parser("bench", help="selection time, prefill/decode time, memory and FLOPs, unpruned vs pruned")
     p.add_argument("--parts", nargs="+", default=["selection", "model"], choices=["selection", "model"])
@@ -146,13 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", nargs="+", type=int, default=[n for n, _ in SELECTION_SIZES], help="selection sizes N")
     p.add_argument("--k", nargs="+", type=int, default=[k for _, k in SELECTION_SIZES], help="kept K per N")
     p.add_argument("--dim", type=int, default=4096, help="feature width for the selection part")
-    p.add_argument("--decoder-layers", type=int, default=4, help="decoder layers of the 7b model (scaled to 32)")
-    p.add_argument("--vision-layers", type=int, default=2, help="vision layers of the 7b model (scaled to 24)")
+    p.add_argument("--decoder-layers", type=int, default=4,
+                   help="decoder layers of the 7b model (scaled to 32; 32 = the real depth, not scaled)")
+    p.add_argument("--vision-layers", type=int, default=2,
+                   help="vision layers of the 7b model (scaled to 24; 24 = the real depth, not scaled)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1],
+                   help="batch sizes: B prompts of equal length (own random images) / B selections at once")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding (1: no decode timing)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-prefill", action="store_true", help="skip the 7B-width layer timing next to selection")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the models (selection features stay float32)")
+    p.add_argument("--selection-prefill", default="auto", choices=list(SELECTION_PREFILLS),
+                   help="the unpruned prefill next to selection: decoder = the 7B's 32-layer language model (random "
+                   "weights, built on the device), layer = one 7B-width layer x 32; auto = decoder with "
+                   "--decoder-layers 32 on a non-CPU device, else layer")
+    p.add_argument("--no-prefill", action="store_true", help="same as --selection-prefill none")
+    p.add_argument("--naive-up-to", type=int, default=None,
+                   help="run the naive reference loop only up to this N (default: at every N)")
+    p.add_argument("--max-similarity-mib", type=float, default=None,
+                   help="TOPS's memory cap for holding the N x N similarity matrices in the selection part "
+                   "(default: the library's, 1 GiB; above it rows are recomputed on demand)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory prefill of the model part")
+    p.add_argument("--no-oracle", action="store_true", help="skip the unpatched-model-on-T-tokens rows")
     p.add_argument("--quick", action="store_true", help="smoke run on a tiny model (seconds)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="bench-results")
