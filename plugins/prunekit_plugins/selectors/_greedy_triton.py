@@ -66,8 +66,8 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
                 total = tl.load(score_row + i, mask=m, other=0.0) + part
             tl.store(score_row + i, total, mask=m)
     # the best candidate: scores made finite (NaN, -inf: lowest float; +inf: highest), minus the penalty
-    best = float("-inf")
-    best_i = 0
+    best = tl.full([], float("-inf"), tl.float64)
+    best_i = tl.full([], 0, tl.int32)
     for start in range(0, N, BLOCK):
         i = start + offs
         m = i < N
