@@ -52,7 +52,7 @@ else
     # at N = 10,816, batch 8) instead of recomputing rows on demand above the library's 1 GiB default; the naive
     # reference then costs ~N^2 per step from memory, and is extrapolated from 4 / 12 / 44 steps above N = 1,000.
     SELECTION=(--n 576 2880 10816 --k 128 256 4096 --dim 4096 --decoder-layers 32 --selection-prefill decoder
-               --repeats 3 --max-similarity-mib 16384)
+               --repeats 5 --max-similarity-mib 16384)
     MODEL=(--model 7b --decoder-layers 32 --vision-layers 24 --budgets 64 128 --repeats 5 --new-tokens 8)
     CHECK="import torch, prunekit; assert torch.cuda.is_available(), 'no CUDA device'"
 fi

@@ -11,8 +11,10 @@ For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), o
 2. **host syncs per step**: ``torch.cuda.set_sync_debug_mode("warn")`` warnings of ``k = K2`` minus ``k = K1``,
    divided by the extra steps;
 3. **kernels per step**: CUDA kernels (and memsets/copies) the profiler records, same difference;
-4. **CUDA graph**: one TOPS selection captured with ``torch.cuda.graph`` and replayed (same indices, replay time);
-5. **time**: median wall time of ``prunekit.select`` with the Triton kernels and with ``PRUNEKIT_KERNELS=reference``
+4. **CUDA graph**: the greedy selector's replay (``prunekit.kernels.GraphCache``): first call, recording call,
+   replay time, and every call's indices against the CPU reference;
+5. **time**: median wall time of ``prunekit.select`` with the Triton kernels run eagerly
+   (``PRUNEKIT_CUDA_GRAPHS=0``), replayed from a CUDA graph (steady state), and with ``PRUNEKIT_KERNELS=reference``
    (the same selection as tensor operations), per size and batch.
 
 Writes ``gpu_selection.json`` into ``--out`` and prints each result as it comes.
@@ -123,41 +125,67 @@ def per_step(device, n, k1, k2, dim, batch):
     return out
 
 
-def graph(device, n, k, dim):
-    feats, rel = _features(n, dim, 1, 0, device)
-    want = _select("tops", feats, rel, k)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            _select("tops", feats, rel, k)
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = _select("tops", feats, rel, k)
-    g.replay()
+def _graphs(on: bool) -> None:
+    os.environ["PRUNEKIT_CUDA_GRAPHS"] = "1" if on else "0"
+
+
+def _clear_graphs():
+    from prunekit_plugins.selectors.greedy import GRAPHS
+
+    GRAPHS.clear()
+
+
+def _once(fn, device):
     _sync(device)
-    replay = _timed(g.replay, device, 10)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, (time.perf_counter() - start) * 1000
+
+
+def graph(device, n, k, dim, batch=1):
+    """The selector's CUDA-graph replay (GraphCache): the first call runs as is, the second records, later calls
+    replay; every call's indices against the CPU reference."""
+    feats, rel = _features(n, dim, batch, 3, device)
+    want = _select("tops", feats.cpu(), rel.cpu(), k, reference=True)
+    _clear_graphs()
+    _graphs(True)
+    calls = [_once(lambda: _select("tops", feats, rel, k), device) for _ in range(4)]
+    replay = _timed(lambda: _select("tops", feats, rel, k), device, 10)
+    _graphs(False)
     eager = _timed(lambda: _select("tops", feats, rel, k), device, 5)
-    row = {"n": n, "k": k, "equal": bool(torch.equal(out, want)), "replay_ms": replay, "eager_ms": eager}
+    _graphs(True)
+    row = {"n": n, "k": k, "batch": batch, "equal": all(torch.equal(o.cpu(), want) for o, _ in calls),
+           "first_ms": calls[0][1], "record_ms": calls[1][1], "replay_ms": replay, "eager_ms": eager}
     print(f"graph {row}", flush=True)
     return row
 
 
 def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
+    """Per method and size: eager (no graph), the steady state with graph replay (median after the first and the
+    recording call), and the tensor reference once."""
     rows = []
     for n, k in sizes:
         for batch in batches:
+            if n > 4096 and batch > 1:
+                continue  # video size: batch 1 (a batch of 8 streams its similarity rows above 2 GiB)
             feats, rel = _features(n, dim, batch, 0, device)
             for method in METHODS:
                 # TOPS holds the matrices of a batch of video-size samples on a large GPU (the others stream them)
                 cap = {"max_similarity_mib": 16384} if device.type == "cuda" and method == "tops" else {}
-                fast = _timed(lambda: _select(method, feats, rel, k, **cap), device, repeats)
+                run = lambda: _select(method, feats, rel, k, **cap)  # noqa: E731
+                _graphs(False)
+                eager = _timed(run, device, repeats)
+                _graphs(True)
+                _clear_graphs()
+                run(), run()  # the first call, then the recording
+                steady = _timed(run, device, repeats)
+                _clear_graphs()
                 ref = None
                 if k <= reference_up_to_steps:
                     ref = _timed(lambda: _select(method, feats, rel, k, reference=True, **cap), device, 1)
-                rows.append({"method": method, "n": n, "k": k, "batch": batch, "triton_ms": fast,
-                             "reference_ms": ref})
+                rows.append({"method": method, "n": n, "k": k, "batch": batch, "eager_ms": eager,
+                             "replay_ms": steady, "reference_ms": ref})
                 print(f"time {rows[-1]}", flush=True)
             del feats, rel
     return rows
@@ -181,14 +209,14 @@ def main() -> None:
         sizes, batches, dim, repeats = [(576, 128), (2880, 256)], [1, 8], args.dim, 3
     else:
         cases = [(n, k, b, s) for n, k in ((576, 128), (2880, 256)) for b in (1, 8) for s in (0, 1)]
-        cases += [(10816, 4096, 1, 0), (10816, 4096, 8, 0)]
+        cases += [(10816, 4096, 1, 0)]
         sizes, batches, dim, repeats = [(576, 128), (2880, 256), (10816, 4096)], [1, 8], args.dim, 3
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dim": dim}
     parts = {
         "exact": lambda: exactness(device, cases, dim),
         "steps": lambda: per_step(device, 576, 8, 40, dim, 1) + per_step(device, 576, 8, 40, dim, 8),
-        "graph": lambda: graph(device, 576, 128, dim),
+        "graph": lambda: [graph(device, 576, 128, dim), graph(device, 2880, 256, dim, 8)],
         "time": lambda: timing(device, sizes, batches, dim, repeats, reference_up_to_steps=4096),
     }
     for name in args.parts:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Kernel", "triton_available", "observe_launches"]
+__all__ = ["Kernel", "GraphCache", "triton_available", "observe_launches"]
 
 #: callbacks told of every kernel call (name), while :func:`observe_launches` is active
 _observers: list[Callable[[str], Any]] = []
@@ -120,3 +120,66 @@ def _uncounted() -> Iterator[None]:
 def inside_kernel() -> bool:
     """Whether a kernel's implementation is running now (its operations are part of one launch)."""
     return _inside[0] > 0
+
+
+class GraphCache:
+    """Selections replayed from CUDA graphs, by the shapes and settings that fix their work.
+
+    A selection whose loop never reads the host and keeps its shapes (the greedy selector with its Triton kernels)
+    can be recorded once as a CUDA graph and replayed: the K steps then run without any launch from Python, which
+    on a GPU costs more than the steps' work. :meth:`run` runs a key's first call as it is (compiling the kernels),
+    records the second (after one warm-up run on a side stream), and replays from then on with the new inputs
+    copied into the recorded ones. Recorded graphs keep their memory (their inputs, similarity matrices and
+    buffers) while cached: at most ``size`` of them, the least recently used dropped first, and none whose
+    selection is estimated above ``max_bytes``.
+
+    ``PRUNEKIT_CUDA_GRAPHS=0`` in the environment turns replay off. Not thread-safe: one selection at a time per
+    process (as PyTorch's graph capture itself)."""
+
+    def __init__(self, size: int = 8, max_bytes: int = 2 << 30) -> None:
+        from collections import OrderedDict
+
+        self.size = size
+        self.max_bytes = max_bytes
+        self._graphs: "OrderedDict[Any, tuple]" = OrderedDict()
+        self._seen: set = set()
+
+    def enabled(self, device: torch.device, nbytes: int) -> bool:
+        if os.environ.get("PRUNEKIT_CUDA_GRAPHS", "1").strip() == "0" or device.type != "cuda":
+            return False
+        return self.size > 0 and nbytes <= self.max_bytes and not torch.cuda.is_current_stream_capturing()
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+
+    def run(self, key: Any, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> torch.Tensor:
+        """``fn(*inputs)``: run, recorded or replayed (see the class docstring). ``fn`` must depend on nothing
+        but the shapes in ``key`` and the values of ``inputs``."""
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key not in self._seen:
+                self._seen.add(key)
+                return fn(*inputs)
+            static = [None if t is None else t.clone() for t in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*static)  # warm-up outside the capture, as PyTorch asks
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(*static)
+            entry = (graph, static, out)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.size:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+            graph, static, out = entry
+            for held, new in zip(static, inputs):
+                if held is not None:
+                    held.copy_(new)
+        graph, _, out = entry
+        graph.replay()
+        return out.clone()

@@ -28,7 +28,7 @@ from .config import MethodConfig, StrictModel, registered_name
 from .planning import StagePlan, check_layers, make_stages, scale_layers
 from .budget import StagePlacement, resolve_counts
 from .ops import cosine, minmax, take_rows, topk
-from .kernels import Kernel
+from .kernels import GraphCache, Kernel
 from .runtime.state import PerThread
 from .runtime.sequence import pad_left
 from .adapters import MethodHook, MultimodalAdapter, VisualHooks
@@ -44,5 +44,5 @@ __all__ = [
     # tensor helpers shared by the built-in selections
     "cosine", "minmax", "take_rows", "topk", "pad_left", "PerThread",
     # one fused step of a selection: a Triton kernel on CUDA, tensor operations elsewhere
-    "Kernel",
+    "Kernel", "GraphCache",
 ]

@@ -284,6 +284,9 @@ class Scorer(ABC):
     requires_relevance: ClassVar[bool] = False
     #: True when :meth:`start` reads ``inputs.query``.
     requires_query: ClassVar[bool] = False
+    #: True when a run reads nothing back to the host, keeps its shapes, and depends only on the inputs' values and
+    #: the scorer's attributes (``vars(scorer)``): then a selection over it may be replayed from a CUDA graph.
+    capturable: ClassVar[bool] = False
 
     @abstractmethod
     def start(self, inputs: SelectionInput) -> ScorerRun:

@@ -37,6 +37,7 @@ class SemanticDiversity(Scorer):
     """``d_i = 1 − max_{s∈S} F_is``. Greedy argmax of this alone is DivPrune's max-min rule."""
 
     name = "diversity"
+    capturable = True
 
     def start(self, inputs: SelectionInput) -> ScorerRun:
         return _DiversityRun(inputs)

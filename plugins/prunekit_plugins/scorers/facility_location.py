@@ -128,7 +128,7 @@ class _NaiveRun(ScorerRun):
 
     def _add(self, picked: Tensor, best: Tensor) -> None:
         self.best = best
-        self.chosen[self.rows, picked] = True
+        self.chosen.scatter_(1, picked[:, None], True)  # no host value copied to the device (capturable)
 
     def update(self, picked: Tensor) -> None:
         self._add(picked, self._grown(self.fixed.column(picked)))
@@ -253,6 +253,7 @@ class FacilityLocationCoverage(Scorer):
     a token unlike it too); None, as registered (TOPS): ``m_j`` is the plain maximum over the set."""
 
     name = "facility_location"
+    capturable = True
 
     def __init__(self, floor: float | None = None) -> None:
         self.floor = floor

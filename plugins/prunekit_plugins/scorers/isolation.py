@@ -14,6 +14,7 @@ class Isolation(Scorer):
     Read a block of rows of F at a time (:meth:`SelectionInput.block_rows`), so it holds no N×N matrix of its own."""
 
     name = "isolation"
+    capturable = True
 
     def start(self, inputs: SelectionInput) -> ScorerRun:
         B, N = inputs.batch_size, inputs.num_tokens

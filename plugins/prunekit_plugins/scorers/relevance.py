@@ -27,6 +27,7 @@ class Relevance(Scorer):
     """``r_i``: set-independent; the signal itself comes from the insertion point (see the method's config)."""
 
     name = "relevance"
+    capturable = True
     requires_relevance = True
 
     def start(self, inputs: SelectionInput) -> ScorerRun:

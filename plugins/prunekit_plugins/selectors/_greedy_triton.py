@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 #: tokens per chunk (the tests shrink it to run every loop several times)
-BLOCK = 1024
+BLOCK = 4096
 
 
 @triton.jit
@@ -97,5 +97,6 @@ def pick(gains, weights, weight_tensor, penalty, picks, step, normalize, combine
     score = torch.empty(B, N, dtype=torch.float64, device=gains.device)
     block = min(BLOCK, triton.next_power_of_2(N))
     _pick_kernel[(B,)](gains, weight_tensor, penalty, picks, score, step, B, N, K, T=T,
-                       MINMAX=normalize == "minmax", BLOCK=block, enable_fp_fusion=False)
+                       MINMAX=normalize == "minmax", BLOCK=block, num_warps=4 if block <= 1024 else 8,
+                       enable_fp_fusion=False)
     return picks[:, step]

@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from prunekit.plugin import Kernel, Scorer, SelectionInput, Selector, hookimpl
+from prunekit.plugin import GraphCache, Kernel, Scorer, SelectionInput, Selector, hookimpl
 
 Normalize = Literal["minmax", "mean", "none"]
 
@@ -76,6 +76,8 @@ def _pick_triton():
 #: one greedy step after the gains are known: score every candidate, take the best, mark it chosen
 #: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum".
 PICK = Kernel("greedy_pick", _pick_reference, _pick_triton)
+#: greedy selections replayed from CUDA graphs (see prunekit.kernels.GraphCache)
+GRAPHS = GraphCache()
 
 
 class GreedySelector(Selector):
@@ -116,7 +118,38 @@ class GreedySelector(Selector):
 
     def select(self, inputs: SelectionInput, k: int) -> Tensor:
         with torch.no_grad():  # indices carry no gradient; the loop's in-place and out= operations need none
-            return self._select(inputs, k)
+            if self.max_similarity_bytes is not None:
+                inputs.limit_similarity(self.max_similarity_bytes)
+            key = self._graph_key(inputs, k)
+            if key is None:
+                return self._select(inputs, k)
+            cap = inputs.max_similarity_bytes
+            return GRAPHS.run(key, lambda f, r, q: self._select(SelectionInput(f, r, q, cap), k),
+                              inputs.features, inputs.relevance, inputs.query)
+
+    def _graph_key(self, inputs: SelectionInput, k: int) -> tuple | None:
+        """What fixes a selection's work, when it can be replayed from a CUDA graph (GRAPHS); else None."""
+        f = inputs.features
+        B, N = inputs.batch_size, inputs.num_tokens
+        if inputs.streamed or k >= N or not PICK.uses_triton(f.device):
+            return None
+        if not GRAPHS.enabled(f.device, B * N * N * (f.element_size() + 8)):
+            return None
+        parts = []
+        for scorer, weight in [*self.terms, (self.seed, None)]:
+            if scorer is None:
+                continue
+            if not getattr(scorer, "capturable", False):
+                return None
+            parts.append((type(scorer), tuple(sorted(vars(scorer).items())), weight))
+        shape = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
+        key = (tuple(parts), self.combine, self.normalize, inputs.max_similarity_bytes, k, shape(f), f.device,
+               shape(inputs.relevance), shape(inputs.query))
+        try:
+            hash(key)
+        except TypeError:  # a scorer attribute that is not a plain value
+            return None
+        return key
 
     def _select(self, inputs: SelectionInput, k: int) -> Tensor:
         B, N = inputs.batch_size, inputs.num_tokens
@@ -125,8 +158,6 @@ class GreedySelector(Selector):
             raise ValueError(f"k must be positive, got {k}")
         if k >= N:
             return torch.arange(N, device=device).expand(B, N).clone()
-        if self.max_similarity_bytes is not None:
-            inputs.limit_similarity(self.max_similarity_bytes)
         runs = [scorer.start(inputs) for scorer, _ in self.terms]
         # Every buffer of the loop is allocated here: inside it, shapes are static and nothing is read back to the
         # host (a step is the scorers' updates and one PICK), so a GPU runs the K steps without waiting.
