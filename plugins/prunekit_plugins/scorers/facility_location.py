@@ -49,6 +49,8 @@ class _Fixed:
         self.bits = fixed_point_bits(inputs.num_tokens)
         self.scale = float(2**self.bits)
         self.step: int | None = None
+        #: the changed terms (index, old, new) from the reference PREPARE to the reference DELTA
+        self.pending: tuple[Tensor, Tensor, Tensor] | None = None
         self.matrix = self._grid_matrix() if hold and inputs.hold(8) else None
 
     def _grid_matrix(self) -> Tensor:
@@ -136,39 +138,40 @@ class _NaiveRun(ScorerRun):
 
 def _prepare_reference(fixed: _Fixed, picked: Tensor, best: Tensor, chosen: Tensor, index: Tensor, old: Tensor,
                        new: Tensor, count: Tensor) -> None:
+    """The changed terms' list, handed to :func:`_delta_reference` as tensors of their own size (``fixed.pending``)
+    rather than through the fixed-size buffers, which only the Triton pair needs: no copies on CPU."""
     B, N = best.shape
     column = fixed.column(picked)  # F[:, p] = F[p, :]
-    grown = torch.maximum(best, column)
     # j enters the update when m_j grows or j leaves the sum (j = p); chosen j never were in it.
-    changed = (column > best) & ~chosen
+    changed = (column > best).logical_and_(~chosen)
     changed.scatter_(1, picked[:, None], True)
     if B == 1:
         idx = changed[0].nonzero().T  # [1, U]
-        counts = torch.tensor([idx.shape[1]], device=best.device)
-        o, n = best.gather(1, idx), grown.gather(1, idx)
+        o = best.gather(1, idx)
+        torch.maximum(best, column, out=best)
+        n = best.gather(1, idx)
+        count.fill_(idx.shape[1])
     else:  # pad every sample to the largest U; a padding term has old = new = 0 and adds nothing
         counts = changed.sum(-1)
         idx = torch.sort((~changed).to(torch.int8), dim=-1, stable=True).indices[:, : int(counts.max())]
         valid = torch.arange(idx.shape[1], device=idx.device)[None, :] < counts[:, None]
-        o = best.gather(1, idx).masked_fill(~valid, 0)
-        n = grown.gather(1, idx).masked_fill(~valid, 0)
-    U = idx.shape[1]
-    index[:, :U] = idx
-    old[:, :U] = o
-    new[:, :U] = n.masked_fill(idx == picked[:, None], _OUT)  # p leaves the sum: its term becomes 0
-    count.copy_(counts)
-    best.copy_(grown)
+        o = best.gather(1, idx).masked_fill_(~valid, 0)
+        torch.maximum(best, column, out=best)
+        n = best.gather(1, idx).masked_fill_(~valid, 0)
+        count.copy_(counts)
+    n.masked_fill_(idx == picked[:, None], _OUT)  # p leaves the sum: its term becomes 0
+    fixed.pending = (idx, o, n)
     chosen.scatter_(1, picked[:, None], True)
 
 
 def _delta_reference(fixed: _Fixed, index: Tensor, old: Tensor, new: Tensor, count: Tensor, gain: Tensor,
                      out: Tensor | None) -> None:
-    U = int(count.max())
-    index, old, new = index[:, :U], old[:, :U], new[:, :U]
+    index, old, new = fixed.pending
+    fixed.pending = None
     # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows,
     # a block of rows at a time (exact integer sums: the blocks never change the result).
     gain += old.sum(1, keepdim=True)
-    for start, end in fixed.blocks(U):
+    for start, end in fixed.blocks(index.shape[1]):
         rows = fixed.rows(index[:, start:end])  # [B, u, N]: F[j, i] = F[i, j]
         gain -= torch.clamp(rows, old[:, start:end, None], new[:, start:end, None], out=rows).sum(1)
         del rows  # before the next block is made: one block at a time
@@ -189,7 +192,9 @@ def _delta_triton():
 
 
 #: after a pick: the new best similarities ``m``, and the list of tokens whose term changes (``index``, their
-#: ``old`` and ``new`` m, ``count`` of them per sample), written on the device
+#: ``old`` and ``new`` m, ``count`` of them per sample), written on the device. A PREPARE and the DELTA after it
+#: always run the same implementation (same device, same ``triton`` flag); the references pass the list in
+#: ``_Fixed.pending`` instead of the buffers
 PREPARE = Kernel("coverage_prepare", _prepare_reference, _prepare_triton)
 #: the gains minus the change of the listed terms, ``Σ_u clamp(F_iu, old_u, new_u) − old_u`` (and, given ``out``,
 #: the gains in float64 there)
