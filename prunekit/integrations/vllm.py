@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import hashlib
 from collections import OrderedDict
 
 import numpy as np
 import torch
+from blake3 import blake3
 from torch import Tensor
 from transformers import CLIPVisionConfig, PixtralVisionConfig
 from vllm.model_executor.models.llava import (
@@ -322,9 +322,10 @@ class PrunedQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 
 
 def _content_key(kind: str, values: Tensor, grid: list[int]) -> bytes:
-    """A digest of one image's input (its pixel patches or given embeddings) and grid."""
+    """A digest of one image's input (its pixel patches or given embeddings) and grid (BLAKE3, as vLLM hashes its
+    multimodal items: about 10 ms for the 25 MB of patches of a 1022x1022 image on one CPU core)."""
     data = values.detach().contiguous()
-    h = hashlib.blake2b(f"{kind}{list(grid)}{data.dtype}{tuple(data.shape)}".encode(), digest_size=16)
+    h = blake3(f"{kind}{list(grid)}{data.dtype}{tuple(data.shape)}".encode())
     h.update(data.cpu().reshape(-1).view(torch.uint8).numpy())
     return h.digest()
 
