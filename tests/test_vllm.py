@@ -154,3 +154,137 @@ def test_methods_vllm_cannot_serve_are_refused_with_the_reason(name, served):
     assert "rows" not in served[name]
     assert "UnservableMethodError" in served[name]["error"]
     assert re.search(REFUSED[name][2], served[name]["error"]), served[name]["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL: a tiny random-weight checkpoint built here (tests/vllm_env/tiny_qwen.py); kept tokens keep their M-RoPE
+# positions
+# ---------------------------------------------------------------------------------------------------------
+SERVE_QWEN = Path(__file__).parent / "vllm_env" / "serve_qwen.py"
+QWEN_K = 16
+QWEN_QUESTIONS = 6
+QWEN_TOKENS = 3  # greedy answer tokens compared with the transformers path
+#: methods that need no encoder signal: the ones prunekit serves on Qwen2.5-VL (no [CLS] token there)
+QWEN_SERVED = {"divprune": ("divprune", {}), "pool": ("pool", {}), "random": ("random", {})}
+QWEN_REFUSED = {
+    "fastervlm": ("fastervlm", {}, r"method 'fastervlm' .*needs the signal\(s\) cls_attention"),
+    "tops": ("tops", {"insertion_points": ["after_projector"]}, r"method 'tops' .*reads the question"),
+    "fastv": ("fastv", {"layer": 1}, r"method 'fastv' .*prunes inside the language model"),  # 2 decoder layers
+    "renumber": ("divprune", {"positions": "renumber"}, r"positions='renumber'"),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(SERVE_QWEN.parent))
+    import tiny_qwen
+
+    folder = tmp_path_factory.mktemp("qwen2_5_vl")
+    tiny_qwen.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_served(qwen_dir, tmp_path_factory) -> dict[str, dict]:
+    folder = tmp_path_factory.mktemp("vllm-qwen")
+    block = lambda m, o: prunekit.saved.config_block(m, keep_tokens=QWEN_K, **o)  # noqa: E731
+    runs = [{"name": "unpruned", "prunekit": None, "questions": QWEN_QUESTIONS, "tokens": QWEN_TOKENS}]
+    runs += [{"name": n, "prunekit": block(m, o), "questions": QWEN_QUESTIONS, "tokens": QWEN_TOKENS}
+             for n, (m, o) in QWEN_SERVED.items()]
+    runs += [{"name": n, "prunekit": block(m, o)} for n, (m, o, _) in QWEN_REFUSED.items()]
+    (folder / "runs.json").write_text(json.dumps(runs))
+    log = folder / "log.txt"
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, str(SERVE_QWEN), str(qwen_dir), str(folder / "out.json"),
+                               str(folder / "runs.json")], stdout=f, stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, log.read_text()[-5000:]
+    return {r["name"]: r for r in json.loads((folder / "out.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def qwen_reference(qwen_dir):
+    """The transformers path (prunekit.build on the same checkpoint): per run name, per question (prompt tokens
+    before pruning, greedy answer tokens, kept indices, the M-RoPE positions of the tokens the LLM reads)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from tiny_qwen import PROMPT
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(qwen_dir)
+    questions = list(ShapesVQA("test", QWEN_QUESTIONS, seed=0))
+    out = {}
+    for name, (method, options) in {"unpruned": (None, {}), **QWEN_SERVED}.items():
+        prunekit.remove(model)
+        if method is not None:
+            prunekit.build(method, model, keep_tokens=QWEN_K, **options)
+        rows = []
+        for s in questions:
+            x = processor(images=s.image, text=PROMPT.format(question=s.question), return_tensors="pt")
+            with torch.no_grad():
+                generated = model.generate(**x, max_new_tokens=QWEN_TOKENS, min_new_tokens=QWEN_TOKENS,
+                                           do_sample=False)
+            ids = x["input_ids"]
+            kept = [] if method is None else prunekit.pruning_report(model).stages[-1].kept[0]
+            positions, _ = model.model.get_rope_index(ids, image_grid_thw=x["image_grid_thw"],
+                                                      attention_mask=x["attention_mask"],
+                                                      mm_token_type_ids=x.get("mm_token_type_ids"))
+            read = ids[0] != model.config.image_token_id
+            n = int((~read).sum())  # the image's merged tokens
+            if method is not None:
+                read[(~read).nonzero().squeeze(1)[kept]] = True
+            else:
+                read[:] = True
+            rows.append({"prompt_tokens": ids.shape[1], "image_tokens": n,
+                         "tokens": generated[0, ids.shape[1]:].tolist(),
+                         "kept": [] if method is None else [kept.tolist()],
+                         "positions": positions[:, 0, read].tolist()})
+        out[name] = rows
+    prunekit.remove(model)
+    return out
+
+
+@needs_vllm
+def test_qwen_unpruned_vllm_answers_as_transformers(qwen_served, qwen_reference):
+    rows = qwen_served["unpruned"]["rows"]
+    assert len(rows) == QWEN_QUESTIONS
+    for row, ref in zip(rows, qwen_reference["unpruned"]):
+        assert row["prompt_tokens"] == ref["prompt_tokens"]
+        assert row["tokens"] == ref["tokens"]
+        assert row["kept"] == [] and row["positions"] is None  # no prunekit block: vLLM's Qwen2.5-VL as it is
+
+
+@needs_vllm
+@pytest.mark.parametrize("name", list(QWEN_SERVED))
+def test_qwen_pruned_prompts_keep_the_tokens_build_keeps_at_their_original_positions(name, qwen_served,
+                                                                                    qwen_reference):
+    rows, unpruned = qwen_served[name]["rows"], qwen_served["unpruned"]["rows"]
+    assert len(rows) == QWEN_QUESTIONS
+    for row, full, ref in zip(rows, unpruned, qwen_reference[name]):
+        assert row["prompt_tokens"] == full["prompt_tokens"] - (ref["image_tokens"] - QWEN_K)
+        (kept,) = row["kept"]
+        assert len(kept) == QWEN_K and kept == sorted(kept)
+        assert row["kept"] == ref["kept"]  # the same tokens as prunekit.build on the same image
+        # the kept tokens keep their (t, h, w) positions; the text after the image keeps its unpruned positions
+        assert row["positions"] == ref["positions"]
+
+
+@needs_vllm
+@pytest.mark.parametrize("name", list(QWEN_SERVED))
+def test_qwen_pruned_answers_agree_with_the_transformers_path(name, qwen_served, qwen_reference):
+    assert [r["tokens"] for r in qwen_served[name]["rows"]] == [r["tokens"] for r in qwen_reference[name]]
+
+
+@needs_vllm
+def test_qwen_each_image_is_encoded_once(qwen_served):
+    """The image is encoded when vLLM asks for its positions; its embeddings reuse the rows kept then."""
+    rows = qwen_served["divprune"]["rows"]
+    assert [r["encodes"] for r in rows] == [{"positions": i + 1, "embeddings": 0} for i in range(len(rows))]
+
+
+@needs_vllm
+@pytest.mark.parametrize("name", list(QWEN_REFUSED))
+def test_qwen_methods_vllm_cannot_serve_are_refused_with_the_reason(name, qwen_served):
+    import re
+
+    assert "rows" not in qwen_served[name]
+    assert "UnservableMethodError" in qwen_served[name]["error"]
+    assert re.search(QWEN_REFUSED[name][2], qwen_served[name]["error"]), qwen_served[name]["error"]
