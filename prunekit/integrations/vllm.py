@@ -376,7 +376,7 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             merge = self.visual.spatial_merge_size
             features = features.split([t * h * w // merge**2 for t, h, w in grids])
         else:
-            features = [v.to(self.visual.dtype) for v in values]
+            features = [v.to(device=self.visual.device, dtype=self.visual.dtype) for v in values]
         merge = self.config.vision_config.spatial_merge_size
         return [self.prunekit_pruner.prune(f, grid=(h // merge, w // merge))
                 for f, (t, h, w) in zip(features, grids)]
@@ -394,14 +394,16 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             raise ValueError("prunekit's vLLM Qwen2.5-VL model prunes images only")
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
         new = [f for f in features if f.identifier not in self._prunekit_kept]
-        if new:
-            kind = "pixel_values" if "pixel_values" in new[0].data else "image_embeds"
-            values = [f.data[kind].data for f in new]
-            grids = [f.data["image_grid_thw"].data.tolist() for f in new]
+        for kind in ("pixel_values", "image_embeds"):  # images given as pixels are encoded, embeddings used as given
+            items = [f for f in new if kind in f.data]
+            if not items:
+                continue
+            values = [f.data[kind].data for f in items]
+            grids = [f.data["image_grid_thw"].data.tolist() for f in items]
             with torch.inference_mode():
                 results = self._prunekit_select(kind, values, grids)
-            self.prunekit_encodes["positions"] += len(new) if kind == "pixel_values" else 0
-            for f, v, g, r in zip(new, values, grids, results):
+            self.prunekit_encodes["positions"] += len(items) if kind == "pixel_values" else 0
+            for f, v, g, r in zip(items, values, grids, results):
                 self._prunekit_kept[f.identifier] = r.indices.cpu()
                 self._prunekit_remember(_content_key(kind, v, g), r)
         for f in features:
