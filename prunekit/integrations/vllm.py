@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 import torch
@@ -345,8 +345,8 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     that is no longer there is encoded again. The kept indices are also cached by vLLM's hash of the item, so an
     image seen before is not encoded for its positions again.
 
-    :attr:`prunekit_last_kept` holds the indices of the last images embedded and :attr:`prunekit_last_positions` the
-    last positions computed (for tests and reports); :attr:`prunekit_encodes` counts the images encoded for their
+    :attr:`prunekit_last_kept` holds the indices of the last 64 images embedded and :attr:`prunekit_last_positions`
+    the last positions computed (for tests and reports); :attr:`prunekit_encodes` counts the images encoded for their
     positions (``"positions"``) and again for their embeddings (``"embeddings"``).
     """
 
@@ -356,7 +356,7 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         if self.prunekit_pruner is not None and self.is_multimodal_pruning_enabled:
             raise UnservableMethodError("vLLM's own video pruning (video_pruning_rate) and a prunekit block cannot "
                                         "be combined on Qwen2.5-VL: leave video_pruning_rate unset")
-        self.prunekit_last_kept: list[Tensor] = []
+        self.prunekit_last_kept: deque[Tensor] = deque(maxlen=64)  # vLLM may embed a prompt's images one by one
         self.prunekit_last_positions: Tensor | None = None
         self.prunekit_encodes = {"positions": 0, "embeddings": 0}
         self._prunekit_kept: OrderedDict[str, Tensor] = OrderedDict()  # vLLM item hash -> kept indices
@@ -453,7 +453,7 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             self.prunekit_encodes["embeddings"] += len(missing) if kind == "pixel_values" else 0
             for i, r in zip(missing, results):
                 kept[i] = r
-        self.prunekit_last_kept = [r.indices.cpu() for r in kept]
+        self.prunekit_last_kept.extend(r.indices.cpu() for r in kept)
         return tuple(r.rows for r in kept)
 
 __all__ = ["register", "llava_spec", "llava_pruner", "PrunedLlavaForConditionalGeneration",
