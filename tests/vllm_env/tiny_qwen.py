@@ -14,8 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: lmms_families
 
-#: the prompt of one question about one image (the tiny chat template's layout)
-PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def prompt(question: str, images: int = 1) -> str:
+    """One question about ``images`` images, in the tiny chat template's layout."""
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    return f"<|im_start|>user\n{image * images}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def config():
