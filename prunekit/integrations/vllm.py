@@ -456,6 +456,7 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         self.prunekit_last_kept.extend(r.indices.cpu() for r in kept)
         return tuple(r.rows for r in kept)
 
+
 __all__ = ["register", "llava_spec", "llava_pruner", "PrunedLlavaForConditionalGeneration",
            "PrunedLlavaProcessingInfo", "PrunedLlavaMultiModalProcessor", "qwen2_5_vl_spec", "qwen2_5_vl_pruner",
            "PrunedQwen2_5_VLForConditionalGeneration", "PrunedQwen2_5_VLProcessingInfo",
