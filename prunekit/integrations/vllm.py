@@ -1,15 +1,16 @@
 """Serve pruned models with vLLM: prunekit's pre-LLM methods as an out-of-tree vLLM plugin.
 
 ``pip install "prunekit[vllm]"`` registers :func:`register` under vLLM's ``vllm.general_plugins`` entry point group.
-vLLM calls it in every process it starts; it points vLLM's LLaVA architecture at
-:class:`PrunedLlavaForConditionalGeneration`, a subclass of vLLM's own LLaVA model. Without a ``prunekit`` block in the
-model's config that subclass is vLLM's LLaVA unchanged. With one (saved in the checkpoint's config.json, see
-:mod:`prunekit.saved`, or passed as ``hf_overrides={"prunekit": {...}}``):
+vLLM calls it in every process it starts; it points vLLM's LLaVA and Qwen2.5-VL architectures at
+:class:`PrunedLlavaForConditionalGeneration` and :class:`PrunedQwen2_5_VLForConditionalGeneration`, subclasses of
+vLLM's own models. Without a ``prunekit`` block in the model's config a subclass is vLLM's model unchanged. With one
+(saved in the checkpoint's config.json, see :mod:`prunekit.saved`, or passed as ``hf_overrides={"prunekit": {...}}``):
 
 * the prompt gets ``k`` placeholder tokens per image instead of ``n`` (so its KV slots are sized for ``k``), and
 * the image's encoder output keeps the ``k`` rows the method chooses, by the method's own stages run on this model's
   features (:class:`prunekit.integrations.pre_llm.ImagePruner`), so a token kept here is the token
-  ``prunekit.build`` keeps on the same features.
+  ``prunekit.build`` keeps on the same features;
+* on Qwen2.5-VL the kept tokens keep their original M-RoPE positions (see the class).
 
 A method vLLM cannot serve (it prunes inside the LLM, reads the question, or needs a signal this model does not
 compute) is refused when the model is built, with the reason. This module is imported only by vLLM (and tests),
@@ -20,7 +21,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from collections import OrderedDict, deque
+
+import numpy as np
 import torch
+from blake3 import blake3
 from torch import Tensor
 from transformers import CLIPVisionConfig, PixtralVisionConfig
 from vllm.model_executor.models.llava import (
@@ -31,7 +36,14 @@ from vllm.model_executor.models.llava import (
     PixtralHFMultiModalProcessor,
     PixtralHFProcessingInfo,
 )
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
 
 from ..adapters.vision import cls_signals
 from ..interfaces import ModelSpec
@@ -40,14 +52,15 @@ from .pre_llm import ImagePruner, UnservableMethodError
 #: the server's name in error messages
 SERVER = "vLLM"
 #: vLLM architecture name -> this module's class that serves it
-ARCHITECTURES = {"LlavaForConditionalGeneration": "PrunedLlavaForConditionalGeneration"}
+ARCHITECTURES = {"LlavaForConditionalGeneration": "PrunedLlavaForConditionalGeneration",
+                 "Qwen2_5_VLForConditionalGeneration": "PrunedQwen2_5_VLForConditionalGeneration"}
 #: the [CLS] signals this module computes on a CLIP tower (as prunekit's transformers adapters do)
 CLS_SIGNALS = frozenset({"cls_attention", "keys", "cls_feature"})
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: serve vLLM's LLaVA architecture with prunekit's subclass (loaded
-    lazily, by name, when vLLM builds such a model)."""
+    """The ``vllm.general_plugins`` entry point: serve vLLM's LLaVA and Qwen2.5-VL architectures with prunekit's
+    subclasses (loaded lazily, by name, when vLLM builds such a model)."""
     from vllm import ModelRegistry
 
     for arch, cls in ARCHITECTURES.items():
@@ -218,5 +231,233 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return tuple(out)
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL (dynamic resolution, 2x2 patch merger, M-RoPE, no [CLS])
+# ---------------------------------------------------------------------------------------------------------
+#: entries of the caches below (see PrunedQwen2_5_VLForConditionalGeneration)
+KEPT_CACHE = 4096
+ROWS_CACHE = 256
+
+
+def qwen2_5_vl_spec(config: Any) -> ModelSpec:
+    """What a method may know of a vLLM Qwen2.5-VL model: what prunekit's Qwen2.5-VL adapter describes (each image
+    has its own token count; M-RoPE positions; no [CLS] token)."""
+    text = config.text_config
+    return ModelSpec(
+        family="qwen2_5_vl",
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        visual_tokens_per_image=None,
+        has_cls=False,
+        name_or_path=getattr(config, "_name_or_path", ""),
+        unavailable={"cls_feature": "its vision encoder has no [CLS] token"},
+        extra={"rope": "mrope"},
+    )
+
+
+def qwen2_5_vl_pruner(config: Any) -> ImagePruner | None:
+    """The pruner the model's ``prunekit`` block asks for (None without one); refuses what vLLM cannot serve.
+
+    Kept image tokens keep their original M-RoPE positions (``positions="original"``, the default on Qwen-VL), as on
+    prunekit's transformers path; the model computes no encoder signal, so only methods that need none are served."""
+    pruner = ImagePruner.from_config(config, qwen2_5_vl_spec(config), server=SERVER, positions="original")
+    if pruner is not None and any(stage.point != "after_projector" for stage in pruner.stages):
+        raise UnservableMethodError(
+            f"method {pruner.method!r} prunes at {[s.point for s in pruner.stages]}; on Qwen2.5-VL prunekit prunes "
+            f"only after the patch merger (after_projector), as its transformers adapter does")
+    return pruner
+
+
+class PrunedQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """vLLM's Qwen2.5-VL processing info, with each image's token count the number the method keeps."""
+
+    def pruner(self) -> ImagePruner | None:
+        if "_prunekit_pruner" not in self.__dict__:
+            self._prunekit_pruner = qwen2_5_vl_pruner(self.get_hf_config())
+        return self._prunekit_pruner
+
+    def get_num_image_tokens(self, **kwargs) -> int:
+        n = super().get_num_image_tokens(**kwargs)
+        pruner = self.pruner()
+        return n if pruner is None else pruner.kept_count(n)
+
+
+class PrunedQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor; with a pruner, each image gets as many placeholders as the method keeps of its
+    merged tokens. Videos are refused (prunekit's vLLM model prunes images only); a budget per prompt is refused for
+    prompts of several images."""
+
+    _profiling = False
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        # vLLM's memory profiling encodes dummy videos as they are (unpruned): let them through
+        self._profiling = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            self._profiling = False
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        pruner = self.info.pruner()
+        if pruner is None:
+            return updates
+        images, videos = (mm_items.get_count(m, strict=False) for m in ("image", "video"))
+        if videos and not self._profiling:
+            raise ValueError(f"this prompt holds {videos} video(s); prunekit's vLLM Qwen2.5-VL model prunes images "
+                             f"only: serve videos without the model's prunekit block")
+        if pruner.budget_per == "prompt" and images > 1:
+            raise ValueError(f"this prompt holds {images} images and the model's prunekit block budgets per prompt "
+                             f"(budget_per={pruner.config.budget_per!r}); vLLM prunes each image on its own: save "
+                             f"the method with budget_per='image' to serve prompts of several images")
+
+        def kept(update):
+            def replacement(item_idx: int):
+                tokens = update.replacement(item_idx)
+                return tokens[: pruner.kept_count(len(tokens))]
+            return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+        return [kept(u) if u.modality == "image" else u for u in updates]
+
+
+def _content_key(kind: str, values: Tensor, grid: list[int]) -> bytes:
+    """A digest of one image's input (its pixel patches or given embeddings) and grid (BLAKE3, as vLLM hashes its
+    multimodal items: about 10 ms for the 25 MB of patches of a 1022x1022 image on one CPU core)."""
+    data = values.detach().contiguous()
+    h = blake3(f"{kind}{list(grid)}{data.dtype}{tuple(data.shape)}".encode())
+    h.update(data.cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.digest()
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLMultiModalProcessor, info=PrunedQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL; with a ``prunekit`` block in its config, each image keeps the merged tokens the method
+    chooses, at their original M-RoPE positions.
+
+    vLLM asks the model for a request's M-RoPE positions (:meth:`get_mrope_input_positions`) when the request is
+    added, before it encodes the request's images. With a pruner this method encodes the request's new images there
+    and runs the method's stages, so it knows which tokens are kept: they get the (t, h, w) positions they have in
+    the unpruned prompt, and the text after an image keeps its unpruned positions (as ``prunekit.build`` with
+    ``positions="original"``). The kept rows wait in a small cache, keyed by a digest of the image's input, until
+    vLLM asks for the image's embeddings (:meth:`_process_image_input`), so each image is encoded once; an image
+    that is no longer there is encoded again. The kept indices are also cached by vLLM's hash of the item, so an
+    image seen before is not encoded for its positions again.
+
+    :attr:`prunekit_last_kept` holds the indices of the last 64 images embedded and :attr:`prunekit_last_positions`
+    the last positions computed (for tests and reports); :attr:`prunekit_encodes` counts the images encoded for their
+    positions (``"positions"``) and again for their embeddings (``"embeddings"``).
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.prunekit_pruner = qwen2_5_vl_pruner(self.config)
+        if self.prunekit_pruner is not None and self.is_multimodal_pruning_enabled:
+            raise UnservableMethodError("vLLM's own video pruning (video_pruning_rate) and a prunekit block cannot "
+                                        "be combined on Qwen2.5-VL: leave video_pruning_rate unset")
+        self.prunekit_last_kept: deque[Tensor] = deque(maxlen=64)  # vLLM may embed a prompt's images one by one
+        self.prunekit_last_positions: Tensor | None = None
+        self.prunekit_encodes = {"positions": 0, "embeddings": 0}
+        self._prunekit_kept: OrderedDict[str, Tensor] = OrderedDict()  # vLLM item hash -> kept indices
+        self._prunekit_rows: OrderedDict[bytes, Any] = OrderedDict()  # input digest -> Kept (indices, rows)
+
+    def get_encoder_cudagraph_config(self):
+        config = super().get_encoder_cudagraph_config()
+        if self.prunekit_pruner is not None:  # the graphs return every row: pruning needs the eager path
+            config.modalities = []
+        return config
+
+    # -- selection -------------------------------------------------------------------------------------------
+    def _prunekit_select(self, kind: str, values: list[Tensor], grids: list[list[int]]) -> list:
+        """Run the method on images given as per-image ``values`` (pixel patches or embeddings) and grids."""
+        if kind == "pixel_values":
+            features = self.visual(torch.cat(values), grid_thw=grids)
+            merge = self.visual.spatial_merge_size
+            features = features.split([t * h * w // merge**2 for t, h, w in grids])
+        else:
+            features = [v.to(device=self.visual.device, dtype=self.visual.dtype) for v in values]
+        merge = self.config.vision_config.spatial_merge_size
+        return [self.prunekit_pruner.prune(f, grid=(h // merge, w // merge))
+                for f, (t, h, w) in zip(features, grids)]
+
+    def _prunekit_remember(self, key: bytes, kept) -> None:
+        self._prunekit_rows[key] = kept
+        while len(self._prunekit_rows) > ROWS_CACHE:
+            self._prunekit_rows.popitem(last=False)
+
+    # -- positions -------------------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[Tensor, int]:
+        if self.prunekit_pruner is None or not any(f.modality == "image" for f in mm_features):
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        if any(f.modality != "image" for f in mm_features):
+            raise ValueError("prunekit's vLLM Qwen2.5-VL model prunes images only")
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        new = [f for f in features if f.identifier not in self._prunekit_kept]
+        for kind in ("pixel_values", "image_embeds"):  # images given as pixels are encoded, embeddings used as given
+            items = [f for f in new if kind in f.data]
+            if not items:
+                continue
+            values = [f.data[kind].data for f in items]
+            grids = [f.data["image_grid_thw"].data.tolist() for f in items]
+            with torch.inference_mode():
+                results = self._prunekit_select(kind, values, grids)
+            self.prunekit_encodes["positions"] += len(items) if kind == "pixel_values" else 0
+            for f, v, g, r in zip(items, values, grids, results):
+                self._prunekit_kept[f.identifier] = r.indices.cpu()
+                self._prunekit_remember(_content_key(kind, v, g), r)
+        for f in features:
+            self._prunekit_kept.move_to_end(f.identifier)
+        while len(self._prunekit_kept) > KEPT_CACHE:
+            self._prunekit_kept.popitem(last=False)
+
+        merge = self.config.vision_config.spatial_merge_size
+        pieces, st, next_pos = [], 0, 0
+        for f in features:
+            offset, kept = f.mm_position.offset, self._prunekit_kept[f.identifier].numpy()
+            if f.mm_position.length != len(kept):
+                raise RuntimeError(f"image at {offset} has {f.mm_position.length} placeholders and keeps "
+                                   f"{len(kept)} tokens")
+            _, h, w = (int(x) for x in f.data["image_grid_thw"].data.tolist())
+            h, w = h // merge, w // merge
+            text = offset - st
+            pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+            base = next_pos + text
+            # the kept tokens' (t, h, w) places in the unpruned image; what follows starts after the whole image
+            pieces.append(np.stack([np.zeros_like(kept), kept // w, kept % w]) + base)
+            next_pos = base + max(h, w)
+            st = offset + len(kept)
+        text = len(input_tokens) - st
+        pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+        positions = torch.from_numpy(np.concatenate(pieces, axis=1).astype(np.int64))
+        self.prunekit_last_positions = positions
+        return positions, int(positions.max()) + 1 - len(input_tokens)
+
+    # -- embeddings ------------------------------------------------------------------------------------------
+    def _process_image_input(self, image_input):
+        if self.prunekit_pruner is None:
+            return super()._process_image_input(image_input)
+        kind = image_input["type"]
+        grid_thw = image_input["image_grid_thw"]
+        grids = grid_thw.tolist()
+        merge = self.visual.spatial_merge_size
+        if kind == "pixel_values":
+            values = list(image_input["pixel_values"].split(grid_thw.prod(-1).tolist()))
+        else:
+            values = list(image_input["image_embeds"].split((grid_thw.prod(-1) // merge**2).tolist()))
+        keys = [_content_key(kind, v, g) for v, g in zip(values, grids)]
+        kept = [self._prunekit_rows.pop(k, None) for k in keys]
+        missing = [i for i, r in enumerate(kept) if r is None]
+        if missing:  # not seen by get_mrope_input_positions (e.g. vLLM's profiling), or dropped from the cache
+            results = self._prunekit_select(kind, [values[i] for i in missing], [grids[i] for i in missing])
+            self.prunekit_encodes["embeddings"] += len(missing) if kind == "pixel_values" else 0
+            for i, r in zip(missing, results):
+                kept[i] = r
+        self.prunekit_last_kept.extend(r.indices.cpu() for r in kept)
+        return tuple(r.rows for r in kept)
+
+
 __all__ = ["register", "llava_spec", "llava_pruner", "PrunedLlavaForConditionalGeneration",
-           "PrunedLlavaProcessingInfo", "PrunedLlavaMultiModalProcessor", "UnservableMethodError"]
+           "PrunedLlavaProcessingInfo", "PrunedLlavaMultiModalProcessor", "qwen2_5_vl_spec", "qwen2_5_vl_pruner",
+           "PrunedQwen2_5_VLForConditionalGeneration", "PrunedQwen2_5_VLProcessingInfo",
+           "PrunedQwen2_5_VLMultiModalProcessor", "UnservableMethodError"]
