@@ -277,13 +277,14 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 embeds = written
                 C.LM_INPUTS_EMBEDS.set(kwargs, written)
                 changed = True
-            dropped = torch.tensor([n - k.numel() for n, k in zip(n_visual, kept)], device=device)
-            if bool(dropped.any()):
+            dropped_counts = [n - k.numel() for n, k in zip(n_visual, kept)]  # known here: no read of the device
+            dropped = torch.tensor(dropped_counts, device=device)
+            if any(dropped_counts):
                 changed = True
                 drop = visual.clone()
                 for b in range(B):
                     drop[b, vis_pos[b][kept[b]]] = False
-                keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(B)]
+                keep_rows = _kept_rows(drop, [L - d for d in dropped_counts])
                 L1 = max(r.numel() for r in keep_rows)
                 valid = call.valid
                 new_embeds = pad_left([embeds[b, keep_rows[b]] for b in range(B)], L1, 0.0)
@@ -435,7 +436,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
             keep_mask[b, call.vis_pos[b][kept[b]]] = True
             drop[b, call.vis_pos[b]] = True
             drop[b, call.vis_pos[b][kept[b]]] = False
-        rows_b = [keep_mask[b].nonzero().squeeze(1) for b in range(B)]
+        # rows each sample keeps, counted on the host: all but the previous segment's padding and the dropped tokens
+        lead_before = prev.lead if prev is not None and prev.lead is not None else [0] * B
+        rows_b = _kept_rows(~keep_mask, [Lc - lead_before[b] - (call.vis_pos[b].numel() - kept[b].numel())
+                                         for b in range(B)])
         n = max(r.numel() for r in rows_b)
         lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
         rows = pad_left(rows_b, n, 0)
@@ -450,7 +454,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
         if self.positions == "renumber":
             shift = shift + drop.sum(1)
-        seg = Segment(stage.layer, cols, shift, new_pos, pad)
+        seg = Segment(stage.layer, cols, shift, new_pos, pad, lead)
         call.segments.append(seg)
         if self._gen is not None:
             self._gen.segments.append(seg)
@@ -460,3 +464,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
         call.valid = pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
         new_hidden = pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+def _kept_rows(drop: Tensor, counts: list[int]) -> list[Tensor]:
+    """Per sample, the ascending positions where ``drop`` ``[B, L]`` is False, of which there are ``counts[b]``
+    (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device) per sample."""
+    order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
+    return [order[b, :c] for b, c in enumerate(counts)]

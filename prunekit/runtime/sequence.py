@@ -28,13 +28,14 @@ class Segment:
     shift: Tensor  # [B] tokens dropped inside the LLM up to here (subtracted from decode positions when renumbering)
     pos: Tensor  # [B, n, P] prefill position ids
     pad: Tensor | None = None  # [B, n] True where a row was left-padded because rows kept different counts
+    lead: list[int] | None = None  # per sample, how many of those padding rows (known on the host)
 
     def on(self, device) -> "Segment":
         """This segment with its tensors on ``device`` (a model spread over devices meets them on each)."""
         if self.cols.device == torch.device(device):
             return self
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Segment(self.first_layer, move(self.cols), move(self.shift), move(self.pos), move(self.pad))
+        return Segment(self.first_layer, move(self.cols), move(self.shift), move(self.pos), move(self.pad), self.lead)
 
 
 @dataclass

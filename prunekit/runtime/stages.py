@@ -83,7 +83,8 @@ def write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list
 
     ``kept[b]`` lists the tokens in the order they fill the kept places (taken in sequence order): ascending for
     tokens that stay in place; an ordered :class:`Choice` moves tokens (values, or the rows themselves)."""
-    moved = [bool((k[1:] < k[:-1]).any()) for k in kept]
+    # whether a sample's tokens change places: read from the host once for all samples
+    moved = torch.stack([(k[1:] < k[:-1]).any().to(kept[0].device) for k in kept]).tolist() if kept else []
     if all(v is None for v in values) and not any(moved):
         return None
     out = x.clone()
@@ -105,18 +106,26 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
     if len(chosen) != ctx.batch_size:
         raise PruningError(f"{where}: method returned {len(chosen)} rows for {ctx.batch_size}")
     kept, values, merged = [], [], []
+    invalid: list[tuple[int, Tensor]] = []  # per sample, True on the device when its indices are invalid
     for b, (c, budget, f) in enumerate(zip(chosen, ctx.keep, ctx.features)):
         c = c if isinstance(c, Choice) else Choice(c)
         k = c.indices.to(device=f.device, dtype=torch.long).flatten()
         if k.numel() != budget:
             raise PruningError(f"{where}: method kept {k.numel()} tokens of sample {b}, budget {budget}")
-        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= f.shape[0] or k.unique().numel() != k.numel()):
-            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {b}")
         k, order = (k, torch.arange(k.numel(), device=k.device)) if c.ordered else k.sort()
+        if k.numel():
+            s = k.sort().values if c.ordered else k
+            invalid.append((b, (s[0] < 0) | (s[-1] >= f.shape[0]) | (s[1:] == s[:-1]).any()))
         kept.append(k)
         values.append(None if c.values is None else c.values.to(f.device)[order])
         flags = torch.zeros(k.numel(), dtype=torch.bool, device=f.device)
         if c.merged is not None:
             flags = c.merged.to(device=f.device, dtype=torch.bool).flatten()[order]
         merged.append(flags)
+    if invalid:  # one read of the host for the whole stage, not three per sample (each stalls a GPU's stream)
+        device = invalid[0][1].device
+        bad = torch.stack([flag.to(device) for _, flag in invalid])
+        if bool(bad.any()):
+            b = invalid[int(bad.to(torch.int8).argmax())][0]
+            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {b}")
     return kept, values, merged

@@ -1,0 +1,42 @@
+"""Host reads of a pruned prefill: each one drains a GPU's stream (the GPU waits for the next launches), so the
+runtime reads the device only where a value must reach the host. Counted on CPU with prunekit.testing.count_ops
+over one prefill of the tiny LLaVA (4 decoder layers, 64 visual tokens), for every registered method, against
+ceilings recorded in one table: a change that adds a host read to the model path fails here, without a GPU.
+
+What remains is listed in docs/performance.md (the adapters' visual-token positions, the signals' instruction
+positions, methods' own reads); the greedy selections themselves read nothing (tests/test_selection_ops.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.testing import count_ops, tiny_llava, tiny_llava_inputs
+
+#: host reads of one pruned prefill at keep_tokens=8 (nominal budgets; pdrop: 24, its schedule's least)
+CEILINGS = {
+    "cdpruner": 15, "dart": 55, "divprune": 11, "fastervlm": 15, "fastv": 13, "pdrop": 23, "pool": 11,
+    "prumerge_plus": 24, "random": 11, "scope": 15, "sparsevlm": 59, "tops": 39, "trim": 19, "visionzip": 33,
+    "vispruner": 15,
+}
+BUDGET = {"pdrop": 24}
+
+
+def test_every_method_has_a_ceiling():
+    assert sorted(CEILINGS) == sorted(prunekit.list_methods()), "record the host reads of every method in CEILINGS"
+
+
+@pytest.mark.parametrize("method", prunekit.list_methods())
+def test_a_pruned_prefill_reads_the_device_at_most_its_ceiling(method):
+    torch.manual_seed(0)
+    model = tiny_llava(num_layers=4)
+    inputs = tiny_llava_inputs(model)
+    prunekit.build(method, model, keep_tokens=BUDGET.get(method, 8), budget_meaning="nominal")
+    with torch.no_grad():
+        model(**inputs)  # first call: anything done once per model
+        _, count = count_ops(lambda: model(**inputs))
+    report = prunekit.pruning_report(model)
+    assert report is not None and report.stages and any(c < 64 for s in report.stages for c in s.counts)
+    assert count.syncs <= CEILINGS[method], (count.syncs, count.sync_names)
