@@ -156,9 +156,16 @@ class GraphCache:
     def run(self, key: Any, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> torch.Tensor:
         """``fn(*inputs)``: run, recorded or replayed (see the class docstring). ``fn`` must depend on nothing
         but the shapes in ``key`` and the values of ``inputs``."""
+        device = next(t.device for t in inputs if t is not None)
+        with torch.cuda.device(device):  # record and replay on the inputs' GPU, whichever is current
+            return self._run(key, fn, inputs)
+
+    def _run(self, key: Any, fn: Callable[..., torch.Tensor], inputs: tuple) -> torch.Tensor:
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen:
+                if len(self._seen) > 4096:  # keys seen once: forget them rather than grow without bound
+                    self._seen.clear()
                 self._seen.add(key)
                 return fn(*inputs)
             static = [None if t is None else t.clone() for t in inputs]
