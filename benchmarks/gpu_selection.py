@@ -187,7 +187,6 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 rows.append({"method": method, "n": n, "k": k, "batch": batch, "eager_ms": eager,
                              "replay_ms": steady, "reference_ms": ref})
                 print(f"time {rows[-1]}", flush=True)
-            del feats, rel
     return rows
 
 
