@@ -44,7 +44,9 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
         assert any(f"TOPS prefill <= VisionZip + 5%, T=6 (layer_average), batch {batch}" in t["target"]
                    for t in result["targets"])
     flops = {r["batch"]: r["flops"] for r in result["model"] if r["method"] == "unpruned"}
-    assert flops[2] == 2 * flops[1]  # two prompts of the same length: twice the work
+    # two prompts of the same length: twice the work, but for what a forward computes once whatever the batch (the
+    # rotary table from shared position ids on some transformers releases: 2,080 FLOPs of 123 M on 5.16)
+    assert abs(flops[2] - 2 * flops[1]) <= 1e-4 * flops[2], flops
     # the tiny model is at its full depth: nothing is scaled, measured = scaled
     assert all(r["prefill_ms"] == r["prefill_ms_scaled"] for r in result["model"] if r["error"] is None)
     assert "not scaled" in result["scaling"]
