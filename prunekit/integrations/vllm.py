@@ -1,16 +1,17 @@
 """Serve pruned models with vLLM: prunekit's pre-LLM methods as an out-of-tree vLLM plugin.
 
 ``pip install "prunekit[vllm]"`` registers :func:`register` under vLLM's ``vllm.general_plugins`` entry point group.
-vLLM calls it in every process it starts; it points vLLM's LLaVA and Qwen2.5-VL architectures at
-:class:`PrunedLlavaForConditionalGeneration` and :class:`PrunedQwen2_5_VLForConditionalGeneration`, subclasses of
-vLLM's own models. Without a ``prunekit`` block in the model's config a subclass is vLLM's model unchanged. With one
-(saved in the checkpoint's config.json, see :mod:`prunekit.saved`, or passed as ``hf_overrides={"prunekit": {...}}``):
+vLLM calls it in every process it starts; it points vLLM's LLaVA, Qwen2-VL and Qwen2.5-VL architectures at
+:class:`PrunedLlavaForConditionalGeneration`, :class:`PrunedQwen2VLForConditionalGeneration` and
+:class:`PrunedQwen2_5_VLForConditionalGeneration`, subclasses of vLLM's own models. Without a ``prunekit`` block in
+the model's config a subclass is vLLM's model unchanged. With one (saved in the checkpoint's config.json, see
+:mod:`prunekit.saved`, or passed as ``hf_overrides={"prunekit": {...}}``):
 
 * the prompt gets ``k`` placeholder tokens per image instead of ``n`` (so its KV slots are sized for ``k``), and
 * the image's encoder output keeps the ``k`` rows the method chooses, by the method's own stages run on this model's
   features (:class:`prunekit.integrations.pre_llm.ImagePruner`), so a token kept here is the token
   ``prunekit.build`` keeps on the same features;
-* on Qwen2.5-VL the kept tokens keep their original M-RoPE positions (see the class).
+* on Qwen2-VL and Qwen2.5-VL the kept tokens keep their original M-RoPE positions (see :class:`_PrunedQwenVL`).
 
 A method vLLM cannot serve (it prunes inside the LLM, reads the question, or needs a signal this model does not
 compute) is refused when the model is built, with the reason. This module is imported only by vLLM (and tests),
@@ -36,6 +37,12 @@ from vllm.model_executor.models.llava import (
     PixtralHFMultiModalProcessor,
     PixtralHFProcessingInfo,
 )
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -53,14 +60,15 @@ from .pre_llm import ImagePruner, UnservableMethodError
 SERVER = "vLLM"
 #: vLLM architecture name -> this module's class that serves it
 ARCHITECTURES = {"LlavaForConditionalGeneration": "PrunedLlavaForConditionalGeneration",
+                 "Qwen2VLForConditionalGeneration": "PrunedQwen2VLForConditionalGeneration",
                  "Qwen2_5_VLForConditionalGeneration": "PrunedQwen2_5_VLForConditionalGeneration"}
 #: the [CLS] signals this module computes on a CLIP tower (as prunekit's transformers adapters do)
 CLS_SIGNALS = frozenset({"cls_attention", "keys", "cls_feature"})
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: serve vLLM's LLaVA and Qwen2.5-VL architectures with prunekit's
-    subclasses (loaded lazily, by name, when vLLM builds such a model)."""
+    """The ``vllm.general_plugins`` entry point: serve vLLM's LLaVA, Qwen2-VL and Qwen2.5-VL architectures with
+    prunekit's subclasses (loaded lazily, by name, when vLLM builds such a model)."""
     from vllm import ModelRegistry
 
     for arch, cls in ARCHITECTURES.items():
@@ -233,19 +241,20 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Qwen2.5-VL (dynamic resolution, 2x2 patch merger, M-RoPE, no [CLS])
+# Qwen2-VL and Qwen2.5-VL (dynamic resolution, 2x2 patch merger, M-RoPE, no [CLS]): one implementation, as mixins
+# placed before vLLM's classes of each family
 # ---------------------------------------------------------------------------------------------------------
-#: entries of the caches below (see PrunedQwen2_5_VLForConditionalGeneration)
+#: entries of the caches below (see _PrunedQwenVL)
 KEPT_CACHE = 4096
 ROWS_CACHE = 256
+#: prunekit family -> the name messages give it
+QWEN_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 
 
-def qwen2_5_vl_spec(config: Any) -> ModelSpec:
-    """What a method may know of a vLLM Qwen2.5-VL model: what prunekit's Qwen2.5-VL adapter describes (each image
-    has its own token count; M-RoPE positions; no [CLS] token)."""
+def _qwen_spec(config: Any, family: str) -> ModelSpec:
     text = config.text_config
     return ModelSpec(
-        family="qwen2_5_vl",
+        family=family,
         num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size,
         visual_tokens_per_image=None,
@@ -256,25 +265,49 @@ def qwen2_5_vl_spec(config: Any) -> ModelSpec:
     )
 
 
+def _qwen_pruner(config: Any, family: str) -> ImagePruner | None:
+    pruner = ImagePruner.from_config(config, _qwen_spec(config, family), server=SERVER, positions="original")
+    if pruner is not None and any(stage.point != "after_projector" for stage in pruner.stages):
+        raise UnservableMethodError(
+            f"method {pruner.method!r} prunes at {[s.point for s in pruner.stages]}; on {QWEN_NAMES[family]} prunekit "
+            f"prunes only after the patch merger (after_projector), as its transformers adapter does")
+    return pruner
+
+
+def qwen2_vl_spec(config: Any) -> ModelSpec:
+    """What a method may know of a vLLM Qwen2-VL model: what prunekit's Qwen2-VL adapter describes (each image has
+    its own token count; M-RoPE positions; no [CLS] token)."""
+    return _qwen_spec(config, "qwen2_vl")
+
+
+def qwen2_5_vl_spec(config: Any) -> ModelSpec:
+    """What a method may know of a vLLM Qwen2.5-VL model: what prunekit's Qwen2.5-VL adapter describes (each image
+    has its own token count; M-RoPE positions; no [CLS] token)."""
+    return _qwen_spec(config, "qwen2_5_vl")
+
+
+def qwen2_vl_pruner(config: Any) -> ImagePruner | None:
+    """The pruner the model's ``prunekit`` block asks for (None without one); refuses what vLLM cannot serve. As
+    :func:`qwen2_5_vl_pruner`."""
+    return _qwen_pruner(config, "qwen2_vl")
+
+
 def qwen2_5_vl_pruner(config: Any) -> ImagePruner | None:
     """The pruner the model's ``prunekit`` block asks for (None without one); refuses what vLLM cannot serve.
 
     Kept image tokens keep their original M-RoPE positions (``positions="original"``, the default on Qwen-VL), as on
     prunekit's transformers path; the model computes no encoder signal, so only methods that need none are served."""
-    pruner = ImagePruner.from_config(config, qwen2_5_vl_spec(config), server=SERVER, positions="original")
-    if pruner is not None and any(stage.point != "after_projector" for stage in pruner.stages):
-        raise UnservableMethodError(
-            f"method {pruner.method!r} prunes at {[s.point for s in pruner.stages]}; on Qwen2.5-VL prunekit prunes "
-            f"only after the patch merger (after_projector), as its transformers adapter does")
-    return pruner
+    return _qwen_pruner(config, "qwen2_5_vl")
 
 
-class PrunedQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    """vLLM's Qwen2.5-VL processing info, with each image's token count the number the method keeps."""
+class _PrunedQwenInfo:
+    """Mixin for vLLM's Qwen-VL processing info: each image's token count is the number the method keeps."""
+
+    prunekit_family = ""
 
     def pruner(self) -> ImagePruner | None:
         if "_prunekit_pruner" not in self.__dict__:
-            self._prunekit_pruner = qwen2_5_vl_pruner(self.get_hf_config())
+            self._prunekit_pruner = _qwen_pruner(self.get_hf_config(), self.prunekit_family)
         return self._prunekit_pruner
 
     def get_num_image_tokens(self, **kwargs) -> int:
@@ -283,10 +316,10 @@ class PrunedQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return n if pruner is None else pruner.kept_count(n)
 
 
-class PrunedQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    """vLLM's Qwen2.5-VL processor; with a pruner, each image gets as many placeholders as the method keeps of its
-    merged tokens. Videos are refused (prunekit's vLLM model prunes images only); a budget per prompt is refused for
-    prompts of several images."""
+class _PrunedQwenProcessor:
+    """Mixin for vLLM's Qwen-VL processor; with a pruner, each image gets as many placeholders as the method keeps of
+    its merged tokens. Videos are refused (prunekit's vLLM model prunes images only); a budget per prompt is refused
+    for prompts of several images."""
 
     _profiling = False
 
@@ -305,8 +338,9 @@ class PrunedQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             return updates
         images, videos = (mm_items.get_count(m, strict=False) for m in ("image", "video"))
         if videos and not self._profiling:
-            raise ValueError(f"this prompt holds {videos} video(s); prunekit's vLLM Qwen2.5-VL model prunes images "
-                             f"only: serve videos without the model's prunekit block")
+            raise ValueError(f"this prompt holds {videos} video(s); prunekit's vLLM "
+                             f"{QWEN_NAMES[self.info.prunekit_family]} model prunes images only: serve videos without "
+                             f"the model's prunekit block")
         if pruner.budget_per == "prompt" and images > 1:
             raise ValueError(f"this prompt holds {images} images and the model's prunekit block budgets per prompt "
                              f"(budget_per={pruner.config.budget_per!r}); vLLM prunes each image on its own: save "
@@ -330,11 +364,9 @@ def _content_key(kind: str, values: Tensor, grid: list[int]) -> bytes:
     return h.digest()
 
 
-@MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLMultiModalProcessor, info=PrunedQwen2_5_VLProcessingInfo,
-                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL; with a ``prunekit`` block in its config, each image keeps the merged tokens the method
-    chooses, at their original M-RoPE positions.
+class _PrunedQwenVL:
+    """Mixin for vLLM's Qwen-VL models (Qwen2-VL, Qwen2.5-VL); with a ``prunekit`` block in the config, each image
+    keeps the merged tokens the method chooses, at their original M-RoPE positions.
 
     vLLM asks the model for a request's M-RoPE positions (:meth:`get_mrope_input_positions`) when the request is
     added, before it encodes the request's images. With a pruner this method encodes the request's new images there
@@ -350,12 +382,16 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     positions (``"positions"``) and again for their embeddings (``"embeddings"``).
     """
 
+    prunekit_family = ""
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.prunekit_pruner = qwen2_5_vl_pruner(self.config)
-        if self.prunekit_pruner is not None and self.is_multimodal_pruning_enabled:
-            raise UnservableMethodError("vLLM's own video pruning (video_pruning_rate) and a prunekit block cannot "
-                                        "be combined on Qwen2.5-VL: leave video_pruning_rate unset")
+        self.prunekit_pruner = _qwen_pruner(self.config, self.prunekit_family)
+        # vLLM's own video pruning (video_pruning_rate) exists on Qwen2.5-VL only
+        if self.prunekit_pruner is not None and getattr(self, "is_multimodal_pruning_enabled", False):
+            raise UnservableMethodError(f"vLLM's own video pruning (video_pruning_rate) and a prunekit block cannot "
+                                        f"be combined on {QWEN_NAMES[self.prunekit_family]}: leave "
+                                        f"video_pruning_rate unset")
         self.prunekit_last_kept: deque[Tensor] = deque(maxlen=64)  # vLLM may embed a prompt's images one by one
         self.prunekit_last_positions: Tensor | None = None
         self.prunekit_encodes = {"positions": 0, "embeddings": 0}
@@ -391,7 +427,7 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         if self.prunekit_pruner is None or not any(f.modality == "image" for f in mm_features):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         if any(f.modality != "image" for f in mm_features):
-            raise ValueError("prunekit's vLLM Qwen2.5-VL model prunes images only")
+            raise ValueError(f"prunekit's vLLM {QWEN_NAMES[self.prunekit_family]} model prunes images only")
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
         new = [f for f in features if f.identifier not in self._prunekit_kept]
         for kind in ("pixel_values", "image_embeds"):  # images given as pixels are encoded, embeddings used as given
@@ -457,7 +493,52 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         return tuple(r.rows for r in kept)
 
 
+# Qwen2-VL ---------------------------------------------------------------------------------------------------
+class PrunedQwen2VLProcessingInfo(_PrunedQwenInfo, Qwen2VLProcessingInfo):
+    """vLLM's Qwen2-VL processing info, with each image's token count the number the method keeps."""
+
+    prunekit_family = "qwen2_vl"
+
+
+class PrunedQwen2VLMultiModalProcessor(_PrunedQwenProcessor, Qwen2VLMultiModalProcessor):
+    """vLLM's Qwen2-VL processor, with as many placeholders per image as the method keeps (see
+    :class:`_PrunedQwenProcessor`)."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen2VLMultiModalProcessor, info=PrunedQwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class PrunedQwen2VLForConditionalGeneration(_PrunedQwenVL, Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL; with a ``prunekit`` block in its config, each image keeps the merged tokens the method
+    chooses, at their original M-RoPE positions (see :class:`_PrunedQwenVL`)."""
+
+    prunekit_family = "qwen2_vl"
+
+
+# Qwen2.5-VL -------------------------------------------------------------------------------------------------
+class PrunedQwen2_5_VLProcessingInfo(_PrunedQwenInfo, Qwen2_5_VLProcessingInfo):
+    """vLLM's Qwen2.5-VL processing info, with each image's token count the number the method keeps."""
+
+    prunekit_family = "qwen2_5_vl"
+
+
+class PrunedQwen2_5_VLMultiModalProcessor(_PrunedQwenProcessor, Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor, with as many placeholders per image as the method keeps (see
+    :class:`_PrunedQwenProcessor`)."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLMultiModalProcessor, info=PrunedQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VLForConditionalGeneration(_PrunedQwenVL, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL; with a ``prunekit`` block in its config, each image keeps the merged tokens the method
+    chooses, at their original M-RoPE positions (see :class:`_PrunedQwenVL`). vLLM's own video pruning
+    (``video_pruning_rate``) is refused beside a prunekit block."""
+
+    prunekit_family = "qwen2_5_vl"
+
+
 __all__ = ["register", "llava_spec", "llava_pruner", "PrunedLlavaForConditionalGeneration",
            "PrunedLlavaProcessingInfo", "PrunedLlavaMultiModalProcessor", "qwen2_5_vl_spec", "qwen2_5_vl_pruner",
            "PrunedQwen2_5_VLForConditionalGeneration", "PrunedQwen2_5_VLProcessingInfo",
-           "PrunedQwen2_5_VLMultiModalProcessor", "UnservableMethodError"]
+           "PrunedQwen2_5_VLMultiModalProcessor", "qwen2_vl_spec", "qwen2_vl_pruner",
+           "PrunedQwen2VLForConditionalGeneration", "PrunedQwen2VLProcessingInfo", "PrunedQwen2VLMultiModalProcessor",
+           "UnservableMethodError"]

@@ -1,4 +1,4 @@
-"""Serve a Qwen2.5-VL checkpoint with vLLM (CPU) and write what it answered:
+"""Serve a Qwen2.5-VL or Qwen2-VL checkpoint with vLLM (CPU) and write what it answered:
 ``python serve_qwen.py MODEL_DIR OUT.json RUNS.json``.
 
 ``RUNS.json`` is a list of ``{"name": ..., "prunekit": <a saved block, or null>, "questions": N, "tokens": T,
