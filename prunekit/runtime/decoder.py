@@ -278,7 +278,6 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 C.LM_INPUTS_EMBEDS.set(kwargs, written)
                 changed = True
             dropped_counts = [n - k.numel() for n, k in zip(n_visual, kept)]  # known here: no read of the device
-            dropped = torch.tensor(dropped_counts, device=device)
             if any(dropped_counts):
                 changed = True
                 drop = visual.clone()
@@ -308,6 +307,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
                 call.valid = new_valid
                 call.pos = new_pos
+                dropped = torch.tensor(dropped_counts, device=device)
                 shift = dropped if self.positions == "renumber" else torch.zeros_like(dropped)
                 if cache is not None:
                     self._gen = self._gens[cache] = Generation(weakref.ref(cache), L, new_mask, dropped, shift)

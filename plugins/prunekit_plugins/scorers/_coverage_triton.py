@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-_OUT = 1 << 62  # as facility_location._OUT
 #: tokens per chunk of ``prepare``, changed rows per iteration and columns per program of ``delta`` (the tests
 #: shrink them to run every loop several times)
 PREPARE_BLOCK, DELTA_ROWS, DELTA_COLS = 4096, 16, 128
@@ -101,7 +100,7 @@ def prepare(fixed, picked, best, chosen, index, old, new, count):
     assert src.is_contiguous() and best.is_contiguous() and chosen.is_contiguous()
     block = min(PREPARE_BLOCK, triton.next_power_of_2(N))
     _prepare_kernel[(B,)](src, fixed.scale, picked, picked.stride(0), best, chosen.view(torch.uint8), index, old,
-                          new, count, N, FLOAT=is_float, OUT=_OUT, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+                          new, count, N, FLOAT=is_float, OUT=fixed.OUT, BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
 
 def delta(fixed, index, old, new, count, gain, out):

@@ -44,6 +44,9 @@ class _Fixed:
     (:meth:`SelectionInput.block_rows`), so no work tensor outgrows the cap; sums over blocks are exact integers,
     so the block size never changes a result."""
 
+    #: "+inf" on the grid (:data:`_OUT`), for the kernels
+    OUT = _OUT
+
     def __init__(self, inputs: SelectionInput, hold: bool) -> None:
         self.inputs = inputs
         self.bits = fixed_point_bits(inputs.num_tokens)
