@@ -1,0 +1,97 @@
+"""Host reads of one pruned prefill, per method (docs/performance.md, "Fewer host reads since").
+
+    python benchmarks/prefill_syncs.py                                # CPU: the tiny LLaVA, every registered method
+    python benchmarks/prefill_syncs.py --device cuda --methods tops visionzip divprune --profile
+
+CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
+LLaVA (4 decoder layers, 64 visual tokens) after a first one, at ``--keep`` tokens (nominal budgets; PDrop at 24,
+its schedule's least), as tests/test_runtime_syncs.py counts them.
+
+CUDA: LLaVA-1.5-7B's shapes at full depth (random weights, bf16, ``prunekit.tools.bench.build_model``), T = 64
+layer-averaged tokens, batch 1; the synchronising calls ``torch.cuda.set_sync_debug_mode("warn")`` reports during
+one prefill after three, by the prunekit lines that made them; ``--profile``: the profiler's table of that prefill
+(host and device time, launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import traceback
+import warnings
+
+import torch
+
+import prunekit
+
+
+def on_cpu(methods, keep: int) -> None:
+    from prunekit.testing import count_ops, tiny_llava, tiny_llava_inputs
+
+    for method in methods:
+        torch.manual_seed(0)
+        model = tiny_llava(num_layers=4)
+        inputs = tiny_llava_inputs(model)
+        prunekit.build(method, model, keep_tokens=24 if method == "pdrop" else keep, budget_meaning="nominal")
+        with torch.no_grad():
+            model(**inputs)
+            _, count = count_ops(lambda: model(**inputs))
+        print(f"{method:<14} host reads {count.syncs:3d}  launches {count.launches:5d}  {dict(count.sync_names)}")
+
+
+def on_cuda(methods, profile: bool) -> None:
+    from prunekit.tools.bench import build_model, model_inputs
+
+    model, _ = build_model("7b", decoder_layers=32, vision_layers=24, dtype=torch.bfloat16, device="cuda")
+    inputs = model_inputs(model)
+
+    def prefill():
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+
+    for method in methods:
+        prunekit.build(method, model, keep_tokens=64, budget_meaning="layer_average")
+        for _ in range(3):
+            prefill()
+        torch.cuda.synchronize()
+        sites: collections.Counter = collections.Counter()
+
+        def seen(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack() if "prunekit" in f.filename]
+            sites[" <- ".join(f"{f.filename.rsplit('/', 3)[-1]}:{f.lineno}" for f in frames[-2:][::-1])] += 1
+
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = seen
+            prefill()
+        torch.cuda.set_sync_debug_mode("default")
+        print(f"== {method}: {sum(sites.values())} host syncs")
+        for site, n in sites.most_common(12):
+            print(f"  {n:3d}  {site}")
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as profiler
+
+            with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                prefill()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+        prunekit.remove(model)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method (CPU), tops "
+                                                                "visionzip divprune (CUDA)")
+    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    if args.device == "cpu":
+        on_cpu(args.methods or prunekit.list_methods(), args.keep)
+    else:
+        on_cuda(args.methods or ["tops", "visionzip", "divprune"], args.profile)
+
+
+if __name__ == "__main__":
+    main()
