@@ -15,7 +15,11 @@ For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), o
    replay time, and every call's indices against the CPU reference;
 5. **time**: median wall time of ``prunekit.select`` with the Triton kernels run eagerly
    (``PRUNEKIT_CUDA_GRAPHS=0``), replayed from a CUDA graph (steady state), and with ``PRUNEKIT_KERNELS=reference``
-   (the same selection as tensor operations), per size and batch.
+   (the same selection as tensor operations), per size and batch; the first two both with the whole-selection
+   kernel (``greedy_run``: every step after the first in one launch, N <= 4,096, the default) and with the step
+   loop (``PRUNEKIT_FUSED_SELECTION=0``: a pick and the scorers' updates launched per step).
+
+Parts 2 and 3 run with the step loop and with the whole-selection kernel.
 
 Writes ``gpu_selection.json`` into ``--out`` and prints each result as it comes.
 """
@@ -98,31 +102,39 @@ def per_step(device, n, k1, k2, dim, batch):
 
     out = []
     feats, rel = _features(n, dim, batch, 0, device)
-    for method in METHODS:
-        for reference in (False, True):
-            counts = {}
-            for k in (k1, k2):
-                _select(method, feats, rel, k, reference)  # warm-up
+    for method, reference, fused in [(m, r, f) for m in METHODS for r in (False, True) for f in (True, False)]:
+        if reference and not fused:
+            continue  # the reference runs the step loop either way
+        _fused(fused)
+        counts = {}
+        for k in (k1, k2):
+            _select(method, feats, rel, k, reference)  # warm-up
+            _sync(device)
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _select(method, feats, rel, k, reference)
+            torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                _select(method, feats, rel, k, reference)
                 _sync(device)
-                torch.cuda.set_sync_debug_mode("warn")
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    _select(method, feats, rel, k, reference)
-                torch.cuda.set_sync_debug_mode("default")
-                syncs = sum("synchroniz" in str(w.message) for w in caught)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    _select(method, feats, rel, k, reference)
-                    _sync(device)
-                kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-                counts[k] = (syncs, kernels)
-            steps = k2 - k1
-            row = {"method": method, "kernels": "reference" if reference else "triton", "n": n, "batch": batch,
-                   "syncs_per_step": (counts[k2][0] - counts[k1][0]) / steps,
-                   "device_kernels_per_step": (counts[k2][1] - counts[k1][1]) / steps,
-                   "syncs_total": counts[k2][0]}
-            out.append(row)
-            print(f"per step {row}", flush=True)
+            kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            counts[k] = (syncs, kernels)
+        steps = k2 - k1
+        _fused(True)
+        kernels = "reference" if reference else "triton" if fused else "triton, step loop"
+        row = {"method": method, "kernels": kernels, "n": n, "batch": batch,
+               "syncs_per_step": (counts[k2][0] - counts[k1][0]) / steps,
+               "device_kernels_per_step": (counts[k2][1] - counts[k1][1]) / steps,
+               "syncs_total": counts[k2][0]}
+        out.append(row)
+        print(f"per step {row}", flush=True)
     return out
+
+
+def _fused(on: bool) -> None:
+    os.environ["PRUNEKIT_FUSED_SELECTION"] = "1" if on else "0"
 
 
 def _graphs(on: bool) -> None:
@@ -174,18 +186,24 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 # TOPS holds the matrices of a batch of video-size samples on a large GPU (the others stream them)
                 cap = {"max_similarity_mib": 16384} if device.type == "cuda" and method == "tops" else {}
                 run = lambda: _select(method, feats, rel, k, **cap)  # noqa: E731
-                _graphs(False)
-                eager = _timed(run, device, repeats)
-                _graphs(True)
-                _clear_graphs()
-                run(), run()  # the first call, then the recording
-                steady = _timed(run, device, repeats)
-                _clear_graphs()
+                times = {}
+                for fused in (True, False):
+                    _fused(fused)
+                    _graphs(False)
+                    eager = _timed(run, device, repeats)
+                    _graphs(True)
+                    _clear_graphs()
+                    run(), run()  # the first call, then the recording
+                    times[fused] = (eager, _timed(run, device, repeats))
+                    _clear_graphs()
+                _fused(True)
+                (eager, steady), (loop_eager, loop_steady) = times[True], times[False]
                 ref = None
                 if k <= reference_up_to_steps:
                     ref = _timed(lambda: _select(method, feats, rel, k, reference=True, **cap), device, 1)
                 rows.append({"method": method, "n": n, "k": k, "batch": batch, "eager_ms": eager,
-                             "replay_ms": steady, "reference_ms": ref})
+                             "replay_ms": steady, "loop_eager_ms": loop_eager, "loop_replay_ms": loop_steady,
+                             "reference_ms": ref})
                 print(f"time {rows[-1]}", flush=True)
     return rows
 

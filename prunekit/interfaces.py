@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from .selection import Choice, Reduction, Scorer, ScorerRun, SelectionInput, Selector
+from .selection import Choice, FusedTerm, Reduction, Scorer, ScorerRun, SelectionInput, Selector
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MethodConfig
@@ -328,5 +328,5 @@ __all__ = [
     "InsertionPoint", "Stage", "StageContext", "ModelSpec", "Patch", "ModelAdapter", "Method", "PATCH_ATTRIBUTE",
     "patch_of",
     # from prunekit.selection
-    "SelectionInput", "Choice", "Reduction", "ScorerRun", "Scorer", "Selector",
+    "SelectionInput", "Choice", "Reduction", "FusedTerm", "ScorerRun", "Scorer", "Selector",
 ]

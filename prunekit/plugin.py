@@ -10,6 +10,7 @@ from __future__ import annotations
 from .hookspecs import hookimpl, hookspec
 from .interfaces import (
     Choice,
+    FusedTerm,
     InsertionPoint,
     Method,
     ModelAdapter,
@@ -35,7 +36,7 @@ from .adapters import MethodHook, MultimodalAdapter, VisualHooks
 
 __all__ = [
     "hookimpl", "hookspec", "registry",
-    "Scorer", "ScorerRun", "SelectionInput", "Selector", "Choice", "Reduction",
+    "Scorer", "ScorerRun", "FusedTerm", "SelectionInput", "Selector", "Choice", "Reduction",
     "Method", "Stage", "StageContext", "InsertionPoint",
     "ModelAdapter", "ModelSpec", "Patch", "MultimodalAdapter", "VisualHooks", "MethodHook",
     # a method's options and its stages

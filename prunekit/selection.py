@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .ops import take_rows
 
-__all__ = ["SelectionInput", "Choice", "Reduction", "ScorerRun", "Scorer", "Selector"]
+__all__ = ["SelectionInput", "Choice", "Reduction", "FusedTerm", "ScorerRun", "Scorer", "Selector"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,6 +257,41 @@ class Reduction:
         return f"Reduction(indices={tuple(self.indices.shape)}, merged={int(self.merged.sum())})"
 
 
+@dataclass
+class FusedTerm:
+    """A :class:`ScorerRun`'s state in one of the forms a selector can update by itself, from
+    :meth:`ScorerRun.fused`. A selector that knows these forms may run the rest of a selection in one fused loop
+    (the greedy selector: one kernel launch on a GPU), updating the tensors below in place exactly as
+    :meth:`ScorerRun.update` would have; the run is not used again. ``F`` is ``similarity`` (``[B, N, N]``, held,
+    exactly symmetric: row ``p`` is column ``p``).
+
+    * ``"constant"``: gains that do not depend on the set; the selector's buffer already holds them.
+    * ``"nearest"``: gains ``1 − best``, computed in ``best``'s dtype; after a pick ``p``,
+      ``best = maximum(best, F[:, p])`` (NaN propagates, as :func:`torch.maximum`).
+    * ``"coverage"``: the facility-location gains on a fixed-point grid of ``scale`` (see the
+      ``facility_location`` scorer): ``gain`` ``[B, N]`` (int64; float gains ``gain / scale``), the best grid
+      similarity ``best`` to the set (int64) and ``chosen`` (bool). After a pick ``p`` every unchosen ``j`` with
+      ``G[p, j] > best[j]``, and ``p`` itself (whose term becomes ``out``, "+inf"), change ``gain`` by
+      ``−Σ_j (clamp(G[j, i], best_old[j], best_new[j]) − best_old[j])``; ``G`` is ``grid`` (int64) when given, else
+      ``round_half_even(F · scale)`` as it is read.
+    """
+
+    kind: str
+    similarity: Tensor | None = None
+    best: Tensor | None = None
+    chosen: Tensor | None = None
+    gain: Tensor | None = None
+    grid: Tensor | None = None
+    scale: float = 1.0
+    out: int = 0
+
+    KINDS: ClassVar[tuple[str, ...]] = ("constant", "nearest", "coverage")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"FusedTerm.kind must be one of {', '.join(map(repr, self.KINDS))}; got {self.kind!r}")
+
+
 class ScorerRun(ABC):
     """The incremental state of one scorer during one selection."""
 
@@ -274,6 +309,12 @@ class ScorerRun(ABC):
         """Write :meth:`gains` into ``out`` (``[B, N]`` float64). A selector passes the same ``out`` at every step,
         so a run that keeps its gains there (or knows they did not change) can skip the copy."""
         out.copy_(self.gains())
+
+    def fused(self) -> FusedTerm | None:
+        """This run's state as a :class:`FusedTerm`, called after :meth:`gains_into` wrote the current gains; None
+        (the default) when it has no such form: the selector then calls :meth:`update` and :meth:`gains_into` at
+        every step."""
+        return None
 
 
 class Scorer(ABC):

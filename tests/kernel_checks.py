@@ -119,6 +119,45 @@ def check_greedy_methods():
             _assert_equal(want, got, f"{name} B={B} N={N} k={k}")
 
 
+def _selector(terms, seed=None, normalize="minmax"):
+    scorer = lambda name: registry.get("scorers", name)()  # noqa: E731
+    return greedy.GreedySelector([(scorer(n), w) for n, w in terms], normalize=normalize,
+                                 seed=None if seed is None else scorer(seed))
+
+
+def check_greedy_run():
+    """The whole-selection kernel (greedy.RUN) against the step loop: every term kind and order, seeded or not,
+    minmax and none, held grid and float similarity, exact duplicates, NaN and ±inf relevance, one and several
+    rows; and it is the kernel that ran."""
+    from prunekit.kernels import observe_launches
+
+    g = torch.Generator().manual_seed(3)
+    setups = [
+        ([("relevance", 1.0), ("facility_location", 1.0), ("diversity", 1.0)], "relevance", "minmax"),
+        ([("diversity", 0.7), ("relevance", 0.0), ("facility_location", 2.5)], "relevance", "minmax"),
+        ([("diversity", 1.0)], "isolation", "minmax"),
+        ([("facility_location", 1.0), ("isolation", 0.5)], None, "none"),
+        ([("relevance", 0.2), ("diversity", 0.3), ("facility_location", 0.4), ("isolation", 0.1)], None, "minmax"),
+    ]
+    for trial, (terms, seed, normalize) in enumerate(setups):
+        for B, N, k in ((1, 45, 20), (3, 37, 12), (2, 40, 39)):
+            feats = torch.randn(B, N, 6, generator=g)
+            feats[0, 1::4] = feats[0, 0]  # exact duplicates: ties in every term
+            rel = torch.rand(B, N, generator=g)
+            if trial == 1:
+                rel[0, 2], rel[-1, 3], rel[-1, 4] = float("nan"), float("inf"), float("-inf")
+            for cap in (1 << 30, B * N * N * 4):  # the int64 grid held, or the float matrix put on the grid as read
+                def select():
+                    launched = []
+                    with observe_launches(launched.append):
+                        picks = _selector(terms, seed, normalize).select(SelectionInput(feats, rel, None, cap), k)
+                    return picks, launched
+
+                (want, _), (got, launched) = _both(select)
+                assert launched.count("greedy_run") == 1, launched
+                _assert_equal((want,), (got,), f"{terms} seed={seed} {normalize} B={B} N={N} k={k} cap={cap}")
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 def _small_blocks():
@@ -127,6 +166,7 @@ def _small_blocks():
     from prunekit_plugins.selectors import _greedy_triton
 
     _greedy_triton.BLOCK = 4
+    _greedy_triton.RUN_TILE = 64  # two to four changed rows at a time
     _coverage_triton.PREPARE_BLOCK, _coverage_triton.DELTA_ROWS, _coverage_triton.DELTA_COLS = 8, 2, 4
 
 

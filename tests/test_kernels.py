@@ -16,7 +16,7 @@ from prunekit.kernels import Kernel, triton_available
 from prunekit.testing import count_ops
 
 HERE = pathlib.Path(__file__).parent
-CHECKS = ["pick_kernel", "coverage_kernels", "greedy_methods"]
+CHECKS = ["pick_kernel", "coverage_kernels", "greedy_methods", "greedy_run"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ PLUGINS = ROOT / "plugins" / "prunekit_plugins"
 CORE_DEPENDENCIES = {"torch", "transformers", "pydantic", "pluggy", "packaging", "annotated_types"}
 #: optional: imported only inside the Triton implementations of selection's kernels, on CUDA (prunekit/kernels.py)
 OPTIONAL = {"triton"}
-KERNEL_MODULES = ("_greedy_triton.py", "_coverage_triton.py")
+KERNEL_MODULES = ("_greedy_triton.py", "_coverage_triton.py", "_triton_ops.py")
 #: apart from the library: imported only by the tools that need them
 APART = ("prunekit/tools", "prunekit/integrations")
 #: what a plugin (built-in or not) imports from prunekit

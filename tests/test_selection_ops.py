@@ -31,7 +31,10 @@ registered method whose model-free selection runs a registered selector, through
   two selections and a step of the batch costs both.
 
 The ceilings are what the code measured when they were recorded (launches / operations / syncs per step); a
-change that makes a step cheaper lowers them.
+change that makes a step cheaper lowers them. They are counted with the whole-selection kernel switched off
+(``PRUNEKIT_FUSED_SELECTION=0``: the step loop, what runs above ``greedy.RUN_MAX_TOKENS`` tokens). With it, the
+selections of :data:`FUSED` run every step after the first in one launch (``prunekit::greedy_run``): nothing per
+step.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ CEILINGS = {
     "divprune": {"one": (4, 10, 0), "batch": (6, 13, 0), "mixed": (10, 23, 0)},
     "cdpruner": {"one": (22, 39, 0), "batch": (22, 39, 0), "mixed": (44, 78, 0)},
 }
+
+#: methods whose steps after the first run in one launch of the greedy selector's whole-selection kernel
+FUSED = ("divprune", "tops")
+
+
+@pytest.fixture
+def step_loop(monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", "0")
 
 
 def _reads_query(name: str) -> bool:
@@ -142,7 +153,7 @@ def test_every_greedy_method_has_ceilings():
 
 @pytest.mark.parametrize("case", ["one", "batch", "mixed"])
 @pytest.mark.parametrize("name", GREEDY)
-def test_greedy_step_launches_and_host_reads_stay_under_their_ceilings(name, case):
+def test_greedy_step_launches_and_host_reads_stay_under_their_ceilings(name, case, step_loop):
     launches, operations, syncs = per_step(name, case)
     ceiling = CEILINGS[name][case]
     got = (launches, operations, syncs)
@@ -150,10 +161,28 @@ def test_greedy_step_launches_and_host_reads_stay_under_their_ceilings(name, cas
 
 
 @pytest.mark.parametrize("case", ["one", "batch"])
-def test_a_tops_step_is_at_most_twelve_launches_and_reads_nothing_back(case):
+def test_a_tops_step_is_at_most_twelve_launches_and_reads_nothing_back(case, step_loop):
     """TOPS's per-step target: a GPU runs the K steps of a selection without waiting for the host."""
     launches, _, syncs = per_step("tops", case)
     assert launches <= 12 and syncs == 0, (launches, syncs)
+
+
+@pytest.mark.parametrize("case", ["one", "batch", "mixed"])
+@pytest.mark.parametrize("name", GREEDY)
+def test_the_whole_selection_kernel_runs_every_step_after_the_first_in_one_launch(name, case):
+    if name not in FUSED:
+        assert per_step(name, case) == per_step_without_fusion(name, case)
+        return
+    assert per_step(name, case) == (0, 0, 0)
+    _, count = count_ops(_run(name, case, K2))
+    assert count.by_name.get("prunekit::greedy_run") == (2 if case == "mixed" else 1), count.by_name
+    assert "prunekit::greedy_pick" not in count.by_name, count.by_name  # both pick their first token by a seed
+
+
+def per_step_without_fusion(name: str, case: str) -> tuple[float, float, float]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_FUSED_SELECTION", "0")
+        return per_step(name, case)
 
 
 def test_dpp_steps_after_the_kernel_rank_is_spent_read_nothing_from_the_host():

@@ -12,18 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from prunekit_plugins._triton_ops import round_half_even
+
 #: tokens per chunk of ``prepare``, changed rows per iteration and columns per program of ``delta`` (the tests
 #: shrink them to run every loop several times)
 PREPARE_BLOCK, DELTA_ROWS, DELTA_COLS = 4096, 16, 128
-
-
-@triton.jit
-def _round_half_even(x):
-    r = tl.floor(x)
-    d = x - r  # exact
-    half = r * 0.5  # exact
-    odd = tl.floor(half) != half
-    return r + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
 
 
 @triton.jit
@@ -39,7 +32,7 @@ def _prepare_kernel(src_ptr, scale, picked_ptr, picked_stride, best_ptr, chosen_
         j = start + offs
         m = j < N
         if FLOAT:
-            col = _round_half_even(tl.load(row + j, mask=m, other=0.0) * scale).to(tl.int64)
+            col = round_half_even(tl.load(row + j, mask=m, other=0.0) * scale).to(tl.int64)
         else:
             col = tl.load(row + j, mask=m, other=0)
         best = tl.load(best_ptr + base + j, mask=m, other=0)
@@ -74,7 +67,7 @@ def _delta_kernel(src_ptr, scale, index_ptr, old_ptr, new_ptr, count_ptr, gain_p
         new = tl.load(new_ptr + base + u, mask=um, other=0)
         x = tl.load(src_ptr + (base + j)[:, None] * N + cols[None, :], mask=um[:, None] & cm[None, :], other=0)
         if FLOAT:
-            x = _round_half_even(x * scale).to(tl.int64)
+            x = round_half_even(x * scale).to(tl.int64)
         term = tl.minimum(tl.maximum(x, old[:, None]), new[:, None]) - old[:, None]
         acc += tl.sum(tl.where(um[:, None], term, 0), 0)
     gain = tl.load(gain_ptr + base + cols, mask=cm, other=0) - acc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prunekit.plugin import Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.plugin import FusedTerm, Scorer, ScorerRun, SelectionInput, hookimpl
 
 
 class _DiversityRun(ScorerRun):
@@ -31,6 +31,11 @@ class _DiversityRun(ScorerRun):
             self.best = column.clone()  # updated in place from now on; the column is shared with other scorers
         else:
             torch.maximum(self.best, column, out=self.best)
+
+    def fused(self) -> FusedTerm | None:
+        if self.best is None or self.inputs.streamed:  # a fused loop reads a held matrix
+            return None
+        return FusedTerm("nearest", similarity=self.inputs.similarity, best=self.best)
 
 
 class SemanticDiversity(Scorer):

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from prunekit.plugin import Kernel, Scorer, ScorerRun, SelectionInput, hookimpl, take_rows
+from prunekit.plugin import FusedTerm, Kernel, Scorer, ScorerRun, SelectionInput, hookimpl, take_rows
 
 #: stands for "+inf" in fixed point: a term max(0, F - _OUT) is always 0
 _OUT = 1 << 62
@@ -251,6 +251,13 @@ class _IncrementalRun(_NaiveRun):
         PREPARE(device, self.fixed, picked, self.best, self.chosen, index, old, new, count, triton=held)
         DELTA(device, self.fixed, index, old, new, count, self.gain, self._out if self._current else None,
               triton=held)
+
+    def fused(self) -> FusedTerm | None:
+        inputs = self.fixed.inputs
+        if self.best is None or self.gain is None or not self._current or inputs.streamed:
+            return None
+        return FusedTerm("coverage", similarity=inputs.similarity, best=self.best, chosen=self.chosen, gain=self.gain,
+                         grid=self.fixed.matrix, scale=self.fixed.scale, out=_OUT)
 
 
 class FacilityLocationCoverage(Scorer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from prunekit.plugin import Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.plugin import FusedTerm, Scorer, ScorerRun, SelectionInput, hookimpl
 
 
 class _Constant(ScorerRun):
@@ -21,6 +21,9 @@ class _Constant(ScorerRun):
         if self._written != where:
             out.copy_(self._values)
             self._written = where
+
+    def fused(self) -> FusedTerm:
+        return FusedTerm("constant")
 
 
 class Relevance(Scorer):

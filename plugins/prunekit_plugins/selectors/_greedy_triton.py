@@ -1,8 +1,14 @@
-"""Triton implementation of ``greedy_pick`` (see ``greedy.PICK``): one program per sample.
+"""Triton implementations of the greedy selector's kernels (see ``greedy.PICK`` and ``greedy.RUN``).
 
-Imported only when a selection runs on CUDA tensors and Triton imports. The same float64 operations as the reference,
-in the same order (minimum, maximum, subtraction, division, one product and one sum per term), with contraction into
-fused multiply-adds switched off, so the scores are bit-identical and so is the pick (ties: lowest index).
+Imported only when a selection runs on CUDA tensors and Triton imports. The same float64 operations as the
+references, in the same order (minimum, maximum, subtraction, division, one product and one sum per term), with
+contraction into fused multiply-adds switched off, so the scores are bit-identical and so is the pick (ties: lowest
+index); the coverage update is exact integer arithmetic on the references' grid.
+
+* ``pick``: one greedy step after the gains are known, one program per sample, over chunks of ``BLOCK`` tokens.
+* ``run``: the rest of a selection in one launch, one program per sample: every step's pick and every scorer's
+  update (the forms of :class:`prunekit.plugin.FusedTerm`) in a loop inside the kernel, the state of all N tokens
+  held in registers (N up to ``greedy.RUN_MAX_TOKENS``). Between steps nothing returns to the host or launches again.
 """
 
 from __future__ import annotations
@@ -11,18 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-#: tokens per chunk (the tests shrink it to run every loop several times)
+from prunekit_plugins._triton_ops import finite, nanmax, nanmin, round_half_even
+
+#: tokens per chunk of ``pick`` (the tests shrink it to run every loop several times)
 BLOCK = 4096
-
-
-@triton.jit
-def _nanmin(a, b):
-    return tl.where((a < b) | (a != a), a, b)  # NaN wins, as torch.amin
-
-
-@triton.jit
-def _nanmax(a, b):
-    return tl.where((a > b) | (a != a), a, b)  # NaN wins, as torch.amax
+#: elements of the changed-rows tile ``run`` adds up at once (rows x tokens; the tests shrink it)
+RUN_TILE = 8192
 
 
 @triton.jit
@@ -46,10 +46,10 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
                 m = i < N
                 x = tl.load(row + i, mask=m, other=0.0)
                 p = tl.load(pen_row + i, mask=m, other=0.0)
-                lo_acc = tl.where(m, _nanmin(lo_acc, x + p), lo_acc)
-                hi_acc = tl.where(m, _nanmax(hi_acc, x - p), hi_acc)
-            lo = tl.reduce(lo_acc, 0, _nanmin)
-            hi = tl.reduce(hi_acc, 0, _nanmax)
+                lo_acc = tl.where(m, nanmin(lo_acc, x + p), lo_acc)
+                hi_acc = tl.where(m, nanmax(hi_acc, x - p), hi_acc)
+            lo = tl.reduce(lo_acc, 0, nanmin)
+            hi = tl.reduce(hi_acc, 0, nanmax)
             span = hi - lo
         for start in range(0, N, BLOCK):
             i = start + offs
@@ -65,17 +65,13 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
             else:
                 total = tl.load(score_row + i, mask=m, other=0.0) + part
             tl.store(score_row + i, total, mask=m)
-    # the best candidate: scores made finite (NaN, -inf: lowest float; +inf: highest), minus the penalty
+    # the best candidate: scores made finite, minus the penalty
     best = tl.full([], float("-inf"), tl.float64)
     best_i = tl.full([], 0, tl.int32)
     for start in range(0, N, BLOCK):
         i = start + offs
         m = i < N
-        s = tl.load(score_row + i, mask=m, other=0.0)
-        s = tl.where(s != s, -1.7976931348623157e308, s)
-        s = tl.where(s == float("inf"), 1.7976931348623157e308, s)
-        s = tl.where(s == float("-inf"), -1.7976931348623157e308, s)
-        s = s - tl.load(pen_row + i, mask=m, other=0.0)
+        s = finite(tl.load(score_row + i, mask=m, other=0.0)) - tl.load(pen_row + i, mask=m, other=0.0)
         s = tl.where(m, s, float("-inf"))
         top = tl.max(s, 0)
         at = tl.min(tl.where(s == top, i, N), 0)
@@ -100,3 +96,167 @@ def pick(gains, weights, weight_tensor, penalty, picks, step, normalize, combine
                        MINMAX=normalize == "minmax", BLOCK=block, num_warps=4 if block <= 1024 else 8,
                        enable_fp_fusion=False)
     return picks[:, step]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run: the rest of a selection in one launch
+# ---------------------------------------------------------------------------------------------------------
+#: term kinds of ``run`` (constexpr per term slot; 0: no term in the slot)
+_KINDS = {"constant": 1, "nearest": 2, "coverage": 3}
+_SLOTS = 4
+
+
+@triton.jit
+def _slot_gains(KIND: tl.constexpr, gains_ptr, t: tl.constexpr, B, b, N, j, m):
+    """A constant term's gains (the selector's buffer row), or a placeholder for the other kinds."""
+    if KIND == 1:
+        g = tl.load(gains_ptr + (t * B + b) * N + j, mask=m, other=0.0)
+    else:
+        g = tl.zeros(j.shape, tl.float64)
+    return g
+
+
+@triton.jit
+def _slot_weight(KIND: tl.constexpr, weights_ptr, t: tl.constexpr):
+    if KIND != 0:
+        w = tl.load(weights_ptr + t)
+    else:
+        w = tl.full([], 0.0, tl.float64)
+    return w
+
+
+@triton.jit
+def _term(KIND: tl.constexpr, constant, near, gain, scale, pen, m, MINMAX: tl.constexpr):
+    """A term's current gains, normalised over the candidates (``normalize_over``)."""
+    if KIND == 1:
+        x = constant
+    elif KIND == 2:
+        x = (1.0 - near).to(tl.float64)  # in the similarity's dtype, then widened (as the diversity run)
+    else:
+        x = gain.to(tl.float64) / scale
+    if MINMAX:
+        lo = tl.reduce(tl.where(m, x + pen, float("inf")), 0, nanmin)
+        hi = tl.reduce(tl.where(m, x - pen, float("-inf")), 0, nanmax)
+        span = hi - lo
+        x = tl.where(span > 0, (x - lo) / span, 0.0)
+    return x
+
+
+@triton.jit
+def _run_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_ptr, grid_ptr, scale, cbest_ptr,
+                chosen_ptr, cgain_ptr, index_ptr, old_ptr, new_ptr, start, B, N, K,
+                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                MINMAX: tl.constexpr, NEAR: tl.constexpr, COV: tl.constexpr, GRID: tl.constexpr, OUT: tl.constexpr,
+                BLOCK: tl.constexpr, BU: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    m = j < N
+    base = b * N
+    # the state of every token, held in registers for the whole selection
+    pen = tl.load(penalty_ptr + base + j, mask=m, other=0.0)
+    c0 = _slot_gains(K0, gains_ptr, 0, B, b, N, j, m)
+    c1 = _slot_gains(K1, gains_ptr, 1, B, b, N, j, m)
+    c2 = _slot_gains(K2, gains_ptr, 2, B, b, N, j, m)
+    c3 = _slot_gains(K3, gains_ptr, 3, B, b, N, j, m)
+    w0 = _slot_weight(K0, weights_ptr, 0)
+    w1 = _slot_weight(K1, weights_ptr, 1)
+    w2 = _slot_weight(K2, weights_ptr, 2)
+    w3 = _slot_weight(K3, weights_ptr, 3)
+    if NEAR:
+        near = tl.load(near_ptr + base + j, mask=m, other=0.0)
+    else:
+        near = tl.zeros([BLOCK], tl.float32)
+    if COV:
+        cbest = tl.load(cbest_ptr + base + j, mask=m, other=0)
+        cgain = tl.load(cgain_ptr + base + j, mask=m, other=0)
+        chosen = tl.load(chosen_ptr + base + j, mask=m, other=1) != 0
+    else:
+        cbest = tl.zeros([BLOCK], tl.int64)
+        cgain = tl.zeros([BLOCK], tl.int64)
+        chosen = j < 0
+    for step in range(start, K):
+        # pick: Σ w·N(g), term by term in order; the best candidate, lowest index on ties
+        total = w0 * _term(K0, c0, near, cgain, scale, pen, m, MINMAX)
+        if K1 != 0:
+            total = total + w1 * _term(K1, c1, near, cgain, scale, pen, m, MINMAX)
+        if K2 != 0:
+            total = total + w2 * _term(K2, c2, near, cgain, scale, pen, m, MINMAX)
+        if K3 != 0:
+            total = total + w3 * _term(K3, c3, near, cgain, scale, pen, m, MINMAX)
+        s = tl.where(m, finite(total) - pen, float("-inf"))
+        top = tl.max(s, 0)
+        p = tl.min(tl.where(s == top, j, N), 0)
+        pen = tl.where(j == p, float("inf"), pen)
+        tl.store(picks_ptr + b * K + step, p.to(tl.int64))
+        if step + 1 < K:
+            # every scorer's update with p; F's row p is its column p
+            f = tl.load(sim_ptr + (base + p) * N + j, mask=m, other=0.0)
+            if NEAR:
+                near = nanmax(near, f)
+            if COV:
+                if GRID:
+                    col = tl.load(grid_ptr + (base + p) * N + j, mask=m, other=0)
+                else:
+                    col = round_half_even(f * scale).to(tl.int64)
+                changed = (((col > cbest) & (chosen == 0)) | (j == p)) & m
+                grown = tl.maximum(cbest, col)
+                # the changed terms listed in memory (index, old and new best), for every thread to read
+                pos = tl.cumsum(changed.to(tl.int32), 0) - 1
+                count = tl.sum(changed.to(tl.int32), 0)
+                tl.store(index_ptr + base + pos, j.to(tl.int64), mask=changed)
+                tl.store(old_ptr + base + pos, cbest, mask=changed)
+                tl.store(new_ptr + base + pos, tl.where(j == p, OUT, grown), mask=changed)
+                cbest = grown
+                chosen = chosen | (j == p)
+                tl.debug_barrier()
+                acc = tl.zeros([BLOCK], dtype=tl.int64)
+                for u0 in range(0, count, BU):
+                    u = u0 + tl.arange(0, BU)
+                    um = u < count
+                    r = tl.load(index_ptr + base + u, mask=um, other=0)
+                    lo = tl.load(old_ptr + base + u, mask=um, other=0)
+                    hi = tl.load(new_ptr + base + u, mask=um, other=0)
+                    tile = um[:, None] & m[None, :]
+                    if GRID:
+                        x = tl.load(grid_ptr + (base + r)[:, None] * N + j[None, :], mask=tile, other=0)
+                    else:
+                        x = tl.load(sim_ptr + (base + r)[:, None] * N + j[None, :], mask=tile, other=0.0)
+                        x = round_half_even(x * scale).to(tl.int64)
+                    term = tl.minimum(tl.maximum(x, lo[:, None]), hi[:, None]) - lo[:, None]
+                    acc += tl.sum(tl.where(um[:, None], term, 0), 0)
+                cgain = cgain - acc
+                tl.debug_barrier()  # the list is rewritten at the next step
+    # the state back where the runs keep it
+    tl.store(penalty_ptr + base + j, pen, mask=m)
+    if NEAR:
+        tl.store(near_ptr + base + j, near, mask=m)
+    if COV:
+        tl.store(cbest_ptr + base + j, cbest, mask=m)
+        tl.store(cgain_ptr + base + j, cgain, mask=m)
+        tl.store(chosen_ptr + base + j, chosen.to(tl.uint8), mask=m)
+
+
+def run(gains, weights, weight_tensor, penalty, picks, start, normalize, terms, runs):
+    """Same arguments and effect as ``greedy._run_reference`` (which also takes ``runs``; this reads ``terms``)."""
+    T, B, N = gains.shape
+    K = picks.shape[1]
+    kinds = [_KINDS[t.kind] for t in terms] + [0] * (_SLOTS - len(terms))
+    near = next((t for t in terms if t.kind == "nearest"), None)
+    cov = next((t for t in terms if t.kind == "coverage"), None)
+    held = [t.similarity for t in terms if t.similarity is not None]
+    if not held or len(terms) > _SLOTS:  # the caller also keeps N within what registers hold (RUN_MAX_TOKENS)
+        raise ValueError(f"run covers up to {_SLOTS} terms with a held similarity matrix; got {len(terms)} terms")
+    sim = held[0]
+    assert all(t.is_contiguous() for t in (gains, penalty, picks, sim))
+    block = triton.next_power_of_2(N)
+    dummy = penalty  # a pointer for the absent terms' arguments (never read)
+    scratch = torch.empty(3, B, N, dtype=torch.int64, device=gains.device) if cov is not None else [dummy] * 3
+    grid = cov.grid if cov is not None and cov.grid is not None else sim
+    _run_kernel[(B,)](
+        gains, weight_tensor, penalty, picks, sim, near.best if near else dummy, grid,
+        cov.scale if cov else 1.0, cov.best if cov else dummy, cov.chosen.view(torch.uint8) if cov else dummy,
+        cov.gain if cov else dummy, scratch[0], scratch[1], scratch[2], start, B, N, K,
+        K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3], MINMAX=normalize == "minmax", NEAR=near is not None,
+        COV=cov is not None, GRID=cov is not None and cov.grid is not None, OUT=cov.out if cov else 0,
+        BLOCK=block, BU=max(1, min(16, RUN_TILE // block)), num_warps=4 if block <= 1024 else (8 if block <= 2048 else 16),
+        enable_fp_fusion=False)

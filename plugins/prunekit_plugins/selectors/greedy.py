@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from prunekit.plugin import GraphCache, Kernel, Scorer, SelectionInput, Selector, hookimpl
+from prunekit.plugin import FusedTerm, GraphCache, Kernel, Scorer, ScorerRun, SelectionInput, Selector, hookimpl
 
 Normalize = Literal["minmax", "mean", "none"]
 
@@ -73,9 +74,35 @@ def _pick_triton():
     return pick
 
 
+def _run_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor, start: int,
+                   normalize: Normalize, terms: list[FusedTerm], runs: list[ScorerRun]) -> None:
+    k = picks.shape[1]
+    for step in range(start, k):
+        if step > start:
+            for t, run in enumerate(runs):
+                run.gains_into(gains[t])
+        picked = PICK(gains.device, gains, weights, weight_tensor, penalty, picks, step, normalize, "sum")
+        if step + 1 < k:
+            for run in runs:
+                run.update(picked)
+
+
+def _run_triton():
+    from prunekit_plugins.selectors._greedy_triton import run
+
+    return run
+
+
 #: one greedy step after the gains are known: score every candidate, take the best, mark it chosen
 #: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum".
 PICK = Kernel("greedy_pick", _pick_reference, _pick_triton)
+#: the rest of a selection from step ``start`` on (the gains of that step in the buffer), every pick and every
+#: update: one launch where every term has a fused form (``ScorerRun.fused``) and N <= RUN_MAX_TOKENS. The
+#: reference runs the step loop with the runs themselves (their updates and PICK), which is what the Triton kernel
+#: is tested against.
+RUN = Kernel("greedy_run", _run_reference, _run_triton)
+#: the most tokens RUN holds (one GPU program per sample keeps every token's state in registers)
+RUN_MAX_TOKENS = 4096
 #: greedy selections replayed from CUDA graphs (see prunekit.kernels.GraphCache)
 GRAPHS = GraphCache()
 
@@ -178,12 +205,31 @@ class GreedySelector(Selector):
             else:
                 for t, run in enumerate(runs):
                     run.gains_into(gains[t])
+                terms = self._fused_terms(runs, N) if step == 1 and fused else None
+                if terms is not None:  # the remaining steps in one kernel
+                    RUN(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, terms, runs)
+                    break
                 picked = PICK(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, self.combine,
                               triton=fused)
             if step + 1 < k:
                 for run in runs:
                     run.update(picked)
         return picks.sort(-1).values
+
+    @staticmethod
+    def _fused_terms(runs: list[ScorerRun], num_tokens: int) -> list[FusedTerm] | None:
+        """The runs' fused forms when :data:`RUN` can carry on the selection (``PRUNEKIT_FUSED_SELECTION=0`` in the
+        environment: never), else None."""
+        if num_tokens > RUN_MAX_TOKENS or os.environ.get("PRUNEKIT_FUSED_SELECTION", "1").strip() == "0":
+            return None
+        terms = [run.fused() for run in runs]
+        if any(t is None for t in terms) or len(terms) > 4:
+            return None
+        kinds = [t.kind for t in terms]
+        if kinds.count("nearest") > 1 or kinds.count("coverage") > 1:
+            return None
+        held = {id(t.similarity) for t in terms if t.similarity is not None}
+        return terms if len(held) == 1 else None
 
 
 @hookimpl
