@@ -10,7 +10,8 @@ For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), o
    reference), for several sizes, batches and seeds, with exact duplicate tokens in the batch;
 2. **host syncs per step**: ``torch.cuda.set_sync_debug_mode("warn")`` warnings of ``k = K2`` minus ``k = K1``,
    divided by the extra steps;
-3. **kernels per step**: CUDA kernels (and memsets/copies) the profiler records, same difference;
+3. **kernels per step**: CUDA kernels (and memsets/copies) the profiler records, same difference, and the device
+   time per step of the eight costliest (N = 576 at batch 1 and 8, and N = 10,816 at batch 1);
 4. **CUDA graph**: the greedy selector's replay (``prunekit.kernels.GraphCache``): first call, recording call,
    replay time, and every call's indices against the CPU reference;
 5. **time**: median wall time of ``prunekit.select`` with the Triton kernels run eagerly
@@ -119,15 +120,22 @@ def per_step(device, n, k1, k2, dim, batch):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 _select(method, feats, rel, k, reference)
                 _sync(device)
-            kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-            counts[k] = (syncs, kernels)
+            device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy: dict[str, float] = {}
+            for e in device_events:  # device time by kernel name (µs)
+                busy[e.name] = busy.get(e.name, 0.0) + e.device_time_total
+            counts[k] = (syncs, len(device_events), busy)
         steps = k2 - k1
         _fused(True)
         kernels = "reference" if reference else "triton" if fused else "triton, step loop"
         row = {"method": method, "kernels": kernels, "n": n, "batch": batch,
                "syncs_per_step": (counts[k2][0] - counts[k1][0]) / steps,
                "device_kernels_per_step": (counts[k2][1] - counts[k1][1]) / steps,
-               "syncs_total": counts[k2][0]}
+               "syncs_total": counts[k2][0],
+               # where a step's device time goes: µs per step by kernel (names truncated), largest first
+               "device_us_per_step": dict(sorted(
+                   ((name[:60], round((counts[k2][2].get(name, 0.0) - counts[k1][2].get(name, 0.0)) / steps, 2))
+                    for name in set(counts[k2][2]) | set(counts[k1][2])), key=lambda kv: -kv[1])[:8])}
         out.append(row)
         print(f"per step {row}", flush=True)
     return out
@@ -232,7 +240,8 @@ def main() -> None:
               "torch": torch.__version__, "dim": dim}
     parts = {
         "exact": lambda: exactness(device, cases, dim),
-        "steps": lambda: per_step(device, 576, 8, 40, dim, 1) + per_step(device, 576, 8, 40, dim, 8),
+        "steps": lambda: (per_step(device, 576, 8, 40, dim, 1) + per_step(device, 576, 8, 40, dim, 8)
+                          + ([] if args.smoke or args.quick else per_step(device, 10816, 8, 40, dim, 1))),
         "graph": lambda: [graph(device, 576, 128, dim), graph(device, 2880, 256, dim, 8)],
         "time": lambda: timing(device, sizes, batches, dim, repeats, reference_up_to_steps=4096),
     }
