@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -140,3 +141,87 @@ def test_graph_cache_is_off_on_cpu_when_asked_and_for_large_selections(monkeypat
     assert cache.enabled(torch.device("cuda"), 10) and not cache.enabled(torch.device("cuda"), 101)
     monkeypatch.setenv("PRUNEKIT_CUDA_GRAPHS", "0")
     assert not cache.enabled(torch.device("cuda"), 10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled for a GPU, without one: the interpreter above checks values, not what the compiler accepts
+# ---------------------------------------------------------------------------------------------------------
+def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> tuple[str, int]:
+    """PTX and the bytes of registers spilled per thread (ptxas's spill stores) of ``fn`` compiled for sm_90."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=fn, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "enable_fp_fusion": False})
+    try:  # the ptxas Triton itself compiles with for sm_90
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception as err:
+        pytest.skip(f"this Triton build does not say which ptxas it uses ({type(err).__name__})")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "kernel.ptx"
+        path.write_text(kernel.asm["ptx"])
+        report = subprocess.run([ptxas, "--gpu-name", "sm_90a", "-v", str(path), "-o", str(path) + ".o"],
+                                capture_output=True, text=True, check=True).stderr
+    return kernel.asm["ptx"], int(report.split(" bytes spill stores")[0].rsplit(None, 1)[-1])
+
+
+_POINTERS = ("gains_ptr", "weights_ptr", "penalty_ptr", "picks_ptr", "sim_ptr", "near_ptr", "grid_ptr", "cbest_ptr",
+             "chosen_ptr", "cgain_ptr", "index_ptr", "old_ptr", "new_ptr")
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    if not triton_available():
+        pytest.skip("triton is not installed (the test extra installs it on Linux x86-64)")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:
+        pytest.skip("this Triton build has no CUDA backend")
+
+
+@pytest.mark.parametrize("block, kinds, grid", [
+    (64, (1, 3, 2, 0), True), (1024, (1, 3, 2, 0), True), (1024, (1, 3, 2, 0), False), (2048, (1, 3, 2, 0), True),
+    (4096, (1, 3, 2, 0), True), (1024, (2, 0, 0, 0), False), (512, (3, 1, 1, 2), False),
+])
+def test_the_whole_selection_kernel_compiles_for_a_gpu_exactly_and_holds_its_state_in_registers(
+        compiles, block, kinds, grid):
+    """The float64 operations stay unfused (no fma.rn.f64: the reference rounds every product and sum), and up to
+    2,048 tokens the state fits the registers (no spill) with the warps ``run`` launches."""
+    from prunekit_plugins.selectors import _greedy_triton as g
+
+    types = {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "picks_ptr": "*i64",
+             "sim_ptr": "*fp32", "near_ptr": "*fp32", "grid_ptr": "*i64" if grid else "*fp32", "cbest_ptr": "*i64",
+             "chosen_ptr": "*u8", "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64"}
+    signature = {name: types[name] for name in _POINTERS}
+    signature = {**{k: signature[k] for k in _POINTERS[:7]}, "scale": "fp32",
+                 **{k: signature[k] for k in _POINTERS[7:]}, "start": "i32", "B": "i32", "N": "i32", "K": "i32"}
+    near, cov = 2 in kinds, 3 in kinds
+    constexprs = {"K0": kinds[0], "K1": kinds[1], "K2": kinds[2], "K3": kinds[3], "MINMAX": True, "NEAR": near,
+                  "COV": cov, "GRID": grid, "OUT": 1 << 62, "BLOCK": block, "BU": g.run_rows(block)}
+    ptx, spilled = _compile_sm90(g._run_kernel, signature, constexprs, g.run_warps(block))
+    assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
+    if block <= 2048:
+        assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
+
+
+def test_the_step_kernels_compile_for_a_gpu_exactly(compiles):
+    from prunekit_plugins.scorers import _coverage_triton as c
+    from prunekit_plugins.selectors import _greedy_triton as g
+
+    ptx, _ = _compile_sm90(
+        g._pick_kernel, {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "picks_ptr": "*i64",
+                         "score_ptr": "*fp64", "step": "i32", "B": "i32", "N": "i32", "K": "i32"},
+        {"T": 3, "MINMAX": True, "BLOCK": 1024}, 4)
+    assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
+    _compile_sm90(c._prepare_kernel, {"src_ptr": "*fp32", "scale": "fp32", "picked_ptr": "*i64", "picked_stride": "i32",
+                                      "best_ptr": "*i64", "chosen_ptr": "*u8", "index_ptr": "*i64", "old_ptr": "*i64",
+                                      "new_ptr": "*i64", "count_ptr": "*i64", "N": "i32"},
+                  {"FLOAT": True, "OUT": 1 << 62, "BLOCK": 1024}, 4)
+    _compile_sm90(c._delta_kernel, {"src_ptr": "*i64", "scale": "fp32", "index_ptr": "*i64", "old_ptr": "*i64",
+                                    "new_ptr": "*i64", "count_ptr": "*i64", "gain_ptr": "*i64", "out_ptr": "*fp64",
+                                    "N": "i32"},
+                  {"FLOAT": False, "WRITE_OUT": True, "BU": 16, "BI": 128}, 4)
