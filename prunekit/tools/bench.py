@@ -115,11 +115,8 @@ def _decoder_layer(dim: int, heads: int, mlp: int, device, dtype):
                       num_hidden_layers=1, max_position_embeddings=32768)
     cfg._attn_implementation = "sdpa"
     device = torch.device(device)
-    torch.manual_seed(0)
-    with torch.device(device):
-        layer = LlamaDecoderLayer(cfg, layer_idx=0).to(dtype=dtype).eval()
-        rotary = LlamaRotaryEmbedding(cfg)
-    return layer, rotary
+    layer = _on_device(lambda: LlamaDecoderLayer(cfg, layer_idx=0).to(dtype=dtype), device)
+    return layer, _on_device(lambda: LlamaRotaryEmbedding(cfg), device)
 
 
 def decoder_layer_prefill_ms(tokens: int, *, dim: int = 4096, heads: int = 32, mlp: int = 11008, batch: int = 1,
