@@ -125,10 +125,9 @@ def _selector(terms, seed=None, normalize="minmax"):
                                  seed=None if seed is None else scorer(seed))
 
 
-def check_greedy_run():
-    """The whole-selection kernel (greedy.RUN) against the step loop: every term kind and order, seeded or not,
-    minmax and none, held grid and float similarity, exact duplicates, NaN and ±inf relevance, one and several
-    rows; and it is the kernel that ran."""
+def _check_fused(launch: str, steps_per_launch: bool, which=range(5), sizes=((1, 45, 20), (3, 37, 12), (2, 40, 39))):
+    """A fused path (greedy.RUN or greedy.WIDE_STEP) against the step loop over term combinations (``which`` of the
+    five below) and inputs."""
     from prunekit.kernels import observe_launches
 
     g = torch.Generator().manual_seed(3)
@@ -140,7 +139,9 @@ def check_greedy_run():
         ([("relevance", 0.2), ("diversity", 0.3), ("facility_location", 0.4), ("isolation", 0.1)], None, "minmax"),
     ]
     for trial, (terms, seed, normalize) in enumerate(setups):
-        for B, N, k in ((1, 45, 20), (3, 37, 12), (2, 40, 39)):
+        if trial not in which:
+            continue
+        for B, N, k in sizes:
             feats = torch.randn(B, N, 6, generator=g)
             feats[0, 1::4] = feats[0, 0]  # exact duplicates: ties in every term
             rel = torch.rand(B, N, generator=g)
@@ -154,8 +155,31 @@ def check_greedy_run():
                     return picks, launched
 
                 (want, _), (got, launched) = _both(select)
-                assert launched.count("greedy_run") == 1, launched
+                assert launched.count(launch) == (k - 1 if steps_per_launch else 1), launched
                 _assert_equal((want,), (got,), f"{terms} seed={seed} {normalize} B={B} N={N} k={k} cap={cap}")
+
+
+def check_greedy_wide():
+    """The wide steps (greedy.WIDE_STEP, several programs per sample) against the step loop: TOPS's terms, a single
+    nearest term, and coverage with a constant term unnormalised (the others combine the same pieces)."""
+    from prunekit_plugins.selectors import _greedy_triton
+
+    os.environ["PRUNEKIT_FUSED_SELECTION"] = "wide"
+    blocks = _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS
+    # two to three programs per sample at these sizes, and a few changed rows at a time
+    _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS = 16, 4
+    try:
+        _check_fused("greedy_wide_step", steps_per_launch=True, which=(0, 2, 3), sizes=((1, 45, 20), (3, 37, 12)))
+    finally:
+        os.environ["PRUNEKIT_FUSED_SELECTION"] = "1"
+        _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS = blocks
+
+
+def check_greedy_run():
+    """The whole-selection kernel (greedy.RUN) against the step loop: every term kind and order, seeded or not,
+    minmax and none, held grid and float similarity, exact duplicates, NaN and ±inf relevance, one and several
+    rows; and it is the kernel that ran."""
+    _check_fused("greedy_run", steps_per_launch=False)
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
@@ -176,8 +200,8 @@ if __name__ == "__main__":
         if blocks == "small":
             _small_blocks()
         for name in sys.argv[1:] or CHECKS:
-            if blocks == "small" and name == "greedy_methods":
-                continue  # the kernels' own checks cover the chunk loops; whole selections take long there
+            if blocks == "small" and name in ("greedy_methods", "greedy_wide"):
+                continue  # the kernels' own checks cover the chunk loops (greedy_wide sets its own small blocks)
             try:
                 CHECKS[name]()
                 results.setdefault(name, "ok")

@@ -17,7 +17,7 @@ from prunekit.kernels import Kernel, triton_available
 from prunekit.testing import count_ops
 
 HERE = pathlib.Path(__file__).parent
-CHECKS = ["pick_kernel", "coverage_kernels", "greedy_methods", "greedy_run"]
+CHECKS = ["pick_kernel", "coverage_kernels", "greedy_methods", "greedy_run", "greedy_wide"]
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +225,36 @@ def test_the_step_kernels_compile_for_a_gpu_exactly(compiles):
                                     "new_ptr": "*i64", "count_ptr": "*i64", "gain_ptr": "*i64", "out_ptr": "*fp64",
                                     "N": "i32"},
                   {"FLOAT": False, "WRITE_OUT": True, "BU": 16, "BI": 128}, 4)
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compiles, grid):
+    from prunekit_plugins.selectors import _greedy_triton as g
+
+    src = "*i64" if grid else "*fp32"
+    kinds = {"K0": 1, "K1": 3, "K2": 2, "K3": 0, "MINMAX": True}
+    ptx, spilled = _compile_sm90(
+        g._wide_gains_kernel,
+        {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "sim_ptr": "*fp32", "near_ptr": "*fp32", "grid_ptr": src,
+         "scale": "fp32", "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64",
+         "count_ptr": "*i32", "part_ptr": "*fp64", "B": "i32", "N": "i32", "P": "i32"},
+        {**kinds, "COV": True, "DELTA": True, "GRID": grid, "BU": g.WIDE_ROWS, "BI": g.WIDE_COLS}, g.WIDE_GAINS_WARPS)
+    assert "fma.rn.f64" not in ptx
+    assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
+    ptx, spilled = _compile_sm90(
+        g._wide_score_kernel,
+        {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "near_ptr": "*fp32", "scale": "fp32",
+         "cgain_ptr": "*i64", "count_ptr": "*i32", "part_ptr": "*fp64", "top_ptr": "*fp64", "at_ptr": "*i32",
+         "B": "i32", "N": "i32", "P": "i32"},
+        {**kinds, "PB": 128, "BI": g.WIDE_COLS}, 4)
+    assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
+    assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
+    ptx, spilled = _compile_sm90(
+        g._wide_pick_kernel,
+        {"penalty_ptr": "*fp64", "picks_ptr": "*i64", "step": "i32", "sim_ptr": "*fp32", "near_ptr": "*fp32",
+         "grid_ptr": src, "scale": "fp32", "cbest_ptr": "*i64", "chosen_ptr": "*u8", "index_ptr": "*i64",
+         "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32", "top_ptr": "*fp64", "at_ptr": "*i32",
+         "update": "i32", "B": "i32", "N": "i32", "K": "i32", "P": "i32"},
+        {"NEAR": True, "COV": True, "GRID": grid, "OUT": 1 << 62, "PB": 128, "BI": g.WIDE_COLS}, 4)
+    assert "atom" in ptx
+    assert spilled == 0, f"{spilled} bytes of registers spilled per thread"

@@ -271,3 +271,225 @@ def run_warps(block: int) -> int:
 def run_rows(block: int) -> int:
     """Changed rows ``run`` sums at once (a tile of about ``RUN_TILE`` elements)."""
     return max(1, min(16, RUN_TILE // block))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# wide_step: one greedy step of a fused selection spread over many programs per sample (N above what one
+# program's registers hold)
+# ---------------------------------------------------------------------------------------------------------
+#: tokens per program of the wide step's kernels and changed rows summed at once (the tests shrink them)
+WIDE_COLS, WIDE_ROWS = 128, 16
+#: warps of the coverage-change kernel: its int64 tile spills at 4 (sm_90, checked by tests/test_kernels.py)
+WIDE_GAINS_WARPS = 8
+
+
+@triton.jit
+def _current(KIND: tl.constexpr, gains_ptr, t: tl.constexpr, B, b, N, cols, cm, near_ptr, cgain, scale):
+    """Term ``t``'s current gains at ``cols`` (as ``_term`` before normalising)."""
+    if KIND == 1:
+        x = tl.load(gains_ptr + (t * B + b) * N + cols, mask=cm, other=0.0)
+    elif KIND == 2:
+        x = (1.0 - tl.load(near_ptr + b * N + cols, mask=cm, other=0.0)).to(tl.float64)
+    else:
+        x = cgain.to(tl.float64) / scale
+    return x
+
+
+@triton.jit
+def _partial_span(KIND: tl.constexpr, gains_ptr, t: tl.constexpr, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
+                  part_ptr, q, P):
+    """This program's minimum of ``x + penalty`` and maximum of ``x - penalty`` of term ``t``, into
+    ``part[b, t, 0 | 1, q]``."""
+    if KIND != 0:
+        x = _current(KIND, gains_ptr, t, B, b, N, cols, cm, near_ptr, cgain, scale)
+        lo = tl.reduce(tl.where(cm, x + pen, float("inf")), 0, nanmin)
+        hi = tl.reduce(tl.where(cm, x - pen, float("-inf")), 0, nanmax)
+        tl.store(part_ptr + ((b * 4 + t) * 2) * P + q, lo)
+        tl.store(part_ptr + ((b * 4 + t) * 2 + 1) * P + q, hi)
+
+
+@triton.jit
+def _wide_gains_kernel(gains_ptr, penalty_ptr, sim_ptr, near_ptr, grid_ptr, scale, cgain_ptr, index_ptr, old_ptr,
+                       new_ptr, count_ptr, part_ptr, B, N, P,
+                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                       MINMAX: tl.constexpr, COV: tl.constexpr, DELTA: tl.constexpr, GRID: tl.constexpr,
+                       BU: tl.constexpr, BI: tl.constexpr):
+    """Coverage's change of the listed terms at this program's tokens (``DELTA``), then each term's partial span."""
+    b = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    cols = q * BI + tl.arange(0, BI)
+    cm = cols < N
+    base = b * N
+    if COV:
+        cgain = tl.load(cgain_ptr + base + cols, mask=cm, other=0)
+    else:
+        cgain = tl.zeros([BI], tl.int64)
+    if DELTA:
+        count = tl.load(count_ptr + b)
+        acc = tl.zeros([BI], dtype=tl.int64)
+        for u0 in range(0, count, BU):
+            u = u0 + tl.arange(0, BU)
+            um = u < count
+            r = tl.load(index_ptr + base + u, mask=um, other=0)
+            lo = tl.load(old_ptr + base + u, mask=um, other=0)
+            hi = tl.load(new_ptr + base + u, mask=um, other=0)
+            tile = um[:, None] & cm[None, :]
+            if GRID:
+                x = tl.load(grid_ptr + (base + r)[:, None] * N + cols[None, :], mask=tile, other=0)
+            else:
+                x = tl.load(sim_ptr + (base + r)[:, None] * N + cols[None, :], mask=tile, other=0.0)
+                x = round_half_even(x * scale).to(tl.int64)
+            term = tl.minimum(tl.maximum(x, lo[:, None]), hi[:, None]) - lo[:, None]
+            acc += tl.sum(tl.where(um[:, None], term, 0), 0)
+        cgain = cgain - acc
+        tl.store(cgain_ptr + base + cols, cgain, mask=cm)
+    if MINMAX:
+        pen = tl.load(penalty_ptr + base + cols, mask=cm, other=0.0)
+        _partial_span(K0, gains_ptr, 0, B, b, N, cols, cm, near_ptr, cgain, scale, pen, part_ptr, q, P)
+        _partial_span(K1, gains_ptr, 1, B, b, N, cols, cm, near_ptr, cgain, scale, pen, part_ptr, q, P)
+        _partial_span(K2, gains_ptr, 2, B, b, N, cols, cm, near_ptr, cgain, scale, pen, part_ptr, q, P)
+        _partial_span(K3, gains_ptr, 3, B, b, N, cols, cm, near_ptr, cgain, scale, pen, part_ptr, q, P)
+
+
+@triton.jit
+def _wide_part(KIND: tl.constexpr, gains_ptr, weights_ptr, t: tl.constexpr, B, b, N, cols, cm, near_ptr, cgain,
+               scale, pen, part_ptr, P, PB: tl.constexpr, MINMAX: tl.constexpr):
+    """``w_t · N(g_t)`` at this program's tokens, the span reduced from every program's part."""
+    x = _current(KIND, gains_ptr, t, B, b, N, cols, cm, near_ptr, cgain, scale)
+    if MINMAX:
+        qs = tl.arange(0, PB)
+        qm = qs < P
+        lo = tl.reduce(tl.load(part_ptr + ((b * 4 + t) * 2) * P + qs, mask=qm, other=float("inf")), 0, nanmin)
+        hi = tl.reduce(tl.load(part_ptr + ((b * 4 + t) * 2 + 1) * P + qs, mask=qm, other=float("-inf")), 0, nanmax)
+        span = hi - lo
+        x = tl.where(span > 0, (x - lo) / span, 0.0)
+    return tl.load(weights_ptr + t) * x
+
+
+@triton.jit
+def _wide_score_kernel(gains_ptr, weights_ptr, penalty_ptr, near_ptr, scale, cgain_ptr, count_ptr, part_ptr,
+                       top_ptr, at_ptr, B, N, P,
+                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                       MINMAX: tl.constexpr, PB: tl.constexpr, BI: tl.constexpr):
+    """The score Σ w·N(g) at this program's tokens, term by term in order, and its best candidate (lowest index)."""
+    b = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    cols = q * BI + tl.arange(0, BI)
+    cm = cols < N
+    base = b * N
+    pen = tl.load(penalty_ptr + base + cols, mask=cm, other=0.0)
+    cgain = tl.load(cgain_ptr + base + cols, mask=cm, other=0)
+    total = _wide_part(K0, gains_ptr, weights_ptr, 0, B, b, N, cols, cm, near_ptr, cgain, scale, pen, part_ptr, P,
+                       PB, MINMAX)
+    if K1 != 0:
+        total = total + _wide_part(K1, gains_ptr, weights_ptr, 1, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
+                                   part_ptr, P, PB, MINMAX)
+    if K2 != 0:
+        total = total + _wide_part(K2, gains_ptr, weights_ptr, 2, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
+                                   part_ptr, P, PB, MINMAX)
+    if K3 != 0:
+        total = total + _wide_part(K3, gains_ptr, weights_ptr, 3, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
+                                   part_ptr, P, PB, MINMAX)
+    s = tl.where(cm, finite(total) - pen, float("-inf"))
+    top = tl.max(s, 0)
+    tl.store(top_ptr + b * P + q, top)
+    tl.store(at_ptr + b * P + q, tl.min(tl.where(s == top, cols, N), 0))
+    if q == 0:
+        tl.store(count_ptr + b, 0)  # the list the pick's update writes next starts empty
+
+
+@triton.jit
+def _wide_pick_kernel(penalty_ptr, picks_ptr, step, sim_ptr, near_ptr, grid_ptr, scale, cbest_ptr, chosen_ptr,
+                      index_ptr, old_ptr, new_ptr, count_ptr, top_ptr, at_ptr, update, B, N, K, P,
+                      NEAR: tl.constexpr, COV: tl.constexpr, GRID: tl.constexpr, OUT: tl.constexpr,
+                      PB: tl.constexpr, BI: tl.constexpr):
+    """The pick from every program's best (highest score, then lowest index), written by the first program; then,
+    when ``update``, the scorers' updates at this program's tokens, the changed coverage terms appended to the
+    list (its order does not matter: the change is an exact integer sum)."""
+    b = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    qs = tl.arange(0, PB)
+    qm = qs < P
+    tops = tl.load(top_ptr + b * P + qs, mask=qm, other=float("-inf"))
+    best = tl.max(tops, 0)
+    p = tl.min(tl.where(qm & (tops == best), tl.load(at_ptr + b * P + qs, mask=qm, other=N), N), 0)
+    base = b * N
+    if q == 0:
+        tl.store(penalty_ptr + base + p, float("inf"))
+        tl.store(picks_ptr + b * K + step, p.to(tl.int64))
+    if update != 0:
+        cols = q * BI + tl.arange(0, BI)
+        cm = cols < N
+        f = tl.load(sim_ptr + (base + p) * N + cols, mask=cm, other=0.0)
+        if NEAR:
+            near = tl.load(near_ptr + base + cols, mask=cm, other=0.0)
+            tl.store(near_ptr + base + cols, nanmax(near, f), mask=cm)
+        if COV:
+            if GRID:
+                col = tl.load(grid_ptr + (base + p) * N + cols, mask=cm, other=0)
+            else:
+                col = round_half_even(f * scale).to(tl.int64)
+            cbest = tl.load(cbest_ptr + base + cols, mask=cm, other=0)
+            chosen = tl.load(chosen_ptr + base + cols, mask=cm, other=1) != 0
+            changed = (((col > cbest) & (chosen == 0)) | (cols == p)) & cm
+            grown = tl.maximum(cbest, col)
+            flag = changed.to(tl.int32)
+            start = tl.atomic_add(count_ptr + b, tl.sum(flag, 0))
+            pos = start + tl.cumsum(flag, 0) - 1
+            tl.store(index_ptr + base + pos, cols.to(tl.int64), mask=changed)
+            tl.store(old_ptr + base + pos, cbest, mask=changed)
+            tl.store(new_ptr + base + pos, tl.where(cols == p, OUT, grown), mask=changed)
+            tl.store(cbest_ptr + base + cols, grown, mask=cm)
+            tl.store(chosen_ptr + base + cols, (chosen | (cols == p)).to(tl.uint8), mask=cm)
+
+
+class _Wide:
+    """The buffers of one wide selection, allocated at its first step."""
+
+    def __init__(self, terms, B, N, device):
+        self.P = triton.cdiv(N, WIDE_COLS)
+        self.part = torch.empty(B, 4, 2, self.P, dtype=torch.float64, device=device)
+        self.top = torch.empty(B, self.P, dtype=torch.float64, device=device)
+        self.at = torch.empty(B, self.P, dtype=torch.int32, device=device)
+        self.count = torch.zeros(B, dtype=torch.int32, device=device)
+        self.lists = torch.empty(3, B, N, dtype=torch.int64, device=device)
+        self.kinds = [_KINDS[t.kind] for t in terms] + [0] * (_SLOTS - len(terms))
+        self.near = next((t for t in terms if t.kind == "nearest"), None)
+        self.cov = next((t for t in terms if t.kind == "coverage"), None)
+        self.sim = next(t.similarity for t in terms if t.similarity is not None)
+
+
+def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normalize, terms, runs, work):
+    """Same arguments and effect as ``greedy._wide_step_reference``; returns the buffers for the next step."""
+    T, B, N = gains.shape
+    K = picks.shape[1]
+    if work is None:
+        if len(terms) > _SLOTS:
+            raise ValueError(f"wide_step covers up to {_SLOTS} terms; got {len(terms)}")
+        work = _Wide(terms, B, N, gains.device)
+    w = work
+    near, cov, dummy = w.near, w.cov, penalty
+    near_best = near.best if near else dummy
+    grid = cov.grid if cov is not None and cov.grid is not None else w.sim
+    scale = cov.scale if cov else 1.0
+    cgain = cov.gain if cov else dummy
+    k0, k1, k2, k3 = w.kinds
+    minmax = normalize == "minmax"
+    pb = triton.next_power_of_2(w.P)
+    has_grid = cov is not None and cov.grid is not None
+    common = dict(K0=k0, K1=k1, K2=k2, K3=k3, MINMAX=minmax, enable_fp_fusion=False)
+    gains_args = (gains, penalty, w.sim, near_best, grid, scale, cgain, *w.lists, w.count, w.part, B, N, w.P)
+    if step == start:  # the spans of the gains already in the buffers (nothing listed yet)
+        _wide_gains_kernel[(B, w.P)](*gains_args, COV=cov is not None, DELTA=False, GRID=has_grid, BU=WIDE_ROWS,
+                                     BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
+    _wide_score_kernel[(B, w.P)](gains, weight_tensor, penalty, near_best, scale, cgain, w.count, w.part, w.top, w.at,
+                                 B, N, w.P, PB=pb, BI=WIDE_COLS, **common)
+    last = step + 1 >= K
+    _wide_pick_kernel[(B, w.P)](penalty, picks, step, w.sim, near_best, grid, scale, cov.best if cov else dummy,
+                                cov.chosen.view(torch.uint8) if cov else dummy, *w.lists, w.count, w.top, w.at,
+                                0 if last else 1, B, N, K, w.P, NEAR=near is not None, COV=cov is not None,
+                                GRID=has_grid, OUT=cov.out if cov else 0, PB=pb, BI=WIDE_COLS)
+    if not last:
+        _wide_gains_kernel[(B, w.P)](*gains_args, COV=cov is not None, DELTA=cov is not None, GRID=has_grid,
+                                     BU=WIDE_ROWS, BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
+    return work

@@ -87,6 +87,25 @@ def _run_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty
                 run.update(picked)
 
 
+def _wide_step_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor,
+                         step: int, start: int, normalize: Normalize, terms: list[FusedTerm], runs: list[ScorerRun],
+                         work: object) -> object:
+    if step > start:
+        for t, run in enumerate(runs):
+            run.gains_into(gains[t])
+    picked = PICK(gains.device, gains, weights, weight_tensor, penalty, picks, step, normalize, "sum")
+    if step + 1 < picks.shape[1]:
+        for run in runs:
+            run.update(picked)
+    return work
+
+
+def _wide_step_triton():
+    from prunekit_plugins.selectors._greedy_triton import wide_step
+
+    return wide_step
+
+
 def _run_triton():
     from prunekit_plugins.selectors._greedy_triton import run
 
@@ -103,6 +122,11 @@ PICK = Kernel("greedy_pick", _pick_reference, _pick_triton)
 RUN = Kernel("greedy_run", _run_reference, _run_triton)
 #: the most tokens RUN holds (one GPU program per sample keeps every token's state in registers)
 RUN_MAX_TOKENS = 4096
+#: one step of a fused selection above RUN_MAX_TOKENS, spread over many programs per sample (three launches on a
+#: GPU: the score and each slice's best, the pick and the updates, coverage's change and the spans of the next
+#: gains). Used only where Triton runs (elsewhere the step loop runs as it is); the reference is one step of the
+#: loop. Returns the buffers it keeps between steps (None before the first).
+WIDE_STEP = Kernel("greedy_wide_step", _wide_step_reference, _wide_step_triton)
 #: greedy selections replayed from CUDA graphs (see prunekit.kernels.GraphCache)
 GRAPHS = GraphCache()
 
@@ -205,9 +229,16 @@ class GreedySelector(Selector):
             else:
                 for t, run in enumerate(runs):
                     run.gains_into(gains[t])
-                terms = self._fused_terms(runs, N) if step == 1 and fused else None
-                if terms is not None:  # the remaining steps in one kernel
+                mode = self._fused_mode(N, device) if step == 1 and fused else None
+                terms = self._fused_terms(runs) if mode else None
+                if terms is not None and mode == "run":  # the remaining steps in one kernel
                     RUN(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, terms, runs)
+                    break
+                if terms is not None:  # the remaining steps, each spread over the GPU
+                    work = None
+                    for later in range(step, k):
+                        work = WIDE_STEP(device, gains, weights, weight_tensor, penalty, picks, later, step,
+                                         self.normalize, terms, runs, work)
                     break
                 picked = PICK(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, self.combine,
                               triton=fused)
@@ -217,11 +248,27 @@ class GreedySelector(Selector):
         return picks.sort(-1).values
 
     @staticmethod
-    def _fused_terms(runs: list[ScorerRun], num_tokens: int) -> list[FusedTerm] | None:
-        """The runs' fused forms when :data:`RUN` can carry on the selection (``PRUNEKIT_FUSED_SELECTION=0`` in the
-        environment: never), else None."""
-        if num_tokens > RUN_MAX_TOKENS or os.environ.get("PRUNEKIT_FUSED_SELECTION", "1").strip() == "0":
+    def _fused_mode(num_tokens: int, device: torch.device) -> str | None:
+        """How the steps after the first run when every term has a fused form: ``"run"`` (:data:`RUN`, up to
+        :data:`RUN_MAX_TOKENS` tokens), ``"wide"`` (:data:`WIDE_STEP`, above, where Triton runs) or None (the step
+        loop). ``PRUNEKIT_FUSED_SELECTION`` in the environment: ``0`` the step loop, ``wide`` the wide steps at
+        any size where Triton runs (for comparisons)."""
+        setting = os.environ.get("PRUNEKIT_FUSED_SELECTION", "1").strip().lower()
+        if setting not in ("", "1", "0", "wide"):
+            raise ValueError(f"PRUNEKIT_FUSED_SELECTION must be '1' (the default), '0' or 'wide'; got {setting!r}")
+        if setting == "0":
             return None
+        wide = WIDE_STEP.uses_triton(device)
+        if setting == "wide" and wide:
+            return "wide"
+        if num_tokens <= RUN_MAX_TOKENS:
+            return "run"
+        return "wide" if wide else None
+
+    @staticmethod
+    def _fused_terms(runs: list[ScorerRun]) -> list[FusedTerm] | None:
+        """The runs' fused forms when every run has one the fused kernels carry on (at most one ``nearest`` and one
+        ``coverage``, all on one held similarity matrix), else None."""
         terms = [run.fused() for run in runs]
         if any(t is None for t in terms) or len(terms) > 4:
             return None
