@@ -276,7 +276,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 feats = [embeds[b, vis_pos[b]] for b in range(B)]
             kept, values, merged, as_is = run_stage(
                 stage, feats, n_visual,
-                lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, vis_pos, call.valid),
+                lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
                 self.hooks.grids(n_visual), **self._units(call),
             )
             report.stages.append(StageRecord(
