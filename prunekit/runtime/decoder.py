@@ -274,7 +274,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 feats = self.hooks.vision_features(n_visual)
             else:
                 feats = [embeds[b, vis_pos[b]] for b in range(B)]
-            kept, values, merged, as_is = run_stage(
+            kept, values, merged, moved, as_is = run_stage(
                 stage, feats, n_visual,
                 lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
                 self.hooks.grids(n_visual), **self._units(call),
@@ -283,7 +283,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
             written = write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None,
-                                         as_is)
+                                   as_is, moved)
             if written is not None:
                 embeds = written
                 C.LM_INPUTS_EMBEDS.set(kwargs, written)
@@ -422,7 +422,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return None
         call.to(hidden.device)  # a model spread over devices: this layer's device
         feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
-        kept, values, merged, as_is = run_stage(
+        kept, values, merged, moved, as_is = run_stage(
             stage, feats, n_orig,
             lambda name, opts: layer_signal(call, self.lm, self.layers, module, j, name, opts, hidden),
             **self._units(call),
@@ -431,7 +431,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
         ))
         n_now = [f.shape[0] for f in feats]
-        written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is)
+        written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is, moved=moved)
         if written is not None:
             hidden = written
         elif all(k.numel() == n for k, n in zip(kept, n_now)):
