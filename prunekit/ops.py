@@ -32,3 +32,15 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     B, N = x.shape[:2]
     flat = index + torch.arange(0, B * N, N, device=index.device)[:, None] if B > 1 else index
     return x.reshape(B * N, *x.shape[2:]).index_select(0, flat.reshape(-1)).reshape(*index.shape, *x.shape[2:])
+
+
+def true_indices(mask: Tensor, count: int | list[int]) -> Tensor | list[Tensor]:
+    """The ascending indices of the ``True`` entries of a 1-D ``mask``, as ``mask.nonzero().squeeze(1)`` gives them,
+    when their number ``count`` is known on the host. ``nonzero`` reads its output's size back from the device
+    (on a GPU that waits for the stream to drain); a stable sort puts the ``True`` entries first, in order, without
+    reading anything. A ``[B, N]`` mask with ``count`` a list gives one tensor per row (one sort for the batch).
+    ``count`` must be right: nothing checks it (that would read the device)."""
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+    if mask.dim() == 1:
+        return order[:count]
+    return [order[b, :c] for b, c in enumerate(count)]

@@ -3,8 +3,8 @@ runtime reads the device only where a value must reach the host. Counted on CPU 
 over one prefill of the tiny LLaVA (4 decoder layers, 64 visual tokens), for every registered method, against
 ceilings recorded in one table: a change that adds a host read to the model path fails here, without a GPU.
 
-What remains is listed in docs/performance.md (the adapters' visual-token positions, the signals' instruction
-positions, methods' own reads); the greedy selections themselves read nothing (tests/test_selection_ops.py).
+What remains is listed in docs/performance.md (the counts that decide shapes, read once per prefill or stage, and
+transformers' own checks); the greedy selections themselves read nothing (tests/test_selection_ops.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from prunekit.testing import count_ops, tiny_llava, tiny_llava_inputs
 
 #: host reads of one pruned prefill at keep_tokens=8 (nominal budgets; pdrop: 24, its schedule's least)
 CEILINGS = {
-    "cdpruner": 15, "dart": 55, "divprune": 11, "fastervlm": 15, "fastv": 13, "pdrop": 23, "pool": 11,
-    "prumerge_plus": 24, "random": 11, "scope": 15, "sparsevlm": 59, "tops": 39, "trim": 19, "visionzip": 33,
-    "vispruner": 15,
+    "cdpruner": 9, "dart": 10, "divprune": 8, "fastervlm": 8, "fastv": 8, "pdrop": 12, "pool": 8,
+    "prumerge_plus": 12, "random": 8, "scope": 8, "sparsevlm": 15, "tops": 14, "trim": 9, "visionzip": 9,
+    "vispruner": 8,
 }
 BUDGET = {"pdrop": 24}
 

@@ -40,6 +40,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
     _brings: bool = PerThread(bool)  # whether the current call brings images or videos
     _ids: Tensor | None = PerThread()  # the current call's input ids
     _from_embeddings: bool = PerThread(bool)  # whether the visual tokens were looked for in inputs_embeds
+    _repeats_of: tuple | None = PerThread()  # (visual counts, _repeats of them) for the current call's input ids
     _calls: list[dict] = PerThread(list)  # every recorded encoder call since the last prefill
     _pending: dict[str, list[Tensor]] = PerThread(lambda: VisualHooks._empty())  # of the running encoder call
     # the encoder calls that produced the current prompt's visual tokens (set by _sync)
@@ -114,15 +115,21 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         return m
 
     def _repeats(self, visual_counts: list[int]) -> list[int]:
-        """1, then every ``m`` such that the batch is each row repeated ``m`` times in a row."""
-        B, out = len(visual_counts), [1]
+        """1, then every ``m`` such that the batch is each row repeated ``m`` times in a row. Computed once per call
+        (every signal of a prefill asks), comparing the input ids for every ``m`` in one read of the device."""
+        cached = self._repeats_of
+        if cached is not None and cached[0] == visual_counts:
+            return cached[1]
+        B = len(visual_counts)
+        candidates = [m for m in range(2, B + 1)
+                      if not B % m and all(visual_counts[i] == visual_counts[i - i % m] for i in range(B))]
         ids = self._ids
-        for m in range(2, B + 1):
-            if B % m or any(visual_counts[i] != visual_counts[i - i % m] for i in range(B)):
-                continue
-            if ids is not None and not all(torch.equal(ids[i], ids[i - i % m]) for i in range(B)):
-                continue
-            out.append(m)
+        if ids is not None and candidates:  # whether the ids of each row equal those of its group's first row
+            groups = [ids.reshape(B // m, m, *ids.shape[1:]) for m in candidates]
+            same = torch.stack([(g == g[:, :1]).all() for g in groups]).tolist()
+            candidates = [m for m, s in zip(candidates, same) if s]
+        out = [1, *candidates]
+        self._repeats_of = (list(visual_counts), out)
         return out
 
     def _latest_calls(self, total: int) -> list[dict] | None:
@@ -174,6 +181,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         self._brings = brings_images(kwargs)
         ids = torch.tensor(self.adapter.visual_token_ids())
         self._ids = input_ids
+        self._repeats_of = None
         self._from_embeddings = input_ids is None
         if input_ids is not None:
             self._visual = torch.isin(input_ids, ids.to(input_ids.device))
@@ -271,7 +279,7 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         return self._repeat(out, m)
 
     def end_of_prefill(self) -> None:
-        self.records, self.units_of, self.cls, self.keys, self._ids = [], [], [], [], None
+        self.records, self.units_of, self.cls, self.keys, self._ids, self._repeats_of = [], [], [], [], None, None
         self._calls, self._pending = [], self._empty()
         self.features, self.received, self.outputs = [], [], []
 

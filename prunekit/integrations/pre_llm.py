@@ -153,9 +153,9 @@ class ImagePruner:
 
             grids = [[grid]] if grid is not None and i == 0 else [None]
             # the runtime's own check of what a stage returns (count, range, repeats), kept in place order
-            (idx,), (values,), (flags,) = choose(stage, StageContext(stage, [features], [keep], stage_signal,
-                                                                     grids=grids))
-            if bool((idx[1:] < idx[:-1]).any()):
+            (idx,), (values,), (flags,), (moved,) = choose(stage, StageContext(stage, [features], [keep],
+                                                                                stage_signal, grids=grids))
+            if moved:
                 raise UnservableMethodError(f"method {self.method!r} reorders tokens, which {self.server} cannot")
             values = features[idx] if values is None else values.to(features)
             features, current, merged = values, current[idx], merged[idx] | flags

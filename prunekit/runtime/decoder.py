@@ -34,6 +34,7 @@ from .. import contracts as C
 from ..errors import PruningError
 from ..flops import layer_cost
 from ..interfaces import Patch, Stage
+from ..ops import true_indices
 from ..report import PruningReport, StageRecord
 from .hooks import ModelHooks
 from .sequence import Call, Generation, Segment, pad_left, positions_in, positions_out, remap, segment_for
@@ -138,12 +139,20 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return self.hooks.input_mask_2d(), True
         return mask, False
 
-    def _new_report(self, n_visual: list[int], embeds: Tensor, mask: Tensor | None,
-                    enabled: bool = True) -> PruningReport:
-        """An empty report for this prefill: budgets, sequence lengths and layer costs filled in."""
+    @staticmethod
+    def _prefill_counts(visual: Tensor, mask: Tensor | None) -> tuple[list[int], list[int] | None]:
+        """Per sample, its visual tokens and (with a 2D mask) its non-padding tokens, in one read of the device
+        (each read waits for a GPU's stream): they decide the pruned sequence's shapes, so the host needs them."""
+        counts = [visual.sum(1)]
         if isinstance(mask, Tensor) and mask.dim() == 2:
-            lengths = [int(x) for x in mask.bool().sum(1).tolist()]
-        else:
+            counts.append(mask.bool().sum(1).to(visual.device))
+        read = torch.stack(counts).tolist()
+        return read[0], (read[1] if len(read) > 1 else None)
+
+    def _new_report(self, n_visual: list[int], lengths: list[int] | None, embeds: Tensor,
+                    enabled: bool = True) -> PruningReport:
+        """An empty report for this prefill: budgets, sequence lengths (``None``: no padding) and layer costs."""
+        if lengths is None:
             lengths = [int(embeds.shape[1])] * int(embeds.shape[0])
         return PruningReport(
             self.method, len(self.layers), n_visual, enabled=enabled,
@@ -196,15 +205,18 @@ class DecoderPruner(ThreadStateMixin, Patch):
         embeds = C.LM_INPUTS_EMBEDS.get(kwargs)
         cache = C.LM_CACHE.get(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
+        counts = None  # (visual tokens, non-padding tokens) per sample of a prefill: one read of the device
+        if visual is not None and past == 0:  # the mask counts where a report is made of this prefill
+            reported = embeds is not None or not self.enabled
+            counts = self._prefill_counts(visual, self._input_mask(kwargs)[0] if reported else None)
         if not self.enabled:
             self._gen = None
-            if visual is not None and past == 0:  # pruning_report() tells that this prefill ran unpruned
-                self._report = self._new_report(visual.sum(1).tolist(), C.LM_INPUTS_EMBEDS.get(kwargs),
-                                                self._input_mask(kwargs)[0], enabled=False)
+            if counts is not None:  # pruning_report() tells that this prefill ran unpruned
+                self._report = self._new_report(*counts, embeds, enabled=False)
             return None
         self._gen = self._gens.get(cache) if cache is not None else None
-        if visual is not None and past == 0:
-            if bool(visual.any()):
+        if counts is not None:
+            if any(counts[0]):
                 self._refuse_unsupported(cache)
             elif self.hooks.images_in_call():
                 raise PruningError(
@@ -219,8 +231,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
                     "features from text. Pass input_ids (and the images) instead, or run text-only embeddings "
                     "inside prunekit.disabled(model)"
                 )
-        if visual is not None and embeds is not None and past == 0:
-            return (args, kwargs) if self._prefill(kwargs, visual) else None
+        if counts is not None and embeds is not None:
+            return (args, kwargs) if self._prefill(kwargs, visual, *counts) else None
         if visual is not None and bool(visual.any()) and self.hooks.images_in_call():
             raise PruningError(
                 "visual tokens arrived after cached tokens; prunekit prunes images in the prefill only"
@@ -230,7 +242,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return (args, kwargs)
         return None
 
-    def _prefill(self, kwargs: dict, visual: Tensor) -> bool:
+    def _prefill(self, kwargs: dict, visual: Tensor, n_visual: list[int], lengths: list[int] | None) -> bool:
         embeds: Tensor = C.LM_INPUTS_EMBEDS.get(kwargs)
         B, L, _ = embeds.shape
         device = embeds.device
@@ -243,10 +255,9 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 "positions='renumber' is not defined for multi-row (M-RoPE) position ids; use positions='original'"
             )
         visual = visual.to(device)
-        n_visual = visual.sum(1).tolist()
-        report = self._new_report(n_visual, embeds, mask2d)
+        report = self._new_report(n_visual, lengths, embeds)
         self._report = report
-        vis_pos = [visual[b].nonzero().squeeze(1) for b in range(B)]
+        vis_pos = true_indices(visual, n_visual)
         per_unit = self.budget_per != "prompt" and sum(n_visual)
         units = self.hooks.unit_ids(n_visual, self.budget_per) if per_unit else None
         call = Call(
@@ -263,16 +274,16 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 feats = self.hooks.vision_features(n_visual)
             else:
                 feats = [embeds[b, vis_pos[b]] for b in range(B)]
-            kept, values, merged, as_is = run_stage(
+            kept, values, merged, moved, as_is = run_stage(
                 stage, feats, n_visual,
-                lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, vis_pos, call.valid),
+                lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
                 self.hooks.grids(n_visual), **self._units(call),
             )
             report.stages.append(StageRecord(
                 stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
             ))
             written = write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None,
-                                         as_is)
+                                   as_is, moved)
             if written is not None:
                 embeds = written
                 C.LM_INPUTS_EMBEDS.set(kwargs, written)
@@ -411,7 +422,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return None
         call.to(hidden.device)  # a model spread over devices: this layer's device
         feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
-        kept, values, merged, as_is = run_stage(
+        kept, values, merged, moved, as_is = run_stage(
             stage, feats, n_orig,
             lambda name, opts: layer_signal(call, self.lm, self.layers, module, j, name, opts, hidden),
             **self._units(call),
@@ -420,7 +431,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
         ))
         n_now = [f.shape[0] for f in feats]
-        written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is)
+        written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is, moved=moved)
         if written is not None:
             hidden = written
         elif all(k.numel() == n for k, n in zip(kept, n_now)):
@@ -469,5 +480,4 @@ class DecoderPruner(ThreadStateMixin, Patch):
 def _kept_rows(drop: Tensor, counts: list[int]) -> list[Tensor]:
     """Per sample, the ascending positions where ``drop`` ``[B, L]`` is False, of which there are ``counts[b]``
     (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device) per sample."""
-    order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
-    return [order[b, :c] for b, c in enumerate(counts)]
+    return true_indices(~drop, counts)

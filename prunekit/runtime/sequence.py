@@ -61,6 +61,7 @@ class Call:
     pos: Tensor | None  # model-level position ids of this call, [B, q, P] (P = 1, or 3/4 rows of M-RoPE)
     style: int = 0  # how the model passed position ids: 0 = [B, q] (or none), P = [P, B, q]
     past: int = 0  # decode: tokens in the cache before this call (in the first layer's coordinates)
+    # valid and vis_pos are replaced when the sequence changes, never changed in place (signals.instruction)
     valid: Tensor | None = None  # [B, L] prefill: non-pad tokens of the current segment
     vis_pos: list[Tensor] = field(default_factory=list)  # per sample: positions of its visual tokens
     vis_orig: list[Tensor] = field(default_factory=list)  # per sample: original visual index of each
@@ -68,6 +69,7 @@ class Call:
     captured: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden_in, mask, position_embeddings)
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
     first_input: tuple | None = None  # prefill: (embeds [B, L, D], vis_pos, valid) at decoder layer 0's input
+    instructions: list[tuple] = field(default_factory=list)  # (vis_pos, valid, their instructions' positions)
     report: PruningReport | None = None
     units: list[BudgetUnits] | None = None  # budget_per other than "prompt": per sample, its units
 

@@ -10,24 +10,39 @@ from torch import Tensor
 
 from .. import contracts as C
 from ..errors import PruningError
+from ..ops import true_indices
 from .attention import RATER_RULES, attention_rows, rows_of, select_raters
 from .hooks import ModelHooks
 from .sequence import Call
 
-__all__ = ["LAYER_SIGNALS", "text_after", "text_similarity", "pre_llm_signal", "layer_signal", "layer_input",
+__all__ = ["LAYER_SIGNALS", "text_after", "instruction", "text_similarity", "pre_llm_signal", "layer_signal", "layer_input",
            "layer_keys"]
 
 
-def text_after(vis: Tensor, valid: Tensor) -> Tensor:
-    """Positions of the (non-pad) text tokens after a sample's last visual token: its instruction."""
-    positions = torch.arange(valid.shape[0], device=valid.device)
-    last = int(vis.max()) if vis.numel() else -1
-    return positions[(positions > last) & valid]
+def text_after(vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
+    """Per sample, the positions of the (non-pad) text tokens after its last visual token: its instruction
+    (``vis_pos[b]``: its visual tokens' positions, ``valid`` ``[B, L]``: its non-pad tokens). Their counts decide
+    the signals' shapes, so they are read from the device: once for the batch."""
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    none = positions.new_full((), -1)  # a sample without visual tokens: all its text
+    last = torch.stack([v.max().to(valid.device) if v.numel() else none for v in vis_pos])
+    after = (positions > last[:, None]) & valid
+    return true_indices(after, after.sum(1).tolist())
 
-def text_similarity(embeds: Tensor, vis: Tensor, valid: Tensor) -> Tensor:
+def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
+    """:func:`text_after` of one state of the call's sequence, computed once: each text signal of a stage needs
+    it, and each computation reads the device. A state is known by its objects (the runtime replaces
+    ``vis_pos`` and ``valid`` when the sequence changes, never changes them in place)."""
+    for seen_pos, seen_valid, text in call.instructions:
+        if seen_pos is vis_pos and seen_valid is valid:
+            return text
+    text = text_after(vis_pos, valid)
+    call.instructions.append((vis_pos, valid, text))
+    return text
+
+def text_similarity(embeds: Tensor, vis: Tensor, valid: Tensor, text: Tensor) -> Tensor:
     """Mean cosine similarity of each visual token's LLM-input embedding to the instruction's embeddings
-    (the text after the last visual token; all text when there is none after it)."""
-    text = text_after(vis, valid)
+    (``text``: the text after the last visual token; all text when there is none after it)."""
     if text.numel() == 0:
         other = valid.clone()
         other[vis] = False
@@ -39,13 +54,16 @@ def text_similarity(embeds: Tensor, vis: Tensor, valid: Tensor) -> Tensor:
     return (v @ t.T).mean(1)
 
 def pre_llm_signal(hooks: ModelHooks, name: str, options: dict, n_visual: list[int], embeds: Tensor,
-                   vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
-    """A signal at the language model's input (before the LLM): the instruction's embeddings and their similarity to
-    the visual tokens are read here; the rest (vision-encoder signals) come from the adapter's hooks."""
-    if name == "text_embeddings":
-        return [embeds[b, text_after(vis_pos[b], valid[b])] for b in range(embeds.shape[0])]
-    if name == "text_similarity":
-        return [text_similarity(embeds[b], vis_pos[b], valid[b]) for b in range(embeds.shape[0])]
+                   call: Call) -> list[Tensor]:
+    """A signal at the language model's input (before the LLM; ``call``'s visual tokens and valid rows are the
+    input's): the instruction's embeddings and their similarity to the visual tokens are read here; the rest
+    (vision-encoder signals) come from the adapter's hooks."""
+    if name in ("text_embeddings", "text_similarity"):
+        vis_pos, valid = call.vis_pos, call.valid
+        text = instruction(call, vis_pos, valid)
+        if name == "text_embeddings":
+            return [embeds[b, text[b]] for b in range(embeds.shape[0])]
+        return [text_similarity(embeds[b], vis_pos[b], valid[b], text[b]) for b in range(embeds.shape[0])]
     return hooks.projector_signal(name, options, n_visual)
 
 #: signals inside the decoder and the options each takes (value -> allowed values)
@@ -88,14 +106,16 @@ def layer_signal(call: Call, lm, layers, layer, j: int, name: str, options: dict
     if name == "layer_input":
         return layer_input(call, layers, j, options, hidden_in, hidden_out)
     out = []
+    needs_text = name in ("text_states", "text_attention") or options.get("tokens", "visual") == "text"
+    texts = instruction(call, call.vis_pos, call.valid) if needs_text else None
     for b in range(hidden_in.shape[0]):
         vis = call.vis_pos[b]
-        text = text_after(vis, call.valid[b])
+        text = texts[b] if texts is not None else None
         rows = vis if options.get("tokens", "visual") == "visual" else text
         if name == "text_states":
             out.append(hidden_out[b, text])
-        elif name == "positions":  # counted from the row's first token (left padding does not count)
-            out.append(rows - int(call.valid[b].long().argmax()))
+        elif name == "positions":  # counted from the row's first token (left padding does not count), on the device
+            out.append(rows - call.valid[b].long().argmax())
         elif name == "states":
             states = hidden_out[b, rows]
             out.append(C.FINAL_NORM.get(lm)(states) if options.get("final_norm", False) else states)
@@ -127,11 +147,10 @@ def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hi
         vis_pos, valid = call.vis_pos, call.valid
         states, norm_layer = (hidden_in, layers[j]) if where == "previous" else \
             (hidden_out, layers[j + 1])
+    text = instruction(call, vis_pos, valid) if options.get("tokens", "visual") == "text" else None
     out = []
     for b in range(states.shape[0]):
-        vis = vis_pos[b].to(states.device)
-        text = options.get("tokens", "visual") == "text"
-        rows = text_after(vis, valid[b].to(states.device)) if text else vis
+        rows = (vis_pos if text is None else text)[b].to(states.device)
         x = states[b, rows]
         out.append(C.INPUT_NORM.get(norm_layer)(x) if options.get("input_norm", False) else x)
     return out

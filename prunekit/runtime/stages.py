@@ -26,12 +26,13 @@ def run_stage(stage: Stage, feats: list[Tensor], n_orig: list[int], signal, grid
     """Run ``stage`` on every sample (``budget_per="prompt"``) or on every unit (image, video frame, crop) of
     every sample, each unit alone (``units``; ``vis_orig``: per sample, the original visual index of each
     token in ``feats``). Tokens of no unit (LLaVA-NeXT's row breaks under ``"crop"``) are kept as they
-    are, outside every budget. Returns kept, values, merged (see :func:`choose`) and, per sample, None or a
-    mask over the kept tokens of those kept as they are (their rows are never rewritten)."""
+    are, outside every budget. Returns kept, values, merged, moved (see :func:`choose`) and, per sample, None
+    or a mask over the kept tokens of those kept as they are (their rows are never rewritten)."""
     current = [f.shape[0] for f in feats]
     if units is None:
         ctx = StageContext(stage, feats, budgets(stage, n_orig, current), signal, grids=grids)
-        return (*choose(stage, ctx), [None] * len(feats))
+        kept, values, merged, moved = choose(stage, ctx)
+        return kept, values, merged, moved, [None] * len(feats)
     pieces = []  # (sample, indices into its current visual tokens, unit size for its budget, grid)
     for b, sample_units in enumerate(units):
         unit = sample_units.ids.to(vis_orig[b].device)[vis_orig[b]]
@@ -52,7 +53,7 @@ def run_stage(stage: Stage, feats: list[Tensor], n_orig: list[int], signal, grid
 
     ctx = StageContext(stage, piece_feats, keep, piece_signal,
                        grids=[[g] if g is not None else None for *_, g in pieces])
-    p_kept, p_values, p_merged = choose(stage, ctx)
+    p_kept, p_values, p_merged, _ = choose(stage, ctx)
     kept, values, merged, as_is = [], [], [], []
     for b, f in enumerate(feats):
         mine = [i for i, p in enumerate(pieces) if p[0] == b]
@@ -69,7 +70,7 @@ def run_stage(stage: Stage, feats: list[Tensor], n_orig: list[int], signal, grid
         else:  # tokens without values of their own keep their features; those outside every unit are not written
             v = [p_values[i] if p_values[i] is not None else f[pieces[i][1][p_kept[i]]] for i in mine]
             values.append(torch.cat(v + [f[outside]])[order])
-    return kept, values, merged, as_is
+    return kept, values, merged, [False] * len(feats), as_is  # every sample's kept tokens are in sequence order
 
 def budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -> list[int]:
     current = n_orig if current is None else current
@@ -77,14 +78,15 @@ def budgets(stage: Stage, n_orig: list[int], current: list[int] | None = None) -
 
 def write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list[Tensor | None],
                   transform: Callable[[Tensor], Tensor] | None = None,
-                  as_is: list[Tensor | None] | None = None) -> Tensor | None:
+                  as_is: list[Tensor | None] | None = None, moved: list[bool] | None = None) -> Tensor | None:
     """``x`` with each sample's kept visual rows set to the stage's values (``None`` when no value changes);
     ``as_is[b]`` (aligned with the kept places) marks rows left as they are whatever the values say.
 
     ``kept[b]`` lists the tokens in the order they fill the kept places (taken in sequence order): ascending for
-    tokens that stay in place; an ordered :class:`Choice` moves tokens (values, or the rows themselves)."""
-    # whether a sample's tokens change places: read from the host once for all samples
-    moved = torch.stack([(k[1:] < k[:-1]).any().to(kept[0].device) for k in kept]).tolist() if kept else []
+    tokens that stay in place; an ordered :class:`Choice` moves tokens (values, or the rows themselves).
+    ``moved[b]``: whether ``kept[b]`` is out of sequence order, as :func:`choose` read it (``None``: read here)."""
+    if moved is None:  # whether a sample's tokens change places: read from the device once for all samples
+        moved = torch.stack([(k[1:] < k[:-1]).any().to(kept[0].device) for k in kept]).tolist() if kept else []
     if all(v is None for v in values) and not any(moved):
         return None
     out = x.clone()
@@ -98,15 +100,18 @@ def write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list
             out[b, places] = x[b, rows[b][k]]
     return out
 
-def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
+def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor], list[bool]]:
     """Run the stage; per sample: kept indices (ascending, or as an ordered Choice gives them: the order in which
-    they fill the kept places), replacement values (or None), merged flags."""
+    they fill the kept places), replacement values (or None), merged flags, and whether its kept indices are out
+    of sequence order (tokens that move; only an ordered Choice's can be). Whether the indices are valid and
+    whether they move are read from the device together, once for the stage."""
     chosen = stage.choose(ctx)
     where = stage.label or stage.point
     if len(chosen) != ctx.batch_size:
         raise PruningError(f"{where}: method returned {len(chosen)} rows for {ctx.batch_size}")
     kept, values, merged = [], [], []
     invalid: list[tuple[int, Tensor]] = []  # per sample, True on the device when its indices are invalid
+    moves: list[tuple[int, Tensor]] = []  # per sample of an ordered Choice, True on the device when tokens move
     for b, (c, budget, f) in enumerate(zip(chosen, ctx.keep, ctx.features)):
         c = c if isinstance(c, Choice) else Choice(c)
         k = c.indices.to(device=f.device, dtype=torch.long).flatten()
@@ -116,16 +121,21 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
         if k.numel():
             s = k.sort().values if c.ordered else k
             invalid.append((b, (s[0] < 0) | (s[-1] >= f.shape[0]) | (s[1:] == s[:-1]).any()))
+            if c.ordered:
+                moves.append((b, (k[1:] < k[:-1]).any()))
         kept.append(k)
         values.append(None if c.values is None else c.values.to(f.device)[order])
         flags = torch.zeros(k.numel(), dtype=torch.bool, device=f.device)
         if c.merged is not None:
             flags = c.merged.to(device=f.device, dtype=torch.bool).flatten()[order]
         merged.append(flags)
-    if invalid:  # one read of the host for the whole stage, not three per sample (each stalls a GPU's stream)
+    moved = [False] * len(kept)
+    if invalid:  # one read of the device for the whole stage, not three per sample (each stalls a GPU's stream)
         device = invalid[0][1].device
-        bad = torch.stack([flag.to(device) for _, flag in invalid])
-        if bool(bad.any()):
-            b = invalid[int(bad.to(torch.int8).argmax())][0]
-            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {b}")
-    return kept, values, merged
+        flags = torch.stack([flag.to(device) for _, flag in invalid + moves]).tolist()
+        bad = [b for (b, _), flag in zip(invalid, flags) if flag]
+        if bad:
+            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {bad[0]}")
+        for (b, _), flag in zip(moves, flags[len(invalid):]):
+            moved[b] = flag
+    return kept, values, merged, moved

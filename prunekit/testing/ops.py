@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..kernels import inside_kernel, observe_launches
@@ -32,8 +33,12 @@ HOST_SYNC_OPS = frozenset({
     "aten::masked_select", "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim",
     "aten::unique_consecutive", "aten::equal", "aten::allclose", "aten::repeat_interleave", "aten::bincount",
     "aten::histc", "aten::argwhere", "aten::_assert_async", "aten::masked_scatter", "aten::where.condition",
-    "aten::tolist",
 })
+
+#: tensor methods that copy a tensor's values to the host without dispatching an aten operation on CPU (there the
+#: data is read in place), so the dispatcher never sees them; on a GPU each is a device->host copy that waits for the
+#: stream. Counted at the Python level (a ``TorchFunctionMode``), one host read per call, under their own names.
+_HOST_COPY_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor.numpy"}
 
 #: indexing operations that sync when an index is a boolean mask (its true entries must be counted on the host)
 _MASK_INDEXING = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
@@ -93,6 +98,29 @@ class OpCount:
         return f"OpCount(launches={self.launches}, operations={self.operations}, syncs={self.syncs})"
 
 
+def _count_sync(count: OpCount, name: str) -> None:
+    count.syncs += 1
+    count.sync_names[name] = count.sync_names.get(name, 0) + 1
+
+
+class _HostCopies(TorchFunctionMode):
+    """Counts :data:`_HOST_COPY_METHODS` calls as host reads (and launches: on a GPU each is a copy)."""
+
+    def __init__(self, count: OpCount) -> None:
+        super().__init__()
+        self.count = count
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _HOST_COPY_METHODS.get(func)
+        if name is not None and not inside_kernel():
+            count = self.count
+            count.operations += 1
+            count.launches += 1
+            count.by_name[name] = count.by_name.get(name, 0) + 1
+            _count_sync(count, name)
+        return func(*args, **(kwargs or {}))
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self, count: OpCount) -> None:
         super().__init__()
@@ -116,8 +144,7 @@ class _Counter(TorchDispatchMode):
             count.launches += 1
             count.by_name[name] = count.by_name.get(name, 0) + 1
             if name in HOST_SYNC_OPS or func._schema.name in HOST_SYNC_OPS or _masked(func, args):
-                count.syncs += 1
-                count.sync_names[name] = count.sync_names.get(name, 0) + 1
+                _count_sync(count, name)
         return func(*args, **(kwargs or {}))
 
 
@@ -127,9 +154,10 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, O
     Counted at the dispatcher (a ``TorchDispatchMode``), below autograd and Python: the operations a GPU would
     launch as kernels and the ones that would stall its stream are the ones counted, on whatever device ``fn``
     runs. Per-iteration costs of a loop are best taken as the difference between two runs of different lengths,
-    which cancels the setup. Operations run inside ``torch.no_grad`` or not are counted alike."""
+    which cancels the setup. Operations run inside ``torch.no_grad`` or not are counted alike. ``Tensor.tolist``
+    and ``Tensor.numpy`` count as one host read each: they copy to the host on a GPU, but dispatch nothing on CPU."""
     count = OpCount()
     counter = _Counter(count)
-    with counter, observe_launches(counter.kernel):
+    with _HostCopies(count), counter, observe_launches(counter.kernel):
         out = fn(*args, **kwargs)
     return out, count

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from prunekit.plugin import Method, MethodConfig, StageContext, StrictModel, topk
+from prunekit.plugin import Method, MethodConfig, StageContext, StrictModel, topk, true_indices
 
 
 class KeepMostRelevant(Method):
@@ -32,7 +32,7 @@ def above_mean_similarity(visual: Tensor, text: Tensor) -> Tensor:
     token, or all equal)."""
     s = (visual.float() @ text.float().T).softmax(-1).mean(0)
     above = s > s.mean()
-    return above if bool(above.any()) else torch.ones_like(above)
+    return above | ~above.any()  # on the device: deciding on the host would read it
 
 
 def rater_attention(
@@ -54,8 +54,11 @@ def rater_attention(
     columns = ctx.relevance("text_attention", raters="all_text", layer=layer, per_rater=True)  # [n, T'] per sample
     # the raters' text is the tail of the stage's: once an image's tokens are all pruned, the text after the visual
     # tokens still present also holds what followed that image
-    return [c[:, c.shape[1] - t.shape[0]:][:, above_mean_similarity(v, t).to(c.device)].mean(1)
-            for c, v, t in zip(columns, visual, text)]
+    raters = [above_mean_similarity(v, t).to(c.device) for c, v, t in zip(columns, visual, text)]
+    # how many raters each sample has decides the mean's shape: read for the batch at once, not per sample
+    counts = torch.stack([r.sum().to(raters[0].device) for r in raters]).tolist() if raters else []
+    return [c[:, c.shape[1] - t.shape[0]:][:, true_indices(r, n)].mean(1)
+            for c, t, r, n in zip(columns, text, raters, counts)]
 
 
 def rater_signals(raters: str) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from prunekit.plugin import (
     hookimpl,
     make_stages,
     topk,
+    true_indices,
 )
 from prunekit_plugins.methods.common import OriginalPositionsConfig
 
@@ -55,28 +56,36 @@ def dart_select(
     chosen = torch.zeros(n, dtype=torch.bool, device=features.device)
     img = _largest(visual_key_norms, p_img)
     chosen[img] = True
-    pivots = [(features[i], None if visual_positions is None else int(visual_positions[i])) for i in img.tolist()]
+    # the pivots' features (visual pivots, then text pivots, each by descending norm) and sequence positions
+    rows, positions = [features[img]], [visual_positions[img] if visual_positions is not None else None]
     if text_states is not None and text_states.shape[0] and text_pivots:
         txt = _largest(text_key_norms, min(text_pivots, text_states.shape[0]))
-        pivots += [(text_states[i], None if text_positions is None else int(text_positions[i])) for i in txt.tolist()]
-    if not pivots:
+        rows.append(text_states[txt])
+        positions.append(text_positions[txt] if text_positions is not None else None)
+    pivots = torch.cat(rows)
+    if pivots.shape[0] == 0:
         return topk(visual_key_norms.float(), k)
-    if all(p is not None for _, p in pivots):
-        by_position = {p: f for f, p in pivots}
-        # the official loop visits set(image pivots + text pivots), each list by descending norm
-        pivots = [(by_position[p], p) for p in set(p for _, p in pivots)]
-    sim = cosine(torch.stack([f for f, _ in pivots]), features)  # [P, n]
-    quota = (k - p_img) // len(pivots)
-    for p in range(len(pivots)):
+    if all(p is not None for p in positions):
+        # the official loop visits set(image pivots + text pivots), each list by descending norm: the Python set's
+        # order of the positions, so they reach the host (all of the sample's in one read). The set is built
+        # from the list, as the official one is (one built from a dict is sized up front: another order)
+        at_host = torch.cat(positions).tolist()
+        last = {p: i for i, p in enumerate(at_host)}  # a position's pivot: the last one there, as a dict keeps it
+        pivots = torch.stack([pivots[last[p]] for p in set(at_host)])
+    sim = cosine(pivots, features)  # [P, n]
+    quota = (k - p_img) // pivots.shape[0]
+    for p in range(pivots.shape[0]):
         if quota == 0:
             break
         score = (-sim[p]).masked_fill(chosen, float("-inf"))
         chosen[topk(score, quota)] = True
-    left = k - int(chosen.sum())
+    # counted on the host: each pivot claimed ``quota`` tokens not chosen before (k < n leaves more than enough, and
+    # only the chosen ones score -inf), so k - p_img - P·quota are left to fill, and then k are chosen
+    left = k - p_img - quota * pivots.shape[0]
     if left:
         score = (-sim.amax(0)).masked_fill(chosen, float("-inf"))
         chosen[topk(score, left)] = True
-    return chosen.nonzero().squeeze(1)
+    return true_indices(chosen, k)
 
 
 def official_count(n: int, budget: float, config: "DartSelection") -> list[int]:

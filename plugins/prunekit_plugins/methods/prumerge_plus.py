@@ -40,6 +40,7 @@ from prunekit.plugin import (
     cosine,
     hookimpl,
     make_stages,
+    true_indices,
 )
 
 
@@ -71,13 +72,16 @@ def spatial_samples(n: int, taken: Tensor, m: int, stride: int) -> Tensor:
     free[taken] = False
     if m > 1:  # a grid of stride s >= (n - 1) / (m - 1) has fewer than m positions: start below that
         stride = min(stride, (n - 1) // (m - 1) + 1)
-    for s in range(max(1, stride), 0, -1):
-        grid = torch.arange(0, n - 1, s, device=taken.device)
-        grid = grid[free[grid]]
-        if grid.numel() >= m:
-            break
-    if grid.numel() < m:  # even stride 1 stops before the last position
-        grid = free.nonzero().squeeze(1)
+    # the free positions of the grid of every stride tried (stride, stride - 1, ..., 1), [strides, n - 1], and
+    # their counts with all free positions' last: one read of the device, not one per stride tried
+    strides = torch.arange(max(1, stride), 0, -1, device=taken.device)
+    on_grid = (torch.arange(n - 1, device=taken.device) % strides[:, None] == 0) & free[None, :n - 1]
+    counts = torch.cat([on_grid.sum(1), free.sum()[None]]).tolist()
+    tried = next((i for i, c in enumerate(counts[:-1]) if c >= m), None)
+    if tried is None:  # even stride 1 stops before the last position
+        grid = true_indices(free, counts[-1])
+    else:
+        grid = true_indices(on_grid[tried], counts[tried])
     return grid[torch.linspace(0, grid.numel() - 1, m, device=taken.device).round().long()]
 
 
@@ -107,7 +111,7 @@ def prumerge_plus_choice(
     if extra_token:
         pruned = torch.ones(n, dtype=torch.bool, device=device)
         pruned[kept] = False
-        pruned = pruned.nonzero().squeeze(1)
+        pruned = true_indices(pruned, n - kept.numel())  # the kept indices are distinct: no read of their count
         values = torch.cat([values, (attn[pruned][:, None] * x[pruned]).sum(0, keepdim=True)])
         places = torch.cat([kept, pruned[-1:]])  # the extra token takes the place of the last pruned token
     if order == "official":  # the official sequence, laid into the places in sequence order

@@ -42,6 +42,7 @@ from prunekit.plugin import (
     make_stages,
     scale_layers,
     topk,
+    true_indices,
 )
 from prunekit_plugins.methods.common import DecoderStageConfig, rater_attention, rater_signals
 
@@ -157,12 +158,13 @@ def sparsevlm_choice(
         return Choice(kept)
     deleted = torch.ones(n, dtype=torch.bool, device=features.device)
     deleted[kept] = False
-    deleted = deleted.nonzero().squeeze(1)
+    deleted = true_indices(deleted, n - top)  # topk's indices are distinct: no read of their count
     m = recycled_count(deleted.numel(), recycle_ratio, cluster_size)[0]
     pool = deleted[torch.sort(relevance[deleted], descending=True, stable=True).indices[:m]]
     centres, assignment = density_peak_clusters(features[pool], clusters)
     recycled = merge_clusters(features[pool], assignment, clusters).to(features.dtype)
-    sizes = torch.bincount(assignment, minlength=clusters)
+    # tokens per cluster (bincount would read its output's length from the device; it is the clusters')
+    sizes = assignment.new_zeros(clusters).index_add_(0, assignment, torch.ones_like(assignment))
     merged = torch.cat([torch.zeros(top, dtype=torch.bool, device=features.device), sizes > 1])
     return Choice(torch.cat([kept, pool[centres]]), torch.cat([features[kept], recycled]), merged, ordered=True)
 

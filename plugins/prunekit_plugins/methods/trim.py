@@ -33,6 +33,7 @@ from prunekit.plugin import (
     hookimpl,
     make_stages,
     topk,
+    true_indices,
 )
 
 
@@ -69,7 +70,7 @@ def trim_choice(features: Tensor, similarity: Tensor, k: int, negate: bool = Tru
     chosen = topk(scores, k - 1)  # ascending: sequence order
     rest = torch.ones(n, dtype=torch.bool, device=features.device)
     rest[chosen] = False
-    rest = rest.nonzero().squeeze(1)
+    rest = true_indices(rest, n - chosen.numel())  # topk's indices are distinct: no read of their count
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     mean = features[rest].to(dtype).mean(0, keepdim=True).to(features.dtype)
     places = torch.cat([chosen, rest[-1:]])

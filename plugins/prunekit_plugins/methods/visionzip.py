@@ -35,6 +35,7 @@ from prunekit.plugin import (
     hookimpl,
     make_stages,
     topk,
+    true_indices,
 )
 
 
@@ -68,18 +69,22 @@ def visionzip_choice(
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     patches = k - contextual - (cls_feature is not None)  # dominant patches
     dominant = topk(cls_attention if cls_attention.dtype == torch.float64 else cls_attention.float(), patches)
+    # the remaining tokens, in sequence order, and those of them no target: their counts are known on the host
+    # (topk's and arange's indices are distinct), so no nonzero or boolean mask reads the device
     rest = torch.ones(n, dtype=torch.bool, device=features.device)
     rest[dominant] = False
-    rest = rest.nonzero().squeeze(1)  # the remaining tokens, in sequence order
+    rest = true_indices(rest, n - dominant.numel())
     step = max(1, rest.numel() // contextual)
     targets = torch.arange(0, rest.numel(), step, device=features.device)[:contextual]
     others = torch.ones(rest.numel(), dtype=torch.bool, device=features.device)
     others[targets] = False
+    others = true_indices(others, rest.numel() - targets.numel())
     unit = torch.nn.functional.normalize(keys[rest].to(dtype), dim=-1)
     assignment = (unit[others] @ unit[targets].T).argmax(-1)  # first target on ties
     sums = torch.zeros(targets.numel(), features.shape[1], dtype=dtype, device=features.device)
     sums.index_add_(0, assignment, features[rest[others]].to(dtype))
-    sizes = torch.bincount(assignment, minlength=targets.numel())
+    # tokens per target (bincount would read its output's length from the device; it is the targets')
+    sizes = assignment.new_zeros(targets.numel()).index_add_(0, assignment, torch.ones_like(assignment))
     own = features[rest[targets]].to(dtype)
     if value == "target_plus_mean":
         merged_values = own + sums / sizes.clamp_min(1)[:, None]
@@ -97,13 +102,15 @@ def visionzip_choice(
     return Choice(places, values, merged)
 
 
-def _unit_cls(rows: Tensor) -> Tensor:
-    """The [CLS] feature of a budget unit from the per-token ``cls_feature`` rows ``[n, D]``: its first token's
-    image (or crop). Tokens the model adds (row breaks) come from no image and have zero rows."""
-    found = (rows != 0).any(-1).nonzero()
-    if not found.numel():
+def _unit_cls(units: list[Tensor]) -> list[Tensor]:
+    """The [CLS] feature of each budget unit from its per-token ``cls_feature`` rows ``[n, D]``: its first token's
+    image (or crop). Tokens the model adds (row breaks) come from no image and have zero rows. Whether every unit
+    has such a token is read from the device once for all units."""
+    found = [(rows != 0).any(-1) for rows in units]
+    if units and not all(torch.stack([f.any().to(found[0].device) for f in found]).tolist()):
         raise PruningError("visionzip: no token of this image comes from an encoder pass with a [CLS] token")
-    return rows[found[0, 0]]
+    # argmax gives the first of the largest: the first token found
+    return [rows.index_select(0, f.to(torch.int8).argmax().view(1))[0] for rows, f in zip(units, found)]
 
 
 class VisionZipSelection(StrictModel):
@@ -153,7 +160,7 @@ class VisionZip(Method):
         use_cls = cfg.cls_token if cfg.cls_token != "auto" else "cls_feature" not in spec.unavailable
         signals = {"keys": lambda ctx: ctx.relevance("keys")}
         if use_cls:
-            signals["cls_feature"] = lambda ctx: [_unit_cls(c) for c in ctx.relevance("cls_feature")]
+            signals["cls_feature"] = lambda ctx: _unit_cls(ctx.relevance("cls_feature"))
         choose = self.chooser(lambda ctx: ctx.relevance("cls_attention"), **signals)
 
         least = 2 if cfg.contextual_tokens is None else cfg.contextual_tokens + 1
