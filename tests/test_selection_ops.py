@@ -192,3 +192,23 @@ def test_dpp_steps_after_the_kernel_rank_is_spent_read_nothing_from_the_host():
     a, b = (count_ops(_select, "cdpruner", H, r, q, k)[1] for k in (K1, K2))
     assert b.syncs == a.syncs, b.sync_names
     assert (b.launches - a.launches) / (K2 - K1) <= CEILINGS["cdpruner"]["batch"][0]
+
+
+def test_above_the_one_program_limit_a_cpu_runs_the_step_loop(monkeypatch):
+    """Above greedy.RUN_MAX_TOKENS the wide steps need Triton; without it the step loop runs, with its counts."""
+    from prunekit_plugins.selectors import greedy
+
+    monkeypatch.setattr(greedy, "RUN_MAX_TOKENS", N - 1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, count = count_ops(_run("tops", "one", K1))
+    assert "prunekit::greedy_run" not in count.by_name and "prunekit::greedy_wide_step" not in count.by_name
+    assert count.by_name.get("prunekit::greedy_pick") == K1 - 1, count.by_name
+    monkeypatch.setattr(greedy, "RUN_MAX_TOKENS", N)
+    assert per_step("tops", "one") == (0, 0, 0)
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "wide-ish"])
+def test_a_bad_fused_selection_setting_is_refused_by_name(monkeypatch, value):
+    monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", value)
+    with pytest.raises(ValueError, match="PRUNEKIT_FUSED_SELECTION must be '1'.*'0' or 'wide'"):
+        _run("tops", "one", K1)()
