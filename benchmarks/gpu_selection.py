@@ -18,7 +18,9 @@ For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), o
    (``PRUNEKIT_CUDA_GRAPHS=0``), replayed from a CUDA graph (steady state), and with ``PRUNEKIT_KERNELS=reference``
    (the same selection as tensor operations), per size and batch; the first two both with the whole-selection
    kernel (``greedy_run``: every step after the first in one launch, N <= 4,096, the default) and with the step
-   loop (``PRUNEKIT_FUSED_SELECTION=0``: a pick and the scorers' updates launched per step).
+   loop (``PRUNEKIT_FUSED_SELECTION=0``: a pick and the scorers' updates launched per step), and up to 4,096
+   tokens with the wide steps (``PRUNEKIT_FUSED_SELECTION=wide``: three launches per step over many programs),
+   to place the limit between the two fused paths.
 
 Parts 2 and 3 run with the step loop and with the whole-selection kernel.
 
@@ -85,15 +87,20 @@ def exactness(device, cases, dim, cpu_up_to=2880 * 1024):
     for method in METHODS:
         for n, k, batch, seed in cases:
             feats, rel = _features(n, dim, batch, seed, device)
-            got = _select(method, feats, rel, k).cpu()
             on_cpu = n * k * batch <= cpu_up_to
             if on_cpu:
                 want = _select(method, feats.cpu(), rel.cpu(), k, reference=True)
             else:
                 want = _select(method, feats, rel, k, reference=True).cpu()
-            rows.append({"method": method, "n": n, "k": k, "batch": batch, "seed": seed,
-                         "reference": "cpu" if on_cpu else "gpu tensor ops", "equal": bool(torch.equal(got, want))})
-            print(f"exact {rows[-1]}", flush=True)
+            # the default path, and the wide steps forced where the default is one program per sample
+            for path in ("default", "wide") if n <= 4096 and method != "scope" else ("default",):
+                _fused(True if path == "default" else path)
+                got = _select(method, feats, rel, k).cpu()
+                _fused(True)
+                rows.append({"method": method, "n": n, "k": k, "batch": batch, "seed": seed, "path": path,
+                             "reference": "cpu" if on_cpu else "gpu tensor ops",
+                             "equal": bool(torch.equal(got, want))})
+                print(f"exact {rows[-1]}", flush=True)
     return rows
 
 
@@ -141,8 +148,10 @@ def per_step(device, n, k1, k2, dim, batch):
     return out
 
 
-def _fused(on: bool) -> None:
-    os.environ["PRUNEKIT_FUSED_SELECTION"] = "1" if on else "0"
+def _fused(on: bool | str) -> None:
+    """``True``: the default (one program per sample up to 4,096 tokens, the wide steps above), ``False``: the step
+    loop, ``"wide"``: the wide steps at any size."""
+    os.environ["PRUNEKIT_FUSED_SELECTION"] = on if isinstance(on, str) else "1" if on else "0"
 
 
 def _graphs(on: bool) -> None:
@@ -195,7 +204,9 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 cap = {"max_similarity_mib": 16384} if device.type == "cuda" and method == "tops" else {}
                 run = lambda: _select(method, feats, rel, k, **cap)  # noqa: E731
                 times = {}
-                for fused in (True, False):
+                # the wide steps at sizes the one-program kernel takes: where the limit between them belongs
+                modes = (True, False, "wide") if n <= 4096 and method != "scope" else (True, False)
+                for fused in modes:
                     _fused(fused)
                     _graphs(False)
                     eager = _timed(run, device, repeats)
@@ -211,7 +222,8 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                     ref = _timed(lambda: _select(method, feats, rel, k, reference=True, **cap), device, 1)
                 rows.append({"method": method, "n": n, "k": k, "batch": batch, "eager_ms": eager,
                              "replay_ms": steady, "loop_eager_ms": loop_eager, "loop_replay_ms": loop_steady,
-                             "reference_ms": ref})
+                             "wide_eager_ms": times.get("wide", (None, None))[0],
+                             "wide_replay_ms": times.get("wide", (None, None))[1], "reference_ms": ref})
                 print(f"time {rows[-1]}", flush=True)
     return rows
 
