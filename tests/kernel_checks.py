@@ -57,19 +57,20 @@ def check_pick_kernel():
         if trial % 4 == 3:
             gains[0] = 0.5  # a constant term: span 0
         weights = tuple(float(w) for w in torch.rand(T, generator=g, dtype=torch.float64) * 3)
-        weight_tensor = torch.tensor(weights, dtype=torch.float64)
         chosen = torch.rand(B, N, generator=g) < 0.3
         chosen[:, 0] = False  # at least one candidate
-        for normalize in ("minmax", "none"):
+        binary = tuple(float(w > 1) for w in weights)  # the product's exponents the kernel covers: 0 and 1
+        for normalize, combine, w in (("minmax", "sum", weights), ("none", "sum", weights),
+                                      ("none", "product", binary), ("minmax", "product", binary)):
             def run():
                 penalty = torch.zeros(B, N, dtype=torch.float64).masked_fill(chosen, float("inf"))
                 picks = torch.full((B, 4), -1, dtype=torch.long)
-                out = greedy.PICK(torch.device("cpu"), gains, weights, weight_tensor, penalty, picks, 2, normalize,
-                                  "sum").clone()
+                out = greedy.PICK(torch.device("cpu"), gains - 0.4 * (combine == "product"), w,
+                                  torch.tensor(w, dtype=torch.float64), penalty, picks, 2, normalize, combine).clone()
                 return out, penalty, picks
 
             want, got = _both(run)
-            _assert_equal(want, got, f"trial {trial} {normalize}")
+            _assert_equal(want, got, f"trial {trial} {normalize} {combine}")
 
 
 def _coverage_steps(features, picks_per_step, floor, cap):
@@ -119,15 +120,16 @@ def check_greedy_methods():
             _assert_equal(want, got, f"{name} B={B} N={N} k={k}")
 
 
-def _selector(terms, seed=None, normalize="minmax"):
-    scorer = lambda name: registry.get("scorers", name)()  # noqa: E731
-    return greedy.GreedySelector([(scorer(n), w) for n, w in terms], normalize=normalize,
+def _selector(terms, seed=None, normalize="minmax", combine="sum"):
+    """A greedy selector over registered scorers: ``terms`` (name, weight) or (name, weight, options)."""
+    scorer = lambda name, options=None: registry.get("scorers", name)(**(options or {}))  # noqa: E731
+    return greedy.GreedySelector([(scorer(n, *o), w) for n, w, *o in terms], normalize=normalize, combine=combine,
                                  seed=None if seed is None else scorer(seed))
 
 
-def _check_fused(launch: str, steps_per_launch: bool, which=range(5), sizes=((1, 45, 20), (3, 37, 12), (2, 40, 39))):
+def _check_fused(launch: str, steps_per_launch: bool, which=range(7), sizes=((1, 45, 20), (3, 37, 12), (2, 40, 39))):
     """A fused path (greedy.RUN or greedy.WIDE_STEP) against the step loop over term combinations (``which`` of the
-    five below) and inputs."""
+    seven below) and inputs."""
     from prunekit.kernels import observe_launches
 
     g = torch.Generator().manual_seed(3)
@@ -137,8 +139,11 @@ def _check_fused(launch: str, steps_per_launch: bool, which=range(5), sizes=((1,
         ([("diversity", 1.0)], "isolation", "minmax"),
         ([("facility_location", 1.0), ("isolation", 0.5)], None, "none"),
         ([("relevance", 0.2), ("diversity", 0.3), ("facility_location", 0.4), ("isolation", 0.1)], None, "minmax"),
+        # SCOPE's product (coverage from a floor of 0, saliency), unnormalised; and a term switched off by w = 0
+        ([("facility_location", 1.0, {"floor": 0.0}), ("relevance", 1.0)], None, "none", "product"),
+        ([("diversity", 1.0), ("relevance", 0.0), ("facility_location", 1)], "relevance", "minmax", "product"),
     ]
-    for trial, (terms, seed, normalize) in enumerate(setups):
+    for trial, (terms, seed, normalize, *combine) in enumerate(setups):
         if trial not in which:
             continue
         for B, N, k in sizes:
@@ -151,7 +156,8 @@ def _check_fused(launch: str, steps_per_launch: bool, which=range(5), sizes=((1,
                 def select():
                     launched = []
                     with observe_launches(launched.append):
-                        picks = _selector(terms, seed, normalize).select(SelectionInput(feats, rel, None, cap), k)
+                        selector = _selector(terms, seed, normalize, *combine)
+                        picks = selector.select(SelectionInput(feats, rel, None, cap), k)
                     return picks, launched
 
                 (want, _), (got, launched) = _both(select)
@@ -161,7 +167,8 @@ def _check_fused(launch: str, steps_per_launch: bool, which=range(5), sizes=((1,
 
 def check_greedy_wide():
     """The wide steps (greedy.WIDE_STEP, several programs per sample) against the step loop: TOPS's terms, a single
-    nearest term, and coverage with a constant term unnormalised (the others combine the same pieces)."""
+    nearest term, coverage with a constant term unnormalised, and SCOPE's product (the others combine the same
+    pieces)."""
     from prunekit_plugins.selectors import _greedy_triton
 
     os.environ["PRUNEKIT_FUSED_SELECTION"] = "wide"
@@ -169,7 +176,7 @@ def check_greedy_wide():
     # two to three programs per sample at these sizes, and a few changed rows at a time
     _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS = 16, 4
     try:
-        _check_fused("greedy_wide_step", steps_per_launch=True, which=(0, 2, 3), sizes=((1, 45, 20), (3, 37, 12)))
+        _check_fused("greedy_wide_step", steps_per_launch=True, which=(0, 2, 3, 5), sizes=((1, 45, 20), (3, 37, 12)))
     finally:
         os.environ["PRUNEKIT_FUSED_SELECTION"] = "1"
         _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS = blocks

@@ -183,12 +183,13 @@ def compiles():
         pytest.skip("this Triton build has no CUDA backend")
 
 
-@pytest.mark.parametrize("block, kinds, grid", [
-    (64, (1, 3, 2, 0), True), (1024, (1, 3, 2, 0), True), (1024, (1, 3, 2, 0), False), (2048, (1, 3, 2, 0), True),
-    (4096, (1, 3, 2, 0), True), (1024, (2, 0, 0, 0), False), (512, (3, 1, 1, 2), False),
+@pytest.mark.parametrize("block, kinds, grid, product", [
+    (64, (1, 3, 2, 0), True, False), (1024, (1, 3, 2, 0), True, False), (1024, (1, 3, 2, 0), False, False),
+    (2048, (1, 3, 2, 0), True, False), (4096, (1, 3, 2, 0), True, False), (1024, (2, 0, 0, 0), False, False),
+    (512, (3, 1, 1, 2), False, False), (1024, (3, 1, 0, 0), True, True),
 ])
 def test_the_whole_selection_kernel_compiles_for_a_gpu_exactly_and_holds_its_state_in_registers(
-        compiles, block, kinds, grid):
+        compiles, block, kinds, grid, product):
     """The float64 operations stay unfused (no fma.rn.f64: the reference rounds every product and sum), and up to
     2,048 tokens the state fits the registers (no spill) with the warps ``run`` launches."""
     from prunekit_plugins.selectors import _greedy_triton as g
@@ -200,7 +201,8 @@ def test_the_whole_selection_kernel_compiles_for_a_gpu_exactly_and_holds_its_sta
     signature = {**{k: signature[k] for k in _POINTERS[:7]}, "scale": "fp32",
                  **{k: signature[k] for k in _POINTERS[7:]}, "start": "i32", "B": "i32", "N": "i32", "K": "i32"}
     near, cov = 2 in kinds, 3 in kinds
-    constexprs = {"K0": kinds[0], "K1": kinds[1], "K2": kinds[2], "K3": kinds[3], "MINMAX": True, "NEAR": near,
+    constexprs = {"K0": kinds[0], "K1": kinds[1], "K2": kinds[2], "K3": kinds[3], "MINMAX": True, "PRODUCT": product,
+                  "NEAR": near,
                   "COV": cov, "GRID": grid, "OUT": 1 << 62, "BLOCK": block, "BU": g.run_rows(block)}
     ptx, spilled = _compile_sm90(g._run_kernel, signature, constexprs, g.run_warps(block))
     assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
@@ -215,7 +217,7 @@ def test_the_step_kernels_compile_for_a_gpu_exactly(compiles):
     ptx, _ = _compile_sm90(
         g._pick_kernel, {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "picks_ptr": "*i64",
                          "score_ptr": "*fp64", "step": "i32", "B": "i32", "N": "i32", "K": "i32"},
-        {"T": 3, "MINMAX": True, "BLOCK": 1024}, 4)
+        {"T": 3, "MINMAX": True, "PRODUCT": False, "BLOCK": 1024}, 4)
     assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
     _compile_sm90(c._prepare_kernel, {"src_ptr": "*fp32", "scale": "fp32", "picked_ptr": "*i64", "picked_stride": "i32",
                                       "best_ptr": "*i64", "chosen_ptr": "*u8", "index_ptr": "*i64", "old_ptr": "*i64",
@@ -246,7 +248,7 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
         {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "near_ptr": "*fp32", "scale": "fp32",
          "cgain_ptr": "*i64", "count_ptr": "*i32", "part_ptr": "*fp64", "top_ptr": "*fp64", "at_ptr": "*i32",
          "B": "i32", "N": "i32", "P": "i32"},
-        {**kinds, "PB": 128, "BI": g.WIDE_COLS}, 4)
+        {**kinds, "PRODUCT": False, "PB": 128, "BI": g.WIDE_COLS}, 4)
     assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
     assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
     ptx, spilled = _compile_sm90(

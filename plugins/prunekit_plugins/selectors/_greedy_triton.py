@@ -19,6 +19,26 @@ import triton.language as tl
 
 from prunekit_plugins._triton_ops import finite, nanmax, nanmin, round_half_even
 
+@triton.jit
+def _weighted(w, x, PRODUCT: tl.constexpr):
+    """A term's part of the score: ``w·x`` (sum), or ``max(x, 0)^w`` for ``w`` 0 or 1 (product: what torch's
+    ``pow`` gives there, 1 at 0 and the clamped value itself at 1; other exponents take the reference)."""
+    if PRODUCT:
+        out = tl.where(w == 0, 1.0, tl.where(x < 0, 0.0, x))  # x < 0 is False for NaN and -0.0, as clamp_min
+    else:
+        out = w * x
+    return out
+
+
+@triton.jit
+def _combined(total, part, PRODUCT: tl.constexpr):
+    if PRODUCT:
+        out = total * part
+    else:
+        out = total + part
+    return out
+
+
 #: tokens per chunk of ``pick`` (the tests shrink it to run every loop several times)
 BLOCK = 4096
 #: elements of the changed-rows tile ``run`` adds up at once (rows x tokens; the tests shrink it)
@@ -27,7 +47,7 @@ RUN_TILE = 8192
 
 @triton.jit
 def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step, B, N, K,
-                 T: tl.constexpr, MINMAX: tl.constexpr, BLOCK: tl.constexpr):
+                 T: tl.constexpr, MINMAX: tl.constexpr, PRODUCT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     pen_row = penalty_ptr + b * N
@@ -59,11 +79,11 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
                 g = tl.where(span > 0, (x - lo) / span, 0.0)
             else:
                 g = x
-            part = w * g
+            part = _weighted(w, g, PRODUCT)
             if t == 0:
                 total = part
             else:
-                total = tl.load(score_row + i, mask=m, other=0.0) + part
+                total = _combined(tl.load(score_row + i, mask=m, other=0.0), part, PRODUCT)
             tl.store(score_row + i, total, mask=m)
     # the best candidate: scores made finite, minus the penalty
     best = tl.full([], float("-inf"), tl.float64)
@@ -82,18 +102,31 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
     tl.store(picks_ptr + b * K + step, best_i.to(tl.int64))
 
 
+def covers(weights, normalize: str, combine: str) -> bool:
+    """Whether these kernels compute a greedy score of this form exactly (see ``_weighted``)."""
+    return normalize in ("minmax", "none") and (combine == "sum" or
+                                               (combine == "product" and all(w in (0.0, 1.0) for w in weights)))
+
+
+def check(weights, normalize: str, combine: str) -> None:
+    if not covers(weights, normalize, combine):
+        raise ValueError(f"the Triton greedy kernels cover normalize 'minmax' or 'none' with combine 'sum', or "
+                         f"'product' with weights 0 or 1; got normalize={normalize!r}, combine={combine!r}, "
+                         f"weights={tuple(weights)!r}")
+
+
 def pick(gains, weights, weight_tensor, penalty, picks, step, normalize, combine):
-    """Same arguments and result as ``greedy._pick_reference`` (``normalize`` "minmax"/"none", ``combine`` "sum")."""
-    if combine != "sum" or normalize not in ("minmax", "none"):
-        raise ValueError(f"the Triton greedy pick covers combine='sum' with normalize 'minmax' or 'none', "
-                         f"got combine={combine!r}, normalize={normalize!r}")
+    """Same arguments and result as ``greedy._pick_reference`` (``normalize`` "minmax"/"none"; ``combine`` "sum",
+    or "product" with every weight 0 or 1)."""
+    check(weights, normalize, combine)
     T, B, N = gains.shape
     K = picks.shape[1]
     assert gains.is_contiguous() and penalty.is_contiguous() and picks.is_contiguous()
     score = torch.empty(B, N, dtype=torch.float64, device=gains.device)
     block = min(BLOCK, triton.next_power_of_2(N))
     _pick_kernel[(B,)](gains, weight_tensor, penalty, picks, score, step, B, N, K, T=T,
-                       MINMAX=normalize == "minmax", BLOCK=block, num_warps=4 if block <= 1024 else 8,
+                       MINMAX=normalize == "minmax", PRODUCT=combine == "product", BLOCK=block,
+                       num_warps=4 if block <= 1024 else 8,
                        enable_fp_fusion=False)
     return picks[:, step]
 
@@ -146,7 +179,8 @@ def _term(KIND: tl.constexpr, constant, near, gain, scale, pen, m, MINMAX: tl.co
 def _run_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_ptr, grid_ptr, scale, cbest_ptr,
                 chosen_ptr, cgain_ptr, index_ptr, old_ptr, new_ptr, start, B, N, K,
                 K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                MINMAX: tl.constexpr, NEAR: tl.constexpr, COV: tl.constexpr, GRID: tl.constexpr, OUT: tl.constexpr,
+                MINMAX: tl.constexpr, PRODUCT: tl.constexpr, NEAR: tl.constexpr, COV: tl.constexpr,
+                GRID: tl.constexpr, OUT: tl.constexpr,
                 BLOCK: tl.constexpr, BU: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK)
@@ -175,14 +209,14 @@ def _run_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_pt
         cgain = tl.zeros([BLOCK], tl.int64)
         chosen = j < 0
     for step in range(start, K):
-        # pick: Σ w·N(g), term by term in order; the best candidate, lowest index on ties
-        total = w0 * _term(K0, c0, near, cgain, scale, pen, m, MINMAX)
+        # pick: Σ w·N(g) (or Π max(N(g), 0)^w), term by term in order; the best candidate, lowest index on ties
+        total = _weighted(w0, _term(K0, c0, near, cgain, scale, pen, m, MINMAX), PRODUCT)
         if K1 != 0:
-            total = total + w1 * _term(K1, c1, near, cgain, scale, pen, m, MINMAX)
+            total = _combined(total, _weighted(w1, _term(K1, c1, near, cgain, scale, pen, m, MINMAX), PRODUCT), PRODUCT)
         if K2 != 0:
-            total = total + w2 * _term(K2, c2, near, cgain, scale, pen, m, MINMAX)
+            total = _combined(total, _weighted(w2, _term(K2, c2, near, cgain, scale, pen, m, MINMAX), PRODUCT), PRODUCT)
         if K3 != 0:
-            total = total + w3 * _term(K3, c3, near, cgain, scale, pen, m, MINMAX)
+            total = _combined(total, _weighted(w3, _term(K3, c3, near, cgain, scale, pen, m, MINMAX), PRODUCT), PRODUCT)
         s = tl.where(m, finite(total) - pen, float("-inf"))
         top = tl.max(s, 0)
         p = tl.min(tl.where(s == top, j, N), 0)
@@ -236,8 +270,9 @@ def _run_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_pt
         tl.store(chosen_ptr + base + j, chosen.to(tl.uint8), mask=m)
 
 
-def run(gains, weights, weight_tensor, penalty, picks, start, normalize, terms, runs):
+def run(gains, weights, weight_tensor, penalty, picks, start, normalize, combine, terms, runs):
     """Same arguments and effect as ``greedy._run_reference`` (which also takes ``runs``; this reads ``terms``)."""
+    check(weights, normalize, combine)
     T, B, N = gains.shape
     K = picks.shape[1]
     kinds = [_KINDS[t.kind] for t in terms] + [0] * (_SLOTS - len(terms))
@@ -256,7 +291,8 @@ def run(gains, weights, weight_tensor, penalty, picks, start, normalize, terms, 
         gains, weight_tensor, penalty, picks, sim, near.best if near else dummy, grid,
         cov.scale if cov else 1.0, cov.best if cov else dummy, cov.chosen.view(torch.uint8) if cov else dummy,
         cov.gain if cov else dummy, scratch[0], scratch[1], scratch[2], start, B, N, K,
-        K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3], MINMAX=normalize == "minmax", NEAR=near is not None,
+        K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3], MINMAX=normalize == "minmax",
+        PRODUCT=combine == "product", NEAR=near is not None,
         COV=cov is not None, GRID=cov is not None and cov.grid is not None, OUT=cov.out if cov else 0,
         BLOCK=block, BU=run_rows(block), num_warps=run_warps(block), enable_fp_fusion=False)
 
@@ -353,8 +389,9 @@ def _wide_gains_kernel(gains_ptr, penalty_ptr, sim_ptr, near_ptr, grid_ptr, scal
 
 @triton.jit
 def _wide_part(KIND: tl.constexpr, gains_ptr, weights_ptr, t: tl.constexpr, B, b, N, cols, cm, near_ptr, cgain,
-               scale, pen, part_ptr, P, PB: tl.constexpr, MINMAX: tl.constexpr):
-    """``w_t · N(g_t)`` at this program's tokens, the span reduced from every program's part."""
+               scale, pen, part_ptr, P, PB: tl.constexpr, MINMAX: tl.constexpr, PRODUCT: tl.constexpr):
+    """Term ``t``'s part of the score at this program's tokens (``_weighted``), the span reduced from every
+    program's part."""
     x = _current(KIND, gains_ptr, t, B, b, N, cols, cm, near_ptr, cgain, scale)
     if MINMAX:
         qs = tl.arange(0, PB)
@@ -363,15 +400,15 @@ def _wide_part(KIND: tl.constexpr, gains_ptr, weights_ptr, t: tl.constexpr, B, b
         hi = tl.reduce(tl.load(part_ptr + ((b * 4 + t) * 2 + 1) * P + qs, mask=qm, other=float("-inf")), 0, nanmax)
         span = hi - lo
         x = tl.where(span > 0, (x - lo) / span, 0.0)
-    return tl.load(weights_ptr + t) * x
+    return _weighted(tl.load(weights_ptr + t), x, PRODUCT)
 
 
 @triton.jit
 def _wide_score_kernel(gains_ptr, weights_ptr, penalty_ptr, near_ptr, scale, cgain_ptr, count_ptr, part_ptr,
                        top_ptr, at_ptr, B, N, P,
                        K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                       MINMAX: tl.constexpr, PB: tl.constexpr, BI: tl.constexpr):
-    """The score Σ w·N(g) at this program's tokens, term by term in order, and its best candidate (lowest index)."""
+                       MINMAX: tl.constexpr, PRODUCT: tl.constexpr, PB: tl.constexpr, BI: tl.constexpr):
+    """The score at this program's tokens, term by term in order, and its best candidate (lowest index)."""
     b = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1)
     cols = q * BI + tl.arange(0, BI)
@@ -380,16 +417,16 @@ def _wide_score_kernel(gains_ptr, weights_ptr, penalty_ptr, near_ptr, scale, cga
     pen = tl.load(penalty_ptr + base + cols, mask=cm, other=0.0)
     cgain = tl.load(cgain_ptr + base + cols, mask=cm, other=0)
     total = _wide_part(K0, gains_ptr, weights_ptr, 0, B, b, N, cols, cm, near_ptr, cgain, scale, pen, part_ptr, P,
-                       PB, MINMAX)
+                       PB, MINMAX, PRODUCT)
     if K1 != 0:
-        total = total + _wide_part(K1, gains_ptr, weights_ptr, 1, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
-                                   part_ptr, P, PB, MINMAX)
+        total = _combined(total, _wide_part(K1, gains_ptr, weights_ptr, 1, B, b, N, cols, cm, near_ptr, cgain, scale,
+                                            pen, part_ptr, P, PB, MINMAX, PRODUCT), PRODUCT)
     if K2 != 0:
-        total = total + _wide_part(K2, gains_ptr, weights_ptr, 2, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
-                                   part_ptr, P, PB, MINMAX)
+        total = _combined(total, _wide_part(K2, gains_ptr, weights_ptr, 2, B, b, N, cols, cm, near_ptr, cgain, scale,
+                                            pen, part_ptr, P, PB, MINMAX, PRODUCT), PRODUCT)
     if K3 != 0:
-        total = total + _wide_part(K3, gains_ptr, weights_ptr, 3, B, b, N, cols, cm, near_ptr, cgain, scale, pen,
-                                   part_ptr, P, PB, MINMAX)
+        total = _combined(total, _wide_part(K3, gains_ptr, weights_ptr, 3, B, b, N, cols, cm, near_ptr, cgain, scale,
+                                            pen, part_ptr, P, PB, MINMAX, PRODUCT), PRODUCT)
     s = tl.where(cm, finite(total) - pen, float("-inf"))
     top = tl.max(s, 0)
     tl.store(top_ptr + b * P + q, top)
@@ -459,13 +496,14 @@ class _Wide:
         self.sim = next(t.similarity for t in terms if t.similarity is not None)
 
 
-def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normalize, terms, runs, work):
+def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normalize, combine, terms, runs, work):
     """Same arguments and effect as ``greedy._wide_step_reference``; returns the buffers for the next step."""
     T, B, N = gains.shape
     K = picks.shape[1]
     if work is None:
         if len(terms) > _SLOTS:
             raise ValueError(f"wide_step covers up to {_SLOTS} terms; got {len(terms)}")
+        check(weights, normalize, combine)
         work = _Wide(terms, B, N, gains.device)
     w = work
     near, cov, dummy = w.near, w.cov, penalty
@@ -483,7 +521,7 @@ def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normal
         _wide_gains_kernel[(B, w.P)](*gains_args, COV=cov is not None, DELTA=False, GRID=has_grid, BU=WIDE_ROWS,
                                      BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
     _wide_score_kernel[(B, w.P)](gains, weight_tensor, penalty, near_best, scale, cgain, w.count, w.part, w.top, w.at,
-                                 B, N, w.P, PB=pb, BI=WIDE_COLS, **common)
+                                 B, N, w.P, PRODUCT=combine == "product", PB=pb, BI=WIDE_COLS, **common)
     last = step + 1 >= K
     _wide_pick_kernel[(B, w.P)](penalty, picks, step, w.sim, near_best, grid, scale, cov.best if cov else dummy,
                                 cov.chosen.view(torch.uint8) if cov else dummy, *w.lists, w.count, w.top, w.at,

@@ -75,25 +75,25 @@ def _pick_triton():
 
 
 def _run_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor, start: int,
-                   normalize: Normalize, terms: list[FusedTerm], runs: list[ScorerRun]) -> None:
+                   normalize: Normalize, combine: str, terms: list[FusedTerm], runs: list[ScorerRun]) -> None:
     k = picks.shape[1]
     for step in range(start, k):
         if step > start:
             for t, run in enumerate(runs):
                 run.gains_into(gains[t])
-        picked = PICK(gains.device, gains, weights, weight_tensor, penalty, picks, step, normalize, "sum")
+        picked = PICK(gains.device, gains, weights, weight_tensor, penalty, picks, step, normalize, combine)
         if step + 1 < k:
             for run in runs:
                 run.update(picked)
 
 
 def _wide_step_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor,
-                         step: int, start: int, normalize: Normalize, terms: list[FusedTerm], runs: list[ScorerRun],
-                         work: object) -> object:
+                         step: int, start: int, normalize: Normalize, combine: str, terms: list[FusedTerm],
+                         runs: list[ScorerRun], work: object) -> object:
     if step > start:
         for t, run in enumerate(runs):
             run.gains_into(gains[t])
-    picked = PICK(gains.device, gains, weights, weight_tensor, penalty, picks, step, normalize, "sum")
+    picked = PICK(gains.device, gains, weights, weight_tensor, penalty, picks, step, normalize, combine)
     if step + 1 < picks.shape[1]:
         for run in runs:
             run.update(picked)
@@ -113,7 +113,8 @@ def _run_triton():
 
 
 #: one greedy step after the gains are known: score every candidate, take the best, mark it chosen
-#: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum".
+#: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum", or
+#: "product" with weights 0 or 1 (no ``pow``: a GPU's need not round as a CPU's).
 PICK = Kernel("greedy_pick", _pick_reference, _pick_triton)
 #: the rest of a selection from step ``start`` on (the gains of that step in the buffer), every pick and every
 #: update: one launch where every term has a fused form (``ScorerRun.fused``) and N <= RUN_MAX_TOKENS. The
@@ -219,7 +220,9 @@ class GreedySelector(Selector):
             weight_tensor[t].fill_(float(w))
         penalty = torch.zeros(B, N, dtype=torch.float64, device=device)  # +inf at chosen tokens
         picks = torch.empty(B, k, dtype=torch.long, device=device)
-        fused = self.normalize in ("minmax", "none") and self.combine == "sum"
+        # the Triton kernels' forms of the score (see _greedy_triton.covers; imports nothing)
+        fused = self.normalize in ("minmax", "none") and (
+            self.combine == "sum" or all(w in (0.0, 1.0) for w in weights))
         for step in range(k):
             if step == 0 and self.seed is not None:
                 picked = _best_candidate(self.seed.start(inputs).gains(), penalty)
@@ -232,13 +235,14 @@ class GreedySelector(Selector):
                 mode = self._fused_mode(N, device) if step == 1 and fused else None
                 terms = self._fused_terms(runs) if mode else None
                 if terms is not None and mode == "run":  # the remaining steps in one kernel
-                    RUN(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, terms, runs)
+                    RUN(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, self.combine,
+                        terms, runs)
                     break
                 if terms is not None:  # the remaining steps, each spread over the GPU
                     work = None
                     for later in range(step, k):
                         work = WIDE_STEP(device, gains, weights, weight_tensor, penalty, picks, later, step,
-                                         self.normalize, terms, runs, work)
+                                         self.normalize, self.combine, terms, runs, work)
                     break
                 picked = PICK(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, self.combine,
                               triton=fused)
