@@ -93,7 +93,7 @@ def exactness(device, cases, dim, cpu_up_to=2880 * 1024):
             else:
                 want = _select(method, feats, rel, k, reference=True).cpu()
             # the default path, and the wide steps forced where the default is one program per sample
-            for path in ("default", "wide") if n <= 4096 and method != "scope" else ("default",):
+            for path in ("default", "wide") if n <= 4096 else ("default",):
                 _fused(True if path == "default" else path)
                 got = _select(method, feats, rel, k).cpu()
                 _fused(True)
@@ -205,7 +205,7 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 run = lambda: _select(method, feats, rel, k, **cap)  # noqa: E731
                 times = {}
                 # the wide steps at sizes the one-program kernel takes: where the limit between them belongs
-                modes = (True, False, "wide") if n <= 4096 and method != "scope" else (True, False)
+                modes = (True, False, "wide") if n <= 4096 else (True, False)
                 for fused in modes:
                     _fused(fused)
                     _graphs(False)
