@@ -152,17 +152,20 @@ def _check_fused(launch: str, steps_per_launch: bool, which=range(7), sizes=((1,
             rel = torch.rand(B, N, generator=g)
             if trial == 1:
                 rel[0, 2], rel[-1, 3], rel[-1, 4] = float("nan"), float("inf"), float("-inf")
-            for cap in (1 << 30, B * N * N * 4):  # the int64 grid held, or the float matrix put on the grid as read
+            # the int64 grid held, or the float matrix put on the grid as read; float64 features for TOPS's terms
+            runs = [(1 << 30, torch.float32), (B * N * N * 4, torch.float32)]
+            runs += [(1 << 30, torch.float64), (B * N * N * 8, torch.float64)] if trial == 0 else []
+            for cap, dtype in runs:
                 def select():
                     launched = []
                     with observe_launches(launched.append):
                         selector = _selector(terms, seed, normalize, *combine)
-                        picks = selector.select(SelectionInput(feats, rel, None, cap), k)
+                        picks = selector.select(SelectionInput(feats.to(dtype), rel.to(dtype), None, cap), k)
                     return picks, launched
 
                 (want, _), (got, launched) = _both(select)
                 assert launched.count(launch) == (k - 1 if steps_per_launch else 1), launched
-                _assert_equal((want,), (got,), f"{terms} seed={seed} {normalize} B={B} N={N} k={k} cap={cap}")
+                _assert_equal((want,), (got,), f"{terms} seed={seed} {normalize} B={B} N={N} k={k} cap={cap} {dtype}")
 
 
 def check_greedy_wide():
@@ -186,8 +189,14 @@ def check_greedy_run():
     """The whole-selection kernel (greedy.RUN) against the step loop: every term kind and order, seeded or not,
     minmax and none, held grid and float similarity, exact duplicates, NaN and ±inf relevance, one and several
     rows; and it is the kernel that ran."""
-    _check_fused("greedy_run", steps_per_launch=False)
+    if SMALL:  # the tiles of changed rows are what the small blocks change: TOPS's and SCOPE's terms suffice
+        _check_fused("greedy_run", steps_per_launch=False, which=(0, 5), sizes=((1, 45, 20), (3, 37, 12)))
+    else:
+        _check_fused("greedy_run", steps_per_launch=False)
 
+
+#: set while the checks run again with small blocks
+SMALL = False
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
@@ -198,6 +207,8 @@ def _small_blocks():
 
     _greedy_triton.BLOCK = 4
     _greedy_triton.RUN_TILE = 64  # two to four changed rows at a time
+    global SMALL
+    SMALL = True
     _coverage_triton.PREPARE_BLOCK, _coverage_triton.DELTA_ROWS, _coverage_triton.DELTA_COLS = 8, 2, 4
 
 
