@@ -260,3 +260,41 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
         {"NEAR": True, "COV": True, "GRID": grid, "OUT": 1 << 62, "PB": 128, "BI": g.WIDE_COLS}, 4)
     assert "atom" in ptx
     assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
+
+
+def _memory_ops(ptx: str) -> list[str]:
+    """The PTX's global loads, global stores and barriers in order: "ld", "st", "bar"."""
+    import re
+
+    found = (re.search(r"\b(ld\.global|st\.global|bar\.sync)", line) for line in ptx.splitlines())
+    return [m.group(1).split(".")[0] for m in found if m]
+
+
+def test_a_value_several_threads_hold_is_read_by_all_of_them_before_it_is_rewritten(compiles):
+    """Below the program's thread count (N <= 64 with 4 warps: TOPS's last in-LLM stage keeps 16 of 64) each token
+    belongs to several threads; a kernel that reads a token's value and writes it back must put a barrier between
+    the reads and the write, or one thread may read what another already rewrote. The interpreter cannot show
+    this (it has no threads); the compiled code can: the write right after a barrier."""
+    from prunekit_plugins.scorers import _coverage_triton as c
+    from prunekit_plugins.selectors import _greedy_triton as g
+
+    ptx, _ = _compile_sm90(g._pick_kernel, {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64",
+                                            "picks_ptr": "*i64", "score_ptr": "*fp64", "step": "i32", "B": "i32",
+                                            "N": "i32", "K": "i32"},
+                           {"T": 2, "MINMAX": False, "PRODUCT": False, "BLOCK": 64}, 4)
+    ops = _memory_ops(ptx)
+    stores = [i for i, op in enumerate(ops) if op == "st"]
+    assert ops[stores[1] - 1] == "bar", ops  # the second term's score: read, then rewritten
+    for kernel, signature, constexprs, warps in (
+        (c._delta_kernel, {"src_ptr": "*i64", "scale": "fp32", "index_ptr": "*i64", "old_ptr": "*i64",
+                           "new_ptr": "*i64", "count_ptr": "*i64", "gain_ptr": "*i64", "out_ptr": "*fp64", "N": "i32"},
+         {"FLOAT": False, "WRITE_OUT": False, "BU": 16, "BI": 64}, 4),
+        (g._wide_gains_kernel, {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "sim_ptr": "*fp32", "near_ptr": "*fp32",
+                                "grid_ptr": "*i64", "scale": "fp32", "cgain_ptr": "*i64", "index_ptr": "*i64",
+                                "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32", "part_ptr": "*fp64",
+                                "B": "i32", "N": "i32", "P": "i32"},
+         {"K0": 3, "K1": 0, "K2": 0, "K3": 0, "MINMAX": False, "COV": True, "DELTA": True, "GRID": True,
+          "BU": g.WIDE_ROWS, "BI": g.WIDE_COLS}, g.WIDE_GAINS_WARPS),
+    ):
+        ops = _memory_ops(_compile_sm90(kernel, signature, constexprs, warps)[0])
+        assert ops[ops.index("st") - 1] == "bar", (kernel, ops)  # the gains: read, then rewritten

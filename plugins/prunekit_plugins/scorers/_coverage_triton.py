@@ -41,6 +41,9 @@ def _prepare_kernel(src_ptr, scale, picked_ptr, picked_stride, best_ptr, chosen_
         grown = tl.maximum(best, col)
         flag = changed.to(tl.int32)
         pos = total + tl.cumsum(flag, 0) - 1
+        # every thread holding token j (several, when the chunk is smaller than the program's threads) has read its
+        # old best before any writes the new one
+        tl.debug_barrier()
         tl.store(index_ptr + base + pos, j.to(tl.int64), mask=changed)
         tl.store(old_ptr + base + pos, best, mask=changed)
         tl.store(new_ptr + base + pos, tl.where(j == p, OUT, grown), mask=changed)
@@ -71,6 +74,7 @@ def _delta_kernel(src_ptr, scale, index_ptr, old_ptr, new_ptr, count_ptr, gain_p
         term = tl.minimum(tl.maximum(x, old[:, None]), new[:, None]) - old[:, None]
         acc += tl.sum(tl.where(um[:, None], term, 0), 0)
     gain = tl.load(gain_ptr + base + cols, mask=cm, other=0) - acc
+    tl.debug_barrier()  # every thread holding a column (several, below the program's threads) has read it first
     tl.store(gain_ptr + base + cols, gain, mask=cm)
     if WRITE_OUT:
         tl.store(out_ptr + base + cols, gain.to(tl.float64) / scale, mask=cm)

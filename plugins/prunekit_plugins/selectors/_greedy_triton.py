@@ -84,6 +84,9 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
                 total = part
             else:
                 total = _combined(tl.load(score_row + i, mask=m, other=0.0), part, PRODUCT)
+                # A chunk smaller than the program's threads gives each token to several threads: all of them read
+                # the running score before any writes the new one (else one would add its part twice).
+                tl.debug_barrier()
             tl.store(score_row + i, total, mask=m)
     # the best candidate: scores made finite, minus the penalty
     best = tl.full([], float("-inf"), tl.float64)
@@ -378,6 +381,7 @@ def _wide_gains_kernel(gains_ptr, penalty_ptr, sim_ptr, near_ptr, grid_ptr, scal
             term = tl.minimum(tl.maximum(x, lo[:, None]), hi[:, None]) - lo[:, None]
             acc += tl.sum(tl.where(um[:, None], term, 0), 0)
         cgain = cgain - acc
+        tl.debug_barrier()  # every thread holding a token (several, below the program's threads) has read it first
         tl.store(cgain_ptr + base + cols, cgain, mask=cm)
     if MINMAX:
         pen = tl.load(penalty_ptr + base + cols, mask=cm, other=0.0)
@@ -460,14 +464,17 @@ def _wide_pick_kernel(penalty_ptr, picks_ptr, step, sim_ptr, near_ptr, grid_ptr,
         f = tl.load(sim_ptr + (base + p) * N + cols, mask=cm, other=0.0)
         if NEAR:
             near = tl.load(near_ptr + base + cols, mask=cm, other=0.0)
+        if COV:
+            cbest = tl.load(cbest_ptr + base + cols, mask=cm, other=0)
+            chosen = tl.load(chosen_ptr + base + cols, mask=cm, other=1) != 0
+        tl.debug_barrier()  # every thread holding a token (several, below the program's threads) has read it first
+        if NEAR:
             tl.store(near_ptr + base + cols, nanmax(near, f), mask=cm)
         if COV:
             if GRID:
                 col = tl.load(grid_ptr + (base + p) * N + cols, mask=cm, other=0)
             else:
                 col = round_half_even(f * scale).to(tl.int64)
-            cbest = tl.load(cbest_ptr + base + cols, mask=cm, other=0)
-            chosen = tl.load(chosen_ptr + base + cols, mask=cm, other=1) != 0
             changed = (((col > cbest) & (chosen == 0)) | (cols == p)) & cm
             grown = tl.maximum(cbest, col)
             flag = changed.to(tl.int32)
@@ -526,7 +533,7 @@ def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normal
     _wide_pick_kernel[(B, w.P)](penalty, picks, step, w.sim, near_best, grid, scale, cov.best if cov else dummy,
                                 cov.chosen.view(torch.uint8) if cov else dummy, *w.lists, w.count, w.top, w.at,
                                 0 if last else 1, B, N, K, w.P, NEAR=near is not None, COV=cov is not None,
-                                GRID=has_grid, OUT=cov.out if cov else 0, PB=pb, BI=WIDE_COLS)
+                                GRID=has_grid, OUT=cov.out if cov else 0, PB=pb, BI=WIDE_COLS, enable_fp_fusion=False)
     if not last:
         _wide_gains_kernel[(B, w.P)](*gains_args, COV=cov is not None, DELTA=cov is not None, GRID=has_grid,
                                      BU=WIDE_ROWS, BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
