@@ -298,3 +298,20 @@ def test_a_value_several_threads_hold_is_read_by_all_of_them_before_it_is_rewrit
     ):
         ops = _memory_ops(_compile_sm90(kernel, signature, constexprs, warps)[0])
         assert ops[ops.index("st") - 1] == "bar", (kernel, ops)  # the gains: read, then rewritten
+
+
+def test_a_recorded_selection_is_keyed_by_the_fused_path_setting(monkeypatch):
+    """A graph recorded with the step loop must not replay when the fused kernels are asked for (or back)."""
+    import prunekit
+    from prunekit.plugin import SelectionInput
+    from prunekit_plugins.selectors import greedy
+
+    monkeypatch.setattr(greedy.Kernel, "uses_triton", lambda self, device: True)
+    monkeypatch.setattr(greedy.GRAPHS, "enabled", lambda device, nbytes: True)
+    selector = prunekit.plugin.registry.get("methods", "tops").SelectionConfig().selector()
+    inputs = SelectionInput(torch.randn(1, 20, 8), torch.rand(1, 20))
+    keys = set()
+    for setting in ("1", "0", "wide"):
+        monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", setting)
+        keys.add(selector._graph_key(inputs, 5))
+    assert None not in keys and len(keys) == 3

@@ -195,8 +195,11 @@ class GreedySelector(Selector):
                 return None
             parts.append((type(scorer), tuple(sorted(vars(scorer).items())), weight))
         shape = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
+        # the fused-path setting too: a graph recorded on one path must not replay for another (same indices,
+        # different work)
+        path = os.environ.get("PRUNEKIT_FUSED_SELECTION", "1").strip().lower()
         key = (tuple(parts), self.combine, self.normalize, inputs.max_similarity_bytes, k, shape(f), f.device,
-               shape(inputs.relevance), shape(inputs.query))
+               shape(inputs.relevance), shape(inputs.query), path)
         try:
             hash(key)
         except TypeError:  # a scorer attribute that is not a plain value
