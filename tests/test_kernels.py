@@ -169,10 +169,6 @@ def _compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int) -> tupl
     return kernel.asm["ptx"], int(report.split(" bytes spill stores")[0].rsplit(None, 1)[-1])
 
 
-_POINTERS = ("gains_ptr", "weights_ptr", "penalty_ptr", "picks_ptr", "sim_ptr", "near_ptr", "grid_ptr", "cbest_ptr",
-             "chosen_ptr", "cgain_ptr", "index_ptr", "old_ptr", "new_ptr")
-
-
 @pytest.fixture(scope="module")
 def compiles():
     if not triton_available():
@@ -194,16 +190,13 @@ def test_the_whole_selection_kernel_compiles_for_a_gpu_exactly_and_holds_its_sta
     2,048 tokens the state fits the registers (no spill) with the warps ``run`` launches."""
     from prunekit_plugins.selectors import _greedy_triton as g
 
-    types = {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "picks_ptr": "*i64",
-             "sim_ptr": "*fp32", "near_ptr": "*fp32", "grid_ptr": "*i64" if grid else "*fp32", "cbest_ptr": "*i64",
-             "chosen_ptr": "*u8", "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64"}
-    signature = {name: types[name] for name in _POINTERS}
-    signature = {**{k: signature[k] for k in _POINTERS[:7]}, "scale": "fp32",
-                 **{k: signature[k] for k in _POINTERS[7:]}, "start": "i32", "B": "i32", "N": "i32", "K": "i32"}
-    near, cov = 2 in kinds, 3 in kinds
+    signature = {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "picks_ptr": "*i64",
+                 "sim_ptr": "*fp32", "near_ptr": "*fp32", "grid_ptr": "*i64" if grid else "*fp32", "scale": "fp32",
+                 "cbest_ptr": "*i64", "chosen_ptr": "*u8", "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64",
+                 "new_ptr": "*i64", "start": "i32", "B": "i32", "N": "i32", "K": "i32"}
     constexprs = {"K0": kinds[0], "K1": kinds[1], "K2": kinds[2], "K3": kinds[3], "MINMAX": True, "PRODUCT": product,
-                  "NEAR": near,
-                  "COV": cov, "GRID": grid, "OUT": 1 << 62, "BLOCK": block, "BU": g.run_rows(block)}
+                  "NEAR": 2 in kinds, "COV": 3 in kinds, "GRID": grid, "OUT": 1 << 62, "BLOCK": block,
+                  "BU": g.run_rows(block)}
     ptx, spilled = _compile_sm90(g._run_kernel, signature, constexprs, g.run_warps(block))
     assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
     if block <= 2048:
@@ -222,11 +215,11 @@ def test_the_step_kernels_compile_for_a_gpu_exactly(compiles):
     _compile_sm90(c._prepare_kernel, {"src_ptr": "*fp32", "scale": "fp32", "picked_ptr": "*i64", "picked_stride": "i32",
                                       "best_ptr": "*i64", "chosen_ptr": "*u8", "index_ptr": "*i64", "old_ptr": "*i64",
                                       "new_ptr": "*i64", "count_ptr": "*i64", "N": "i32"},
-                  {"FLOAT": True, "OUT": 1 << 62, "BLOCK": 1024}, 4)
+                  {"GRID": False, "OUT": 1 << 62, "BLOCK": 1024}, 4)
     _compile_sm90(c._delta_kernel, {"src_ptr": "*i64", "scale": "fp32", "index_ptr": "*i64", "old_ptr": "*i64",
                                     "new_ptr": "*i64", "count_ptr": "*i64", "gain_ptr": "*i64", "out_ptr": "*fp64",
                                     "N": "i32"},
-                  {"FLOAT": False, "WRITE_OUT": True, "BU": 16, "BI": 128}, 4)
+                  {"GRID": True, "WRITE_OUT": True, "BU": 16, "BI": 128}, 4)
 
 
 @pytest.mark.parametrize("grid", [True, False])
@@ -237,7 +230,7 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
     kinds = {"K0": 1, "K1": 3, "K2": 2, "K3": 0, "MINMAX": True}
     ptx, spilled = _compile_sm90(
         g._wide_gains_kernel,
-        {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "sim_ptr": "*fp32", "near_ptr": "*fp32", "grid_ptr": src,
+        {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "near_ptr": "*fp32", "grid_ptr": src,
          "scale": "fp32", "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64",
          "count_ptr": "*i32", "part_ptr": "*fp64", "B": "i32", "N": "i32", "P": "i32"},
         {**kinds, "COV": True, "DELTA": True, "GRID": grid, "BU": g.WIDE_ROWS, "BI": g.WIDE_COLS}, g.WIDE_GAINS_WARPS)
@@ -288,8 +281,8 @@ def test_a_value_several_threads_hold_is_read_by_all_of_them_before_it_is_rewrit
     for kernel, signature, constexprs, warps in (
         (c._delta_kernel, {"src_ptr": "*i64", "scale": "fp32", "index_ptr": "*i64", "old_ptr": "*i64",
                            "new_ptr": "*i64", "count_ptr": "*i64", "gain_ptr": "*i64", "out_ptr": "*fp64", "N": "i32"},
-         {"FLOAT": False, "WRITE_OUT": False, "BU": 16, "BI": 64}, 4),
-        (g._wide_gains_kernel, {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "sim_ptr": "*fp32", "near_ptr": "*fp32",
+         {"GRID": True, "WRITE_OUT": False, "BU": 16, "BI": 64}, 4),
+        (g._wide_gains_kernel, {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "near_ptr": "*fp32",
                                 "grid_ptr": "*i64", "scale": "fp32", "cgain_ptr": "*i64", "index_ptr": "*i64",
                                 "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32", "part_ptr": "*fp64",
                                 "B": "i32", "N": "i32", "P": "i32"},

@@ -36,3 +36,26 @@ def finite(s):
     s = tl.where(s != s, -FLOAT64_MAX, s)
     s = tl.where(s == float("inf"), FLOAT64_MAX, s)
     return tl.where(s == float("-inf"), -FLOAT64_MAX, s)
+
+
+@triton.jit
+def listed_change(src_ptr, index_ptr, old_ptr, new_ptr, base, count, cols, cm, N, scale,
+                  GRID: tl.constexpr, BU: tl.constexpr, BI: tl.constexpr):
+    """Facility-location coverage's change at the tokens ``cols`` (``[BI]``, valid where ``cm``) from the ``count``
+    changed terms listed at ``base`` (row ``index_u``, its best similarity ``old_u`` before and ``new_u`` after):
+    ``Σ_u clamp(G[index_u, cols], old_u, new_u) − old_u``, exact in int64, ``BU`` rows at a time. ``G`` is the
+    int64 grid at ``src_ptr`` (``GRID``), or else the float similarity there, put on the grid of ``scale`` as it is
+    read."""
+    acc = tl.zeros([BI], dtype=tl.int64)
+    for u0 in range(0, count, BU):
+        u = u0 + tl.arange(0, BU)
+        um = u < count
+        r = tl.load(index_ptr + base + u, mask=um, other=0)
+        lo = tl.load(old_ptr + base + u, mask=um, other=0)
+        hi = tl.load(new_ptr + base + u, mask=um, other=0)
+        x = tl.load(src_ptr + (base + r)[:, None] * N + cols[None, :], mask=um[:, None] & cm[None, :], other=0)
+        if not GRID:
+            x = round_half_even(x * scale).to(tl.int64)
+        term = tl.minimum(tl.maximum(x, lo[:, None]), hi[:, None]) - lo[:, None]
+        acc += tl.sum(tl.where(um[:, None], term, 0), 0)
+    return acc

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prunekit_plugins._triton_ops import round_half_even
+from prunekit_plugins._triton_ops import listed_change, round_half_even
 
 #: tokens per chunk of ``prepare``, changed rows per iteration and columns per program of ``delta`` (the tests
 #: shrink them to run every loop several times)
@@ -21,7 +21,7 @@ PREPARE_BLOCK, DELTA_ROWS, DELTA_COLS = 4096, 16, 128
 
 @triton.jit
 def _prepare_kernel(src_ptr, scale, picked_ptr, picked_stride, best_ptr, chosen_ptr, index_ptr, old_ptr, new_ptr,
-                    count_ptr, N, FLOAT: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr):
+                    count_ptr, N, GRID: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     p = tl.load(picked_ptr + b * picked_stride)
     row = src_ptr + (b * N + p) * N  # F[b, p, :] = F[b, :, p]
@@ -31,10 +31,10 @@ def _prepare_kernel(src_ptr, scale, picked_ptr, picked_stride, best_ptr, chosen_
     for start in range(0, N, BLOCK):
         j = start + offs
         m = j < N
-        if FLOAT:
-            col = round_half_even(tl.load(row + j, mask=m, other=0.0) * scale).to(tl.int64)
-        else:
+        if GRID:
             col = tl.load(row + j, mask=m, other=0)
+        else:
+            col = round_half_even(tl.load(row + j, mask=m, other=0.0) * scale).to(tl.int64)
         best = tl.load(best_ptr + base + j, mask=m, other=0)
         chosen = tl.load(chosen_ptr + base + j, mask=m, other=1) != 0
         changed = (((col > best) & (chosen == 0)) | (j == p)) & m
@@ -55,24 +55,13 @@ def _prepare_kernel(src_ptr, scale, picked_ptr, picked_stride, best_ptr, chosen_
 
 @triton.jit
 def _delta_kernel(src_ptr, scale, index_ptr, old_ptr, new_ptr, count_ptr, gain_ptr, out_ptr, N,
-                  FLOAT: tl.constexpr, WRITE_OUT: tl.constexpr, BU: tl.constexpr, BI: tl.constexpr):
+                  GRID: tl.constexpr, WRITE_OUT: tl.constexpr, BU: tl.constexpr, BI: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
     cm = cols < N
-    count = tl.load(count_ptr + b)
     base = b * N
-    acc = tl.zeros([BI], dtype=tl.int64)
-    for u0 in range(0, count, BU):
-        u = u0 + tl.arange(0, BU)
-        um = u < count
-        j = tl.load(index_ptr + base + u, mask=um, other=0)
-        old = tl.load(old_ptr + base + u, mask=um, other=0)
-        new = tl.load(new_ptr + base + u, mask=um, other=0)
-        x = tl.load(src_ptr + (base + j)[:, None] * N + cols[None, :], mask=um[:, None] & cm[None, :], other=0)
-        if FLOAT:
-            x = round_half_even(x * scale).to(tl.int64)
-        term = tl.minimum(tl.maximum(x, old[:, None]), new[:, None]) - old[:, None]
-        acc += tl.sum(tl.where(um[:, None], term, 0), 0)
+    acc = listed_change(src_ptr, index_ptr, old_ptr, new_ptr, base, tl.load(count_ptr + b), cols, cm, N, scale,
+                        GRID, BU, BI)
     gain = tl.load(gain_ptr + base + cols, mask=cm, other=0) - acc
     tl.debug_barrier()  # every thread holding a column (several, below the program's threads) has read it first
     tl.store(gain_ptr + base + cols, gain, mask=cm)
@@ -97,7 +86,8 @@ def prepare(fixed, picked, best, chosen, index, old, new, count):
     assert src.is_contiguous() and best.is_contiguous() and chosen.is_contiguous()
     block = min(PREPARE_BLOCK, triton.next_power_of_2(N))
     _prepare_kernel[(B,)](src, fixed.scale, picked, picked.stride(0), best, chosen.view(torch.uint8), index, old,
-                          new, count, N, FLOAT=is_float, OUT=fixed.OUT, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+                          new, count, N, GRID=not is_float, OUT=fixed.OUT, BLOCK=block,
+                          num_warps=4 if block <= 1024 else 8)
 
 
 def delta(fixed, index, old, new, count, gain, out):
@@ -106,5 +96,5 @@ def delta(fixed, index, old, new, count, gain, out):
     B, N = gain.shape
     bi = min(DELTA_COLS, triton.next_power_of_2(N))
     _delta_kernel[(B, triton.cdiv(N, bi))](src, fixed.scale, index, old, new, count, gain,
-                                          gain if out is None else out, N, FLOAT=is_float,
+                                          gain if out is None else out, N, GRID=not is_float,
                                           WRITE_OUT=out is not None, BU=DELTA_ROWS, BI=bi)

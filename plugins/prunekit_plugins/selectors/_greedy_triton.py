@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prunekit_plugins._triton_ops import finite, nanmax, nanmin, round_half_even
+from prunekit_plugins._triton_ops import finite, listed_change, nanmax, nanmin, round_half_even
 
 @triton.jit
 def _weighted(w, x, PRODUCT: tl.constexpr):
@@ -246,22 +246,9 @@ def _run_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_pt
                 cbest = grown
                 chosen = chosen | (j == p)
                 tl.debug_barrier()
-                acc = tl.zeros([BLOCK], dtype=tl.int64)
-                for u0 in range(0, count, BU):
-                    u = u0 + tl.arange(0, BU)
-                    um = u < count
-                    r = tl.load(index_ptr + base + u, mask=um, other=0)
-                    lo = tl.load(old_ptr + base + u, mask=um, other=0)
-                    hi = tl.load(new_ptr + base + u, mask=um, other=0)
-                    tile = um[:, None] & m[None, :]
-                    if GRID:
-                        x = tl.load(grid_ptr + (base + r)[:, None] * N + j[None, :], mask=tile, other=0)
-                    else:
-                        x = tl.load(sim_ptr + (base + r)[:, None] * N + j[None, :], mask=tile, other=0.0)
-                        x = round_half_even(x * scale).to(tl.int64)
-                    term = tl.minimum(tl.maximum(x, lo[:, None]), hi[:, None]) - lo[:, None]
-                    acc += tl.sum(tl.where(um[:, None], term, 0), 0)
-                cgain = cgain - acc
+                # grid_ptr is the float similarity itself when no grid is held (GRID false)
+                cgain = cgain - listed_change(grid_ptr, index_ptr, old_ptr, new_ptr, base, count, j, m, N, scale,
+                                              GRID, BU, BLOCK)
                 tl.debug_barrier()  # the list is rewritten at the next step
     # the state back where the runs keep it
     tl.store(penalty_ptr + base + j, pen, mask=m)
@@ -273,31 +260,46 @@ def _run_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_pt
         tl.store(chosen_ptr + base + j, chosen.to(tl.uint8), mask=m)
 
 
+class _Terms:
+    """The fused terms as the kernels take them: a kind per slot, and each term's state tensors (``dummy``, a
+    pointer never read, where the kind is absent). ``grid`` is the held int64 grid, or else the float similarity
+    (put on the grid as it is read, ``grid_held`` false)."""
+
+    def __init__(self, terms, weights, normalize: str, combine: str, dummy) -> None:
+        check(weights, normalize, combine)
+        held = [t.similarity for t in terms if t.similarity is not None]
+        if not held or len(terms) > _SLOTS:  # the caller also keeps N within what the kernels take
+            raise ValueError(f"the fused kernels cover up to {_SLOTS} terms with a held similarity matrix; got "
+                             f"{len(terms)} terms")
+        near = next((t for t in terms if t.kind == "nearest"), None)
+        cov = next((t for t in terms if t.kind == "coverage"), None)
+        self.kinds = [_KINDS[t.kind] for t in terms] + [0] * (_SLOTS - len(terms))
+        self.sim = held[0]
+        self.near, self.cov = near is not None, cov is not None
+        self.near_best = near.best if near else dummy
+        self.grid_held = cov is not None and cov.grid is not None
+        self.grid = cov.grid if self.grid_held else self.sim
+        self.scale = cov.scale if cov else 1.0
+        self.cbest = cov.best if cov else dummy
+        self.chosen = cov.chosen.view(torch.uint8) if cov else dummy
+        self.cgain = cov.gain if cov else dummy
+        self.out = cov.out if cov else 0
+        self.minmax, self.product = normalize == "minmax", combine == "product"
+
+
 def run(gains, weights, weight_tensor, penalty, picks, start, normalize, combine, terms, runs):
     """Same arguments and effect as ``greedy._run_reference`` (which also takes ``runs``; this reads ``terms``)."""
-    check(weights, normalize, combine)
     T, B, N = gains.shape
     K = picks.shape[1]
-    kinds = [_KINDS[t.kind] for t in terms] + [0] * (_SLOTS - len(terms))
-    near = next((t for t in terms if t.kind == "nearest"), None)
-    cov = next((t for t in terms if t.kind == "coverage"), None)
-    held = [t.similarity for t in terms if t.similarity is not None]
-    if not held or len(terms) > _SLOTS:  # the caller also keeps N within what registers hold (RUN_MAX_TOKENS)
-        raise ValueError(f"run covers up to {_SLOTS} terms with a held similarity matrix; got {len(terms)} terms")
-    sim = held[0]
-    assert all(t.is_contiguous() for t in (gains, penalty, picks, sim))
+    f = _Terms(terms, weights, normalize, combine, dummy=penalty)
+    assert all(t.is_contiguous() for t in (gains, penalty, picks, f.sim))
     block = triton.next_power_of_2(N)
-    dummy = penalty  # a pointer for the absent terms' arguments (never read)
-    scratch = torch.empty(3, B, N, dtype=torch.int64, device=gains.device) if cov is not None else [dummy] * 3
-    grid = cov.grid if cov is not None and cov.grid is not None else sim
+    scratch = torch.empty(3, B, N, dtype=torch.int64, device=gains.device) if f.cov else [penalty] * 3
     _run_kernel[(B,)](
-        gains, weight_tensor, penalty, picks, sim, near.best if near else dummy, grid,
-        cov.scale if cov else 1.0, cov.best if cov else dummy, cov.chosen.view(torch.uint8) if cov else dummy,
-        cov.gain if cov else dummy, scratch[0], scratch[1], scratch[2], start, B, N, K,
-        K0=kinds[0], K1=kinds[1], K2=kinds[2], K3=kinds[3], MINMAX=normalize == "minmax",
-        PRODUCT=combine == "product", NEAR=near is not None,
-        COV=cov is not None, GRID=cov is not None and cov.grid is not None, OUT=cov.out if cov else 0,
-        BLOCK=block, BU=run_rows(block), num_warps=run_warps(block), enable_fp_fusion=False)
+        gains, weight_tensor, penalty, picks, f.sim, f.near_best, f.grid, f.scale, f.cbest, f.chosen, f.cgain,
+        *scratch, start, B, N, K, K0=f.kinds[0], K1=f.kinds[1], K2=f.kinds[2], K3=f.kinds[3], MINMAX=f.minmax,
+        PRODUCT=f.product, NEAR=f.near, COV=f.cov, GRID=f.grid_held, OUT=f.out, BLOCK=block, BU=run_rows(block),
+        num_warps=run_warps(block), enable_fp_fusion=False)
 
 
 def run_warps(block: int) -> int:
@@ -348,7 +350,7 @@ def _partial_span(KIND: tl.constexpr, gains_ptr, t: tl.constexpr, B, b, N, cols,
 
 
 @triton.jit
-def _wide_gains_kernel(gains_ptr, penalty_ptr, sim_ptr, near_ptr, grid_ptr, scale, cgain_ptr, index_ptr, old_ptr,
+def _wide_gains_kernel(gains_ptr, penalty_ptr, near_ptr, grid_ptr, scale, cgain_ptr, index_ptr, old_ptr,
                        new_ptr, count_ptr, part_ptr, B, N, P,
                        K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
                        MINMAX: tl.constexpr, COV: tl.constexpr, DELTA: tl.constexpr, GRID: tl.constexpr,
@@ -363,24 +365,9 @@ def _wide_gains_kernel(gains_ptr, penalty_ptr, sim_ptr, near_ptr, grid_ptr, scal
         cgain = tl.load(cgain_ptr + base + cols, mask=cm, other=0)
     else:
         cgain = tl.zeros([BI], tl.int64)
-    if DELTA:
-        count = tl.load(count_ptr + b)
-        acc = tl.zeros([BI], dtype=tl.int64)
-        for u0 in range(0, count, BU):
-            u = u0 + tl.arange(0, BU)
-            um = u < count
-            r = tl.load(index_ptr + base + u, mask=um, other=0)
-            lo = tl.load(old_ptr + base + u, mask=um, other=0)
-            hi = tl.load(new_ptr + base + u, mask=um, other=0)
-            tile = um[:, None] & cm[None, :]
-            if GRID:
-                x = tl.load(grid_ptr + (base + r)[:, None] * N + cols[None, :], mask=tile, other=0)
-            else:
-                x = tl.load(sim_ptr + (base + r)[:, None] * N + cols[None, :], mask=tile, other=0.0)
-                x = round_half_even(x * scale).to(tl.int64)
-            term = tl.minimum(tl.maximum(x, lo[:, None]), hi[:, None]) - lo[:, None]
-            acc += tl.sum(tl.where(um[:, None], term, 0), 0)
-        cgain = cgain - acc
+    if DELTA:  # grid_ptr is the float similarity itself when no grid is held (GRID false)
+        cgain = cgain - listed_change(grid_ptr, index_ptr, old_ptr, new_ptr, base, tl.load(count_ptr + b), cols, cm,
+                                      N, scale, GRID, BU, BI)
         tl.debug_barrier()  # every thread holding a token (several, below the program's threads) has read it first
         tl.store(cgain_ptr + base + cols, cgain, mask=cm)
     if MINMAX:
@@ -488,19 +475,16 @@ def _wide_pick_kernel(penalty_ptr, picks_ptr, step, sim_ptr, near_ptr, grid_ptr,
 
 
 class _Wide:
-    """The buffers of one wide selection, allocated at its first step."""
+    """The buffers of one wide selection, allocated at its first step, and its terms as the kernels take them."""
 
-    def __init__(self, terms, B, N, device):
+    def __init__(self, terms: _Terms, B, N, device):
+        self.terms = terms
         self.P = triton.cdiv(N, WIDE_COLS)
         self.part = torch.empty(B, 4, 2, self.P, dtype=torch.float64, device=device)
         self.top = torch.empty(B, self.P, dtype=torch.float64, device=device)
         self.at = torch.empty(B, self.P, dtype=torch.int32, device=device)
         self.count = torch.zeros(B, dtype=torch.int32, device=device)
         self.lists = torch.empty(3, B, N, dtype=torch.int64, device=device)
-        self.kinds = [_KINDS[t.kind] for t in terms] + [0] * (_SLOTS - len(terms))
-        self.near = next((t for t in terms if t.kind == "nearest"), None)
-        self.cov = next((t for t in terms if t.kind == "coverage"), None)
-        self.sim = next(t.similarity for t in terms if t.similarity is not None)
 
 
 def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normalize, combine, terms, runs, work):
@@ -508,33 +492,21 @@ def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normal
     T, B, N = gains.shape
     K = picks.shape[1]
     if work is None:
-        if len(terms) > _SLOTS:
-            raise ValueError(f"wide_step covers up to {_SLOTS} terms; got {len(terms)}")
-        check(weights, normalize, combine)
-        work = _Wide(terms, B, N, gains.device)
-    w = work
-    near, cov, dummy = w.near, w.cov, penalty
-    near_best = near.best if near else dummy
-    grid = cov.grid if cov is not None and cov.grid is not None else w.sim
-    scale = cov.scale if cov else 1.0
-    cgain = cov.gain if cov else dummy
-    k0, k1, k2, k3 = w.kinds
-    minmax = normalize == "minmax"
+        work = _Wide(_Terms(terms, weights, normalize, combine, dummy=penalty), B, N, gains.device)
+    w, f = work, work.terms
     pb = triton.next_power_of_2(w.P)
-    has_grid = cov is not None and cov.grid is not None
-    common = dict(K0=k0, K1=k1, K2=k2, K3=k3, MINMAX=minmax, enable_fp_fusion=False)
-    gains_args = (gains, penalty, w.sim, near_best, grid, scale, cgain, *w.lists, w.count, w.part, B, N, w.P)
+    common = dict(K0=f.kinds[0], K1=f.kinds[1], K2=f.kinds[2], K3=f.kinds[3], MINMAX=f.minmax, enable_fp_fusion=False)
+    gains_args = (gains, penalty, f.near_best, f.grid, f.scale, f.cgain, *w.lists, w.count, w.part, B, N, w.P)
     if step == start:  # the spans of the gains already in the buffers (nothing listed yet)
-        _wide_gains_kernel[(B, w.P)](*gains_args, COV=cov is not None, DELTA=False, GRID=has_grid, BU=WIDE_ROWS,
+        _wide_gains_kernel[(B, w.P)](*gains_args, COV=f.cov, DELTA=False, GRID=f.grid_held, BU=WIDE_ROWS,
                                      BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
-    _wide_score_kernel[(B, w.P)](gains, weight_tensor, penalty, near_best, scale, cgain, w.count, w.part, w.top, w.at,
-                                 B, N, w.P, PRODUCT=combine == "product", PB=pb, BI=WIDE_COLS, **common)
+    _wide_score_kernel[(B, w.P)](gains, weight_tensor, penalty, f.near_best, f.scale, f.cgain, w.count, w.part, w.top,
+                                 w.at, B, N, w.P, PRODUCT=f.product, PB=pb, BI=WIDE_COLS, **common)
     last = step + 1 >= K
-    _wide_pick_kernel[(B, w.P)](penalty, picks, step, w.sim, near_best, grid, scale, cov.best if cov else dummy,
-                                cov.chosen.view(torch.uint8) if cov else dummy, *w.lists, w.count, w.top, w.at,
-                                0 if last else 1, B, N, K, w.P, NEAR=near is not None, COV=cov is not None,
-                                GRID=has_grid, OUT=cov.out if cov else 0, PB=pb, BI=WIDE_COLS, enable_fp_fusion=False)
+    _wide_pick_kernel[(B, w.P)](penalty, picks, step, f.sim, f.near_best, f.grid, f.scale, f.cbest, f.chosen,
+                                *w.lists, w.count, w.top, w.at, 0 if last else 1, B, N, K, w.P, NEAR=f.near,
+                                COV=f.cov, GRID=f.grid_held, OUT=f.out, PB=pb, BI=WIDE_COLS, enable_fp_fusion=False)
     if not last:
-        _wide_gains_kernel[(B, w.P)](*gains_args, COV=cov is not None, DELTA=cov is not None, GRID=has_grid,
-                                     BU=WIDE_ROWS, BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
+        _wide_gains_kernel[(B, w.P)](*gains_args, COV=f.cov, DELTA=f.cov, GRID=f.grid_held, BU=WIDE_ROWS,
+                                     BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
     return work
