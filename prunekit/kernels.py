@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 from typing import Any, Callable, Iterator
 
@@ -67,11 +68,14 @@ def observe_launches(callback: Callable[[str], Any]) -> Iterator[None]:
 class Kernel:
     """One fused step: ``reference`` (tensor operations, any device) and optionally ``triton`` (CUDA).
 
-    ``triton`` is a zero-argument callable returning the launcher, imported on first use, so that defining a kernel
-    never imports Triton. Both implementations take the same arguments, write the same outputs and return the same
-    value."""
+    ``triton`` names the launcher as ``"module:function"`` (or is a zero-argument callable returning it), imported on
+    first use, so that defining a kernel never imports Triton. Both implementations take the same arguments, write
+    the same outputs and return the same value."""
 
-    def __init__(self, name: str, reference: Callable[..., Any], triton: Callable[[], Callable[..., Any]] | None = None):
+    def __init__(self, name: str, reference: Callable[..., Any],
+                 triton: str | Callable[[], Callable[..., Any]] | None = None):
+        if isinstance(triton, str) and not all(triton.partition(":")[::2]):
+            raise ValueError(f"Kernel {name!r}: triton must be 'module:function' or a callable, got {triton!r}")
         self.name = name
         self.reference = reference
         self._triton = triton
@@ -92,7 +96,11 @@ class Kernel:
         Triton implementation does not cover, e.g. similarity rows computed on demand)."""
         if triton and self.uses_triton(device):
             if self._launcher is None:
-                self._launcher = self._triton()  # type: ignore[misc]
+                if isinstance(self._triton, str):
+                    module, _, function = self._triton.partition(":")
+                    self._launcher = getattr(importlib.import_module(module), function)
+                else:
+                    self._launcher = self._triton()  # type: ignore[misc]
             impl = self._launcher
         else:
             impl = self.reference

@@ -56,6 +56,17 @@ def test_a_call_no_triton_implementation_covers_is_counted_operation_by_operatio
         assert "prunekit::double" not in count.by_name and count.launches >= 2, count.by_name
 
 
+def test_a_kernel_names_its_triton_launcher_and_imports_it_on_first_use(monkeypatch):
+    if not triton_available():
+        pytest.skip("triton is not installed (the test extra installs it on Linux x86-64)")
+    monkeypatch.delenv("PRUNEKIT_KERNELS", raising=False)
+    kernel = Kernel("root", lambda x: pytest.fail("reference used"), triton="math:sqrt")
+    assert kernel(torch.device("cuda"), 9.0) == 3.0  # a CUDA device takes the launcher (no tensor needed here)
+    for bad in ("math", ":sqrt", "math:"):
+        with pytest.raises(ValueError, match="triton must be 'module:function' or a callable"):
+            Kernel("root", abs, triton=bad)
+
+
 def test_the_reference_runs_on_cpu_and_when_asked(monkeypatch):
     kernel = Kernel("double", _double_into, triton=lambda: pytest.fail("Triton used"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -182,26 +182,16 @@ def _delta_reference(fixed: _Fixed, index: Tensor, old: Tensor, new: Tensor, cou
         out.copy_(gain).div_(fixed.scale)
 
 
-def _prepare_triton():
-    from prunekit_plugins.scorers._coverage_triton import prepare
-
-    return prepare
-
-
-def _delta_triton():
-    from prunekit_plugins.scorers._coverage_triton import delta
-
-    return delta
-
-
 #: after a pick: the new best similarities ``m``, and the list of tokens whose term changes (``index``, their
 #: ``old`` and ``new`` m, ``count`` of them per sample), written on the device. A PREPARE and the DELTA after it
 #: always run the same implementation (same device, same ``triton`` flag); the references pass the list in
 #: ``_Fixed.pending`` instead of the buffers
-PREPARE = Kernel("coverage_prepare", _prepare_reference, _prepare_triton)
+PREPARE = Kernel("coverage_prepare", _prepare_reference,
+                 "prunekit_plugins.scorers._coverage_triton:prepare")
 #: the gains minus the change of the listed terms, ``Σ_u clamp(F_iu, old_u, new_u) − old_u`` (and, given ``out``,
 #: the gains in float64 there)
-DELTA = Kernel("coverage_delta", _delta_reference, _delta_triton)
+DELTA = Kernel("coverage_delta", _delta_reference,
+               "prunekit_plugins.scorers._coverage_triton:delta")
 
 
 class _IncrementalRun(_NaiveRun):

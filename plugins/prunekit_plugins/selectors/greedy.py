@@ -68,12 +68,6 @@ def _pick_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalt
     return picks[:, step]
 
 
-def _pick_triton():
-    from prunekit_plugins.selectors._greedy_triton import pick
-
-    return pick
-
-
 def _run_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor, start: int,
                    normalize: Normalize, combine: str, terms: list[FusedTerm], runs: list[ScorerRun]) -> None:
     k = picks.shape[1]
@@ -100,34 +94,23 @@ def _wide_step_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, p
     return work
 
 
-def _wide_step_triton():
-    from prunekit_plugins.selectors._greedy_triton import wide_step
-
-    return wide_step
-
-
-def _run_triton():
-    from prunekit_plugins.selectors._greedy_triton import run
-
-    return run
-
-
 #: one greedy step after the gains are known: score every candidate, take the best, mark it chosen
 #: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum", or
 #: "product" with weights 0 or 1 (no ``pow``: a GPU's need not round as a CPU's).
-PICK = Kernel("greedy_pick", _pick_reference, _pick_triton)
+PICK = Kernel("greedy_pick", _pick_reference, "prunekit_plugins.selectors._greedy_triton:pick")
 #: the rest of a selection from step ``start`` on (the gains of that step in the buffer), every pick and every
 #: update: one launch where every term has a fused form (``ScorerRun.fused``) and N <= RUN_MAX_TOKENS. The
 #: reference runs the step loop with the runs themselves (their updates and PICK), which is what the Triton kernel
 #: is tested against.
-RUN = Kernel("greedy_run", _run_reference, _run_triton)
+RUN = Kernel("greedy_run", _run_reference, "prunekit_plugins.selectors._greedy_triton:run")
 #: the most tokens RUN holds (one GPU program per sample keeps every token's state in registers)
 RUN_MAX_TOKENS = 4096
 #: one step of a fused selection above RUN_MAX_TOKENS, spread over many programs per sample (three launches on a
 #: GPU: the score and each slice's best, the pick and the updates, coverage's change and the spans of the next
 #: gains). Used only where Triton runs (elsewhere the step loop runs as it is); the reference is one step of the
 #: loop. Returns the buffers it keeps between steps (None before the first).
-WIDE_STEP = Kernel("greedy_wide_step", _wide_step_reference, _wide_step_triton)
+WIDE_STEP = Kernel("greedy_wide_step", _wide_step_reference,
+                   "prunekit_plugins.selectors._greedy_triton:wide_step")
 #: greedy selections replayed from CUDA graphs (see prunekit.kernels.GraphCache)
 GRAPHS = GraphCache()
 
