@@ -16,11 +16,15 @@ For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), o
    replay time, and every call's indices against the CPU reference;
 5. **time**: median wall time of ``prunekit.select`` with the Triton kernels run eagerly
    (``PRUNEKIT_CUDA_GRAPHS=0``), replayed from a CUDA graph (steady state), and with ``PRUNEKIT_KERNELS=reference``
-   (the same selection as tensor operations), per size and batch; the first two both with the whole-selection
-   kernel (``greedy_run``: every step after the first in one launch, N <= 4,096, the default) and with the step
-   loop (``PRUNEKIT_FUSED_SELECTION=0``: a pick and the scorers' updates launched per step), and up to 4,096
-   tokens with the wide steps (``PRUNEKIT_FUSED_SELECTION=wide``: three launches per step over many programs),
-   to place the limit between the two fused paths.
+   (the same selection as tensor operations), per size and batch; the first two with the default path, with the
+   step loop (``PRUNEKIT_FUSED_SELECTION=0``: a pick and the scorers' updates launched per step), and up to 4,096
+   tokens with each fused path forced: the whole-selection kernel (``run``: every step after the first in one
+   launch, one program per sample) and the wide steps (``wide``: three launches per step over many programs), to
+   place the limits between them (``greedy.RUN_MAX_TOKENS``, ``RUN_MAX_COVERAGE_TOKENS``).
+
+6. **tune** (asked for by name): TOPS's steady-state time for each launch configuration of the two fused paths
+   (``RUN_CONFIGS``, ``WIDE_CONFIGS``: warps, changed rows summed at once, tokens per program), with each one's
+   indices against the defaults', at the sizes of part 5 up to 4,096 tokens: where the defaults come from.
 
 Parts 2 and 3 run with the step loop and with the whole-selection kernel.
 
@@ -92,8 +96,8 @@ def exactness(device, cases, dim, cpu_up_to=2880 * 1024):
                 want = _select(method, feats.cpu(), rel.cpu(), k, reference=True)
             else:
                 want = _select(method, feats, rel, k, reference=True).cpu()
-            # the default path, and the wide steps forced where the default is one program per sample
-            for path in ("default", "wide") if n <= 4096 else ("default",):
+            # the default path, and each fused path forced where both can run
+            for path in ("default", "wide", "run") if n <= 4096 else ("default",):
                 _fused(True if path == "default" else path)
                 got = _select(method, feats, rel, k).cpu()
                 _fused(True)
@@ -149,8 +153,9 @@ def per_step(device, n, k1, k2, dim, batch):
 
 
 def _fused(on: bool | str) -> None:
-    """``True``: the default (one program per sample up to 4,096 tokens, the wide steps above), ``False``: the step
-    loop, ``"wide"``: the wide steps at any size."""
+    """``True``: the default (one program per sample up to ``greedy.RUN_MAX_TOKENS`` tokens, or
+    ``RUN_MAX_COVERAGE_TOKENS`` with a coverage term, the wide steps above), ``False``: the step loop, ``"wide"``:
+    the wide steps at any size, ``"run"``: one program per sample up to ``RUN_MAX_TOKENS`` whatever the terms."""
     os.environ["PRUNEKIT_FUSED_SELECTION"] = on if isinstance(on, str) else "1" if on else "0"
 
 
@@ -204,8 +209,8 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 cap = {"max_similarity_mib": 16384} if device.type == "cuda" and method == "tops" else {}
                 run = lambda: _select(method, feats, rel, k, **cap)  # noqa: E731
                 times = {}
-                # the wide steps at sizes the one-program kernel takes: where the limit between them belongs
-                modes = (True, False, "wide") if n <= 4096 else (True, False)
+                # both fused paths where each can run: where the limits between them belong
+                modes = (True, False, "wide", "run") if n <= 4096 else (True, False)
                 for fused in modes:
                     _fused(fused)
                     _graphs(False)
@@ -223,8 +228,66 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 rows.append({"method": method, "n": n, "k": k, "batch": batch, "eager_ms": eager,
                              "replay_ms": steady, "loop_eager_ms": loop_eager, "loop_replay_ms": loop_steady,
                              "wide_eager_ms": times.get("wide", (None, None))[0],
-                             "wide_replay_ms": times.get("wide", (None, None))[1], "reference_ms": ref})
+                             "wide_replay_ms": times.get("wide", (None, None))[1],
+                             "run_eager_ms": times.get("run", (None, None))[0],
+                             "run_replay_ms": times.get("run", (None, None))[1], "reference_ms": ref})
                 print(f"time {rows[-1]}", flush=True)
+    return rows
+
+
+#: what ``tune`` tries: the one-program kernel's warps and changed rows summed at once (per power-of-two block of
+#: tokens), and the wide steps' tokens per program, changed rows at once and warps of their coverage kernel
+RUN_CONFIGS = {1024: [(4, 8), (4, 4), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32)],
+               4096: [(32, 2), (16, 4), (32, 4), (32, 8), (32, 16)]}
+WIDE_CONFIGS = [(128, 16, 8), (64, 16, 8), (32, 16, 4), (64, 32, 8), (256, 16, 8)]
+
+
+def _configured(run=None, wide=None, block=None):
+    """Set the Triton launchers' tuning (``run``: (warps, rows) at ``block`` tokens; ``wide``: (cols, rows, warps)
+    at every size), or restore the library's own (None)."""
+    from prunekit_plugins.selectors import _greedy_triton as g
+
+    if not hasattr(g, "_tune_defaults"):
+        g._tune_defaults = (dict(g.RUN_LAUNCH), g.WIDE_LAUNCH)
+    g.RUN_LAUNCH, g.WIDE_LAUNCH = dict(g._tune_defaults[0]), g._tune_defaults[1]
+    if run is not None:
+        g.RUN_LAUNCH[block] = tuple(run)
+    if wide is not None:
+        g.WIDE_LAUNCH = ((None, tuple(wide)),)
+
+
+def tune(device, sizes, batches, dim, repeats):
+    """TOPS's selection time (steady state: replayed from a CUDA graph) for each configuration of the one-program
+    kernel and of the wide steps, and whether its indices equal those of the library's defaults."""
+    import triton
+
+    rows = []
+    for n, k in sizes:
+        block = triton.next_power_of_2(n)
+        for batch in batches:
+            feats, rel = _features(n, dim, batch, 0, device)
+            run = lambda: _select("tops", feats, rel, k)  # noqa: E731
+            _configured()
+            _fused(True)
+            want = run().cpu()
+            tries = [("run", c) for c in RUN_CONFIGS.get(block, [])] + [("wide", c) for c in WIDE_CONFIGS]
+            for path, config in tries:
+                _fused(path)  # "run" or "wide" at any size either can take
+                _configured(**{path: config}, block=block)
+                _graphs(True)
+                _clear_graphs()
+                try:
+                    equal = bool(torch.equal(run().cpu(), want))
+                    run()  # the recording
+                    ms = _timed(run, device, repeats)
+                except Exception as err:  # e.g. more shared memory than the GPU has
+                    equal, ms = None, f"{type(err).__name__}: {str(err)[:200]}"
+                _clear_graphs()
+                rows.append({"n": n, "k": k, "batch": batch, "path": path, "config": list(config),
+                             "replay_ms": ms, "equal": equal})
+                print(f"tune {rows[-1]}", flush=True)
+            _configured()
+            _fused(True)
     return rows
 
 
@@ -256,9 +319,10 @@ def main() -> None:
                           + ([] if args.smoke or args.quick else per_step(device, 10816, 8, 40, dim, 1))),
         "graph": lambda: [graph(device, 576, 128, dim), graph(device, 2880, 256, dim, 8)],
         "time": lambda: timing(device, sizes, batches, dim, repeats, reference_up_to_steps=4096),
+        "tune": lambda: tune(device, [s for s in sizes if s[0] <= 4096], batches, dim, max(repeats, 10)),
     }
     for name in args.parts:
-        if device.type != "cuda" and name in ("steps", "graph"):
+        if device.type != "cuda" and name in ("steps", "graph", "tune"):
             continue
         try:
             result[name] = parts[name]()

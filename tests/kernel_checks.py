@@ -175,14 +175,14 @@ def check_greedy_wide():
     from prunekit_plugins.selectors import _greedy_triton
 
     os.environ["PRUNEKIT_FUSED_SELECTION"] = "wide"
-    blocks = _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS
+    launch = _greedy_triton.WIDE_LAUNCH
     # two to three programs per sample at these sizes, and a few changed rows at a time
-    _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS = 16, 4
+    _greedy_triton.WIDE_LAUNCH = ((None, (16, 4, 4)),)
     try:
         _check_fused("greedy_wide_step", steps_per_launch=True, which=(0, 2, 3, 5), sizes=((1, 45, 20), (3, 37, 12)))
     finally:
         os.environ["PRUNEKIT_FUSED_SELECTION"] = "1"
-        _greedy_triton.WIDE_COLS, _greedy_triton.WIDE_ROWS = blocks
+        _greedy_triton.WIDE_LAUNCH = launch
 
 
 def check_greedy_run():

@@ -207,8 +207,8 @@ def test_the_whole_selection_kernel_compiles_for_a_gpu_exactly_and_holds_its_sta
                  "new_ptr": "*i64", "start": "i32", "B": "i32", "N": "i32", "K": "i32"}
     constexprs = {"K0": kinds[0], "K1": kinds[1], "K2": kinds[2], "K3": kinds[3], "MINMAX": True, "PRODUCT": product,
                   "NEAR": 2 in kinds, "COV": 3 in kinds, "GRID": grid, "OUT": 1 << 62, "BLOCK": block,
-                  "BU": g.run_rows(block)}
-    ptx, spilled = _compile_sm90(g._run_kernel, signature, constexprs, g.run_warps(block))
+                  "BU": g.run_launch(block)[1]}
+    ptx, spilled = _compile_sm90(g._run_kernel, signature, constexprs, g.run_launch(block)[0])
     assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
     if block <= 2048:
         assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
@@ -233,9 +233,14 @@ def test_the_step_kernels_compile_for_a_gpu_exactly(compiles):
                   {"GRID": True, "WRITE_OUT": True, "BU": 16, "BI": 128}, 4)
 
 
+@pytest.mark.parametrize("launch", [0, 1])
 @pytest.mark.parametrize("grid", [True, False])
-def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compiles, grid):
+def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compiles, grid, launch):
+    """With each of WIDE_LAUNCH's settings (two)."""
     from prunekit_plugins.selectors import _greedy_triton as g
+
+    assert len(g.WIDE_LAUNCH) == 2, "test every entry of WIDE_LAUNCH"
+    cols, rows, warps = g.WIDE_LAUNCH[launch][1]
 
     src = "*i64" if grid else "*fp32"
     kinds = {"K0": 1, "K1": 3, "K2": 2, "K3": 0, "MINMAX": True}
@@ -244,7 +249,7 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
         {"gains_ptr": "*fp64", "penalty_ptr": "*fp64", "near_ptr": "*fp32", "grid_ptr": src,
          "scale": "fp32", "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64",
          "count_ptr": "*i32", "part_ptr": "*fp64", "B": "i32", "N": "i32", "P": "i32"},
-        {**kinds, "COV": True, "DELTA": True, "GRID": grid, "BU": g.WIDE_ROWS, "BI": g.WIDE_COLS}, g.WIDE_GAINS_WARPS)
+        {**kinds, "COV": True, "DELTA": True, "GRID": grid, "BU": rows, "BI": cols}, warps)
     assert "fma.rn.f64" not in ptx
     assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
     ptx, spilled = _compile_sm90(
@@ -252,7 +257,7 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
         {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "near_ptr": "*fp32", "scale": "fp32",
          "cgain_ptr": "*i64", "count_ptr": "*i32", "part_ptr": "*fp64", "top_ptr": "*fp64", "at_ptr": "*i32",
          "B": "i32", "N": "i32", "P": "i32"},
-        {**kinds, "PRODUCT": False, "PB": 128, "BI": g.WIDE_COLS}, 4)
+        {**kinds, "PRODUCT": False, "PB": 128, "BI": cols}, 4)
     assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
     assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
     ptx, spilled = _compile_sm90(
@@ -261,7 +266,7 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
          "grid_ptr": src, "scale": "fp32", "cbest_ptr": "*i64", "chosen_ptr": "*u8", "index_ptr": "*i64",
          "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32", "top_ptr": "*fp64", "at_ptr": "*i32",
          "update": "i32", "B": "i32", "N": "i32", "K": "i32", "P": "i32"},
-        {"NEAR": True, "COV": True, "GRID": grid, "OUT": 1 << 62, "PB": 128, "BI": g.WIDE_COLS}, 4)
+        {"NEAR": True, "COV": True, "GRID": grid, "OUT": 1 << 62, "PB": 128, "BI": cols}, 4)
     assert "atom" in ptx
     assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
 
@@ -298,7 +303,7 @@ def test_a_value_several_threads_hold_is_read_by_all_of_them_before_it_is_rewrit
                                 "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32", "part_ptr": "*fp64",
                                 "B": "i32", "N": "i32", "P": "i32"},
          {"K0": 3, "K1": 0, "K2": 0, "K3": 0, "MINMAX": False, "COV": True, "DELTA": True, "GRID": True,
-          "BU": g.WIDE_ROWS, "BI": g.WIDE_COLS}, g.WIDE_GAINS_WARPS),
+          "BU": g.WIDE_LAUNCH[0][1][1], "BI": g.WIDE_LAUNCH[0][1][0]}, g.WIDE_LAUNCH[0][1][2]),
     ):
         ops = _memory_ops(_compile_sm90(kernel, signature, constexprs, warps)[0])
         assert ops[ops.index("st") - 1] == "bar", (kernel, ops)  # the gains: read, then rewritten
@@ -315,7 +320,7 @@ def test_a_recorded_selection_is_keyed_by_the_fused_path_setting(monkeypatch):
     selector = prunekit.plugin.registry.get("methods", "tops").SelectionConfig().selector()
     inputs = SelectionInput(torch.randn(1, 20, 8), torch.rand(1, 20))
     keys = set()
-    for setting in ("1", "0", "wide"):
+    for setting in ("1", "0", "wide", "run"):
         monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", setting)
         keys.add(selector._graph_key(inputs, 5))
-    assert None not in keys and len(keys) == 3
+    assert None not in keys and len(keys) == 4

@@ -200,17 +200,46 @@ def test_above_the_one_program_limit_a_cpu_runs_the_step_loop(monkeypatch):
     """Above greedy.RUN_MAX_TOKENS the wide steps need Triton; without it the step loop runs, with its counts."""
     from prunekit_plugins.selectors import greedy
 
-    monkeypatch.setattr(greedy, "RUN_MAX_TOKENS", N - 1)
+    monkeypatch.setattr(greedy, "RUN_MAX_COVERAGE_TOKENS", N - 1)  # TOPS has a coverage term
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _, count = count_ops(_run("tops", "one", K1))
     assert "prunekit::greedy_run" not in count.by_name and "prunekit::greedy_wide_step" not in count.by_name
     assert count.by_name.get("prunekit::greedy_pick") == K1 - 1, count.by_name
-    monkeypatch.setattr(greedy, "RUN_MAX_TOKENS", N)
+    monkeypatch.setattr(greedy, "RUN_MAX_COVERAGE_TOKENS", N)
     assert per_step("tops", "one") == (0, 0, 0)
+
+
+@pytest.mark.parametrize("setting", ["1", "run", "wide"])
+def test_the_fused_path_depends_on_the_size_and_on_a_coverage_term(monkeypatch, setting):
+    """One program per sample up to RUN_MAX_TOKENS, RUN_MAX_COVERAGE_TOKENS with coverage (where the wide steps
+    measured faster on a GPU), the wide steps above where Triton runs, else the step loop."""
+    from prunekit.plugin import FusedTerm
+    from prunekit_plugins.selectors import greedy
+
+    mode = greedy.GreedySelector._fused_mode
+    monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", setting)
+    sim = torch.zeros(1, 4, 4)
+    nearest = [FusedTerm("nearest", similarity=sim, best=torch.zeros(1, 4))]
+    coverage = [FusedTerm("coverage", similarity=sim, best=torch.zeros(1, 4, dtype=torch.long),
+                          chosen=torch.zeros(1, 4, dtype=torch.bool), gain=torch.zeros(1, 4, dtype=torch.long),
+                          scale=1.0, out=1)]
+    small, middle, large = greedy.RUN_MAX_COVERAGE_TOKENS, greedy.RUN_MAX_COVERAGE_TOKENS + 1, greedy.RUN_MAX_TOKENS + 1
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(greedy.Kernel, "uses_triton", lambda self, device: device.type == "cuda")
+    if setting == "wide":
+        assert [mode(n, gpu, t) for n in (small, middle, large) for t in (nearest, coverage)] == ["wide"] * 6
+        assert mode(small, cpu, coverage) == "run"  # no Triton: the wide steps cannot run
+        return
+    assert mode(small, gpu, coverage) == mode(small, gpu, nearest) == "run"
+    assert mode(middle, gpu, nearest) == "run"
+    assert mode(middle, gpu, coverage) == ("run" if setting == "run" else "wide")
+    assert mode(middle, cpu, coverage) == ("run" if setting == "run" else None)
+    assert mode(large, gpu, nearest) == mode(large, gpu, coverage) == "wide"
+    assert mode(large, cpu, nearest) is None
 
 
 @pytest.mark.parametrize("value", ["2", "yes", "wide-ish"])
 def test_a_bad_fused_selection_setting_is_refused_by_name(monkeypatch, value):
     monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", value)
-    with pytest.raises(ValueError, match="PRUNEKIT_FUSED_SELECTION must be '1'.*'0' or 'wide'"):
+    with pytest.raises(ValueError, match="PRUNEKIT_FUSED_SELECTION must be '1'.*'0', 'wide' or 'run'"):
         _run("tops", "one", K1)()

@@ -294,34 +294,47 @@ def run(gains, weights, weight_tensor, penalty, picks, start, normalize, combine
     f = _Terms(terms, weights, normalize, combine, dummy=penalty)
     assert all(t.is_contiguous() for t in (gains, penalty, picks, f.sim))
     block = triton.next_power_of_2(N)
+    warps, rows = run_launch(block)
     scratch = torch.empty(3, B, N, dtype=torch.int64, device=gains.device) if f.cov else [penalty] * 3
     _run_kernel[(B,)](
         gains, weight_tensor, penalty, picks, f.sim, f.near_best, f.grid, f.scale, f.cbest, f.chosen, f.cgain,
         *scratch, start, B, N, K, K0=f.kinds[0], K1=f.kinds[1], K2=f.kinds[2], K3=f.kinds[3], MINMAX=f.minmax,
-        PRODUCT=f.product, NEAR=f.near, COV=f.cov, GRID=f.grid_held, OUT=f.out, BLOCK=block, BU=run_rows(block),
-        num_warps=run_warps(block), enable_fp_fusion=False)
+        PRODUCT=f.product, NEAR=f.near, COV=f.cov, GRID=f.grid_held, OUT=f.out, BLOCK=block, BU=rows,
+        num_warps=warps, enable_fp_fusion=False)
 
 
-def run_warps(block: int) -> int:
-    """Warps of ``run``'s program for ``block`` tokens: the most registers per thread that hold the state without
-    spilling on sm_90 (ptxas, checked by tests/test_kernels.py): 4 up to 1,024 tokens, 16 at 2,048; at 4,096 no
-    count avoids spilling, 32 spills the least."""
-    return 4 if block <= 1024 else 16 if block <= 2048 else 32
+#: ``run``'s launch by block of tokens (the next power of two of N): (warps, changed rows summed at once). From
+#: benchmarks/gpu_selection.py's tune part on an H200 (docs/performance.md): at 4,096 (N = 2,880) the fastest; at
+#: 1,024 (N = 576) the fastest, 16 x 16 (2.0 ms, batch 1), spills 40 bytes with the float similarity and 8 x 8
+#: (2.2 ms) with the grid, so 16 x 8, which spills with neither (not timed); 2,048 unmeasured. Smaller blocks:
+#: :func:`run_launch`'s rule.
+RUN_LAUNCH = {1024: (16, 8), 2048: (16, 4), 4096: (32, 4)}
 
 
-def run_rows(block: int) -> int:
-    """Changed rows ``run`` sums at once (a tile of about ``RUN_TILE`` elements)."""
-    return max(1, min(16, RUN_TILE // block))
+def run_launch(block: int) -> tuple[int, int]:
+    """Warps of ``run``'s program for ``block`` tokens and the changed rows it sums at once: :data:`RUN_LAUNCH`,
+    else 4 warps and a tile of about ``RUN_TILE`` elements. Every entry holds the state in registers without
+    spilling on sm_90 up to 2,048 tokens (ptxas, checked by tests/test_kernels.py); at 4,096 every count spills."""
+    if block in RUN_LAUNCH:
+        return RUN_LAUNCH[block]
+    return 4, max(1, min(16, RUN_TILE // block))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # wide_step: one greedy step of a fused selection spread over many programs per sample (N above what one
 # program's registers hold)
 # ---------------------------------------------------------------------------------------------------------
-#: tokens per program of the wide step's kernels and changed rows summed at once (the tests shrink them)
-WIDE_COLS, WIDE_ROWS = 128, 16
-#: warps of the coverage-change kernel: its int64 tile spills at 4 (sm_90, checked by tests/test_kernels.py)
-WIDE_GAINS_WARPS = 8
+#: the wide steps' launch by the most tokens it applies to (None: any): (tokens per program, changed rows summed
+#: at once, warps of the coverage-change kernel). Up to 4,096 tokens: the fastest of benchmarks/gpu_selection.py's
+#: tune part on an H200 (N = 576 and 2,880, batches 1 and 8); above, 128 tokens per program measured 15 % faster
+#: than 32 at N = 10,816, batch 8 (docs/performance.md). No entry spills on sm_90 (tests/test_kernels.py; 128 x 16
+#: int64 spills at 4 warps). The tests shrink them.
+WIDE_LAUNCH = ((4096, (32, 16, 4)), (None, (128, 16, 8)))
+
+
+def wide_launch(n: int) -> tuple[int, int, int]:
+    """:data:`WIDE_LAUNCH`'s entry for ``n`` tokens."""
+    return next(launch for most, launch in WIDE_LAUNCH if most is None or n <= most)
 
 
 @triton.jit
@@ -479,7 +492,8 @@ class _Wide:
 
     def __init__(self, terms: _Terms, B, N, device):
         self.terms = terms
-        self.P = triton.cdiv(N, WIDE_COLS)
+        self.cols, self.rows, self.warps = wide_launch(N)
+        self.P = triton.cdiv(N, self.cols)
         self.part = torch.empty(B, 4, 2, self.P, dtype=torch.float64, device=device)
         self.top = torch.empty(B, self.P, dtype=torch.float64, device=device)
         self.at = torch.empty(B, self.P, dtype=torch.int32, device=device)
@@ -498,15 +512,15 @@ def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normal
     common = dict(K0=f.kinds[0], K1=f.kinds[1], K2=f.kinds[2], K3=f.kinds[3], MINMAX=f.minmax, enable_fp_fusion=False)
     gains_args = (gains, penalty, f.near_best, f.grid, f.scale, f.cgain, *w.lists, w.count, w.part, B, N, w.P)
     if step == start:  # the spans of the gains already in the buffers (nothing listed yet)
-        _wide_gains_kernel[(B, w.P)](*gains_args, COV=f.cov, DELTA=False, GRID=f.grid_held, BU=WIDE_ROWS,
-                                     BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
+        _wide_gains_kernel[(B, w.P)](*gains_args, COV=f.cov, DELTA=False, GRID=f.grid_held, BU=w.rows,
+                                     BI=w.cols, num_warps=w.warps, **common)
     _wide_score_kernel[(B, w.P)](gains, weight_tensor, penalty, f.near_best, f.scale, f.cgain, w.count, w.part, w.top,
-                                 w.at, B, N, w.P, PRODUCT=f.product, PB=pb, BI=WIDE_COLS, **common)
+                                 w.at, B, N, w.P, PRODUCT=f.product, PB=pb, BI=w.cols, **common)
     last = step + 1 >= K
     _wide_pick_kernel[(B, w.P)](penalty, picks, step, f.sim, f.near_best, f.grid, f.scale, f.cbest, f.chosen,
                                 *w.lists, w.count, w.top, w.at, 0 if last else 1, B, N, K, w.P, NEAR=f.near,
-                                COV=f.cov, GRID=f.grid_held, OUT=f.out, PB=pb, BI=WIDE_COLS, enable_fp_fusion=False)
+                                COV=f.cov, GRID=f.grid_held, OUT=f.out, PB=pb, BI=w.cols, enable_fp_fusion=False)
     if not last:
-        _wide_gains_kernel[(B, w.P)](*gains_args, COV=f.cov, DELTA=f.cov, GRID=f.grid_held, BU=WIDE_ROWS,
-                                     BI=WIDE_COLS, num_warps=WIDE_GAINS_WARPS, **common)
+        _wide_gains_kernel[(B, w.P)](*gains_args, COV=f.cov, DELTA=f.cov, GRID=f.grid_held, BU=w.rows,
+                                     BI=w.cols, num_warps=w.warps, **common)
     return work

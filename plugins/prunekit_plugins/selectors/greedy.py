@@ -103,8 +103,13 @@ PICK = Kernel("greedy_pick", _pick_reference, "prunekit_plugins.selectors._greed
 #: reference runs the step loop with the runs themselves (their updates and PICK), which is what the Triton kernel
 #: is tested against.
 RUN = Kernel("greedy_run", _run_reference, "prunekit_plugins.selectors._greedy_triton:run")
-#: the most tokens RUN holds (one GPU program per sample keeps every token's state in registers)
+#: the most tokens RUN takes (one GPU program per sample keeps every token's state in registers)
 RUN_MAX_TOKENS = 4096
+#: the most tokens RUN takes when a term is coverage: its changed rows' sums are what one program per sample does
+#: slowly. Measured on an H200 (replayed from a CUDA graph, docs/performance.md): with coverage the wide steps were
+#: faster from N = 576 on (TOPS 1.5 vs 2.0 ms at 576 and 4.8 vs 14.7 ms at 2,880, batch 1; SCOPE likewise), without
+#: it one program (DivPrune 0.8 vs 1.0 ms at 576 and 1.3 vs 2.3 ms at 2,880); below 576 unmeasured.
+RUN_MAX_COVERAGE_TOKENS = 512
 #: one step of a fused selection above RUN_MAX_TOKENS, spread over many programs per sample (three launches on a
 #: GPU: the score and each slice's best, the pick and the updates, coverage's change and the spans of the next
 #: gains). Used only where Triton runs (elsewhere the step loop runs as it is); the reference is one step of the
@@ -218,13 +223,13 @@ class GreedySelector(Selector):
             else:
                 for t, run in enumerate(runs):
                     run.gains_into(gains[t])
-                mode = self._fused_mode(N, device) if step == 1 and fused else None
-                terms = self._fused_terms(runs) if mode else None
-                if terms is not None and mode == "run":  # the remaining steps in one kernel
+                terms = self._fused_terms(runs) if step == 1 and fused else None
+                mode = self._fused_mode(N, device, terms) if terms is not None else None
+                if mode == "run":  # the remaining steps in one kernel
                     RUN(device, gains, weights, weight_tensor, penalty, picks, step, self.normalize, self.combine,
                         terms, runs)
                     break
-                if terms is not None:  # the remaining steps, each spread over the GPU
+                if mode == "wide":  # the remaining steps, each spread over the GPU
                     work = None
                     for later in range(step, k):
                         work = WIDE_STEP(device, gains, weights, weight_tensor, penalty, picks, later, step,
@@ -238,20 +243,25 @@ class GreedySelector(Selector):
         return picks.sort(-1).values
 
     @staticmethod
-    def _fused_mode(num_tokens: int, device: torch.device) -> str | None:
-        """How the steps after the first run when every term has a fused form: ``"run"`` (:data:`RUN`, up to
-        :data:`RUN_MAX_TOKENS` tokens), ``"wide"`` (:data:`WIDE_STEP`, above, where Triton runs) or None (the step
-        loop). ``PRUNEKIT_FUSED_SELECTION`` in the environment: ``0`` the step loop, ``wide`` the wide steps at
-        any size where Triton runs (for comparisons)."""
+    def _fused_mode(num_tokens: int, device: torch.device, terms: list[FusedTerm]) -> str | None:
+        """How the steps after the first run when every term has a fused form (``terms``): ``"run"`` (:data:`RUN`,
+        up to :data:`RUN_MAX_TOKENS` tokens, :data:`RUN_MAX_COVERAGE_TOKENS` with a coverage term), ``"wide"``
+        (:data:`WIDE_STEP`, above, where Triton runs) or None (the step loop). ``PRUNEKIT_FUSED_SELECTION`` in the
+        environment: ``0`` the step loop, ``wide`` the wide steps at any size where Triton runs, ``run`` one
+        program per sample up to :data:`RUN_MAX_TOKENS` whatever the terms (for comparisons)."""
         setting = os.environ.get("PRUNEKIT_FUSED_SELECTION", "1").strip().lower()
-        if setting not in ("", "1", "0", "wide"):
-            raise ValueError(f"PRUNEKIT_FUSED_SELECTION must be '1' (the default), '0' or 'wide'; got {setting!r}")
+        if setting not in ("", "1", "0", "wide", "run"):
+            raise ValueError(f"PRUNEKIT_FUSED_SELECTION must be '1' (the default), '0', 'wide' or 'run'; got "
+                             f"{setting!r}")
         if setting == "0":
             return None
         wide = WIDE_STEP.uses_triton(device)
         if setting == "wide" and wide:
             return "wide"
-        if num_tokens <= RUN_MAX_TOKENS:
+        most = RUN_MAX_TOKENS
+        if setting != "run" and any(t.kind == "coverage" for t in terms):
+            most = RUN_MAX_COVERAGE_TOKENS
+        if num_tokens <= most:
             return "run"
         return "wide" if wide else None
 
