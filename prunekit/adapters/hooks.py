@@ -242,14 +242,9 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
         captured = [c[options.get("heads", "mean")] if isinstance(c, dict) else c for c in captured]
         per_patch = torch.cat([c.reshape(-1, *c.shape[2:]).float() for c in captured])
         sources = self.adapter.token_sources(self, visual_counts, per_patch.shape[0])
-        out = []
-        for src in sources:  # [n, g] indices into per_patch (-1: a token made by the model, e.g. a row break)
-            src = src.to(per_patch.device)
-            vals = per_patch[src.clamp_min(0)]
-            valid = (src >= 0).to(vals.dtype).view(*src.shape, *([1] * (vals.dim() - 2)))
-            vals = (vals * valid).sum(1) / valid.sum(1).clamp_min(1)
-            out.append(vals)
-        return self._repeat(out, m)
+        if len(sources) > 1 and len({src.shape for src in sources}) == 1:  # the batch at once, same operations
+            return self._repeat(list(_from_sources(per_patch, torch.stack(list(sources))).unbind(0)), m)
+        return self._repeat([_from_sources(per_patch, src) for src in sources], m)
 
     def grids(self, visual_counts: list[int]):
         m = self._sync(visual_counts)
@@ -285,3 +280,12 @@ class VisualHooks(ThreadStateMixin, ModelHooks):
 
     def new_cache(self):
         return C.DYNAMIC_CACHE.get()(config=self.adapter.text_config())
+
+
+def _from_sources(per_patch: Tensor, src: Tensor) -> Tensor:
+    """Each token's value: the mean of its sources' rows of ``per_patch``, ``src`` ``[..., n, g]`` indices into it
+    (-1: no source, e.g. a row break the model makes)."""
+    src = src.to(per_patch.device)
+    vals = per_patch[src.clamp_min(0)]
+    valid = (src >= 0).to(vals.dtype).view(*src.shape, *([1] * (vals.dim() - src.dim())))
+    return (vals * valid).sum(src.dim() - 1) / valid.sum(src.dim() - 1).clamp_min(1)

@@ -69,6 +69,57 @@ def attention_rows(
     return scores.softmax(-1)[0]
 
 
+def attention_rows_batch(
+    layer,
+    hidden_in: Tensor,
+    position_embeddings: tuple[Tensor, Tensor] | None,
+    attention_mask: Tensor | None,
+    query_rows: Tensor,
+) -> Tensor:
+    """:func:`attention_rows` of every sample at once, ``query_rows`` ``[B, R]`` (the same number of rows in each
+    sample): ``[B, H, R, L]`` in float32, the same operations batched (one launch each instead of one per sample)."""
+    attn = C.SELF_ATTENTION.get(layer)
+    head_dim = C.HEAD_DIM.get(attn)
+    normed = C.INPUT_NORM.get(layer)(hidden_in)
+    picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))  # [B, R, D]
+    q = _heads(C.Q_PROJ.get(attn)(picked), head_dim)
+    k = _heads(C.K_PROJ.get(attn)(normed), head_dim)
+    if C.Q_NORM.has(attn):
+        q = C.Q_NORM.get(attn)(q)
+    if C.K_NORM.has(attn):
+        k = C.K_NORM.get(attn)(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, rows, hd]
+    B = hidden_in.shape[0]
+    if position_embeddings is not None:
+        cos, sin = position_embeddings  # [..., B or 1, L, D]
+        rotate = C.ATTENTION_ROTARY.get(attn)
+        lead = cos.dim() - 3
+        index = query_rows.view((1,) * lead + tuple(query_rows.shape) + (1,))
+
+        def rows(t: Tensor) -> Tensor:
+            t = t.expand(t.shape[:lead] + (B,) + t.shape[-2:])
+            return t.take_along_dim(index, dim=-2)
+
+        q = rotate(q, rows(cos), rows(sin))
+        k = rotate(k, cos, sin)
+    q, k = q.float(), k.float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * C.SCALING.get(attn)  # [B, H, R, L]
+    L = k.shape[2]
+    if attention_mask is not None:
+        m = attention_mask.expand(B, *attention_mask.shape[1:])
+        m = m.take_along_dim(query_rows[:, None, :, None], dim=-2)[..., -L:]  # [B, 1, R, L]
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    else:  # causal, no padding
+        keys = torch.arange(L, device=scores.device)
+        scores = scores.masked_fill(keys[None, None, None, :] > query_rows[:, None, :, None], float("-inf"))
+    return scores.softmax(-1)
+
+
 #: the rater rules the runtime computes: generic rules only (a method with a rule of its own asks
 #: for every text token's attention row with ``per_rater=True`` and chooses its raters itself)
 RATER_RULES = ("last_token", "all_text")

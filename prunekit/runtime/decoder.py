@@ -273,15 +273,13 @@ class DecoderPruner(ThreadStateMixin, Patch):
             if on_vision:
                 feats = self.hooks.vision_features(n_visual)
             else:
-                feats = [embeds[b, vis_pos[b]] for b in range(B)]
+                feats = _rows_of(embeds, vis_pos)
             kept, values, merged, moved, as_is = run_stage(
                 stage, feats, n_visual,
                 lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
                 self.hooks.grids(n_visual), **self._units(call),
             )
-            report.stages.append(StageRecord(
-                stage.label, stage.point, None, [call.vis_orig[b][kept[b]] for b in range(B)], merged
-            ))
+            report.stages.append(StageRecord(stage.label, stage.point, None, _taken(call.vis_orig, kept), merged))
             written = write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None,
                                    as_is, moved)
             if written is not None:
@@ -297,13 +295,13 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 keep_rows = _kept_rows(drop, [L - d for d in dropped_counts])
                 L1 = max(r.numel() for r in keep_rows)
                 valid = call.valid
-                new_embeds = pad_left([embeds[b, keep_rows[b]] for b in range(B)], L1, 0.0)
-                new_valid = pad_left([valid[b, keep_rows[b]] for b in range(B)], L1, False)
+                new_embeds = _padded_rows(embeds, keep_rows, L1, 0.0)
+                new_valid = _padded_rows(valid, keep_rows, L1, False)
                 if self.positions == "renumber":  # close the gaps: subtract the tokens dropped before each one
                     src = pos - drop.long().cumsum(1)[..., None]
                 else:
                     src = pos
-                new_pos = pad_left([src[b, keep_rows[b]] for b in range(B)], L1, 1)
+                new_pos = _padded_rows(src, keep_rows, L1, 1)
                 new_mask = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
                 C.LM_INPUTS_EMBEDS.set(kwargs, new_embeds)
                 C.LM_ATTENTION_MASK.set(kwargs, new_mask)
@@ -311,11 +309,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 cache = self._ensure_cache(kwargs)
                 if prepared:  # the model's own masks, rebuilt for the shorter sequence
                     C.LM_ATTENTION_MASK.set(kwargs, self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1))
-                new_vis = [L1 - keep_rows[b].numel()
-                           + torch.searchsorted(keep_rows[b], vis_pos[b][kept[b].sort().values]) for b in range(B)]
+                new_vis = _new_positions(keep_rows, vis_pos, kept, [L1 - r.numel() for r in keep_rows])
                 self.hooks.prune_inputs(kwargs, kept, new_vis, L1)
                 call.vis_pos = new_vis
-                call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
+                call.vis_orig = _taken(call.vis_orig, kept)
                 call.valid = new_valid
                 call.pos = new_pos
                 dropped = torch.tensor(dropped_counts, device=device)
@@ -421,15 +418,13 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if not sum(n_orig):
             return None
         call.to(hidden.device)  # a model spread over devices: this layer's device
-        feats = [hidden[b, call.vis_pos[b]] for b in range(B)]
+        feats = _rows_of(hidden, call.vis_pos)
         kept, values, merged, moved, as_is = run_stage(
             stage, feats, n_orig,
             lambda name, opts: layer_signal(call, self.lm, self.layers, module, j, name, opts, hidden),
             **self._units(call),
         )
-        call.report.stages.append(StageRecord(
-            stage.label, stage.point, stage.layer, [call.vis_orig[b][kept[b]] for b in range(B)], merged
-        ))
+        call.report.stages.append(StageRecord(stage.label, stage.point, stage.layer, _taken(call.vis_orig, kept), merged))
         n_now = [f.shape[0] for f in feats]
         written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is, moved=moved)
         if written is not None:
@@ -442,11 +437,17 @@ class DecoderPruner(ThreadStateMixin, Patch):
         drop = torch.zeros(B, Lc, dtype=torch.bool, device=hidden.device)
         if prev is not None and prev.pad is not None:
             keep_mask &= ~prev.pad
-        for b in range(B):
-            keep_mask[b, call.vis_pos[b]] = False
-            keep_mask[b, call.vis_pos[b][kept[b]]] = True
-            drop[b, call.vis_pos[b]] = True
-            drop[b, call.vis_pos[b][kept[b]]] = False
+        if _same_sizes(call.vis_pos) and _same_sizes(kept):  # every sample at once
+            vis = torch.stack(list(call.vis_pos)).to(hidden.device)
+            held = vis.gather(1, torch.stack(list(kept)))
+            keep_mask.scatter_(1, vis, False).scatter_(1, held, True)
+            drop.scatter_(1, vis, True).scatter_(1, held, False)
+        else:
+            for b in range(B):
+                keep_mask[b, call.vis_pos[b]] = False
+                keep_mask[b, call.vis_pos[b][kept[b]]] = True
+                drop[b, call.vis_pos[b]] = True
+                drop[b, call.vis_pos[b][kept[b]]] = False
         # rows each sample keeps, counted on the host: all but the previous segment's padding and the dropped tokens
         lead_before = prev.lead if prev is not None and prev.lead is not None else [0] * B
         rows_b = _kept_rows(~keep_mask, [Lc - lead_before[b] - (call.vis_pos[b].numel() - kept[b].numel())
@@ -469,11 +470,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
         call.segments.append(seg)
         if self._gen is not None:
             self._gen.segments.append(seg)
-        call.vis_pos = [lead[b] + torch.searchsorted(rows_b[b], call.vis_pos[b][kept[b].sort().values])
-                        for b in range(B)]
-        call.vis_orig = [call.vis_orig[b][kept[b]] for b in range(B)]
-        call.valid = pad_left([call.valid[b, rows_b[b]] for b in range(B)], n, False)
-        new_hidden = pad_left([hidden[b, rows_b[b]] for b in range(B)], n, 0.0)
+        call.vis_pos = _new_positions(rows_b, call.vis_pos, kept, lead)
+        call.vis_orig = _taken(call.vis_orig, kept)
+        call.valid = _padded_rows(call.valid, rows_b, n, False)
+        new_hidden = _padded_rows(hidden, rows_b, n, 0.0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
 
@@ -481,3 +481,45 @@ def _kept_rows(drop: Tensor, counts: list[int]) -> list[Tensor]:
     """Per sample, the ascending positions where ``drop`` ``[B, L]`` is False, of which there are ``counts[b]``
     (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device) per sample."""
     return true_indices(~drop, counts)
+
+
+def _same_sizes(rows) -> bool:
+    """Whether the batch's rows can be stacked: several samples, every one of the same size (one sample is cheaper
+    taken as it is)."""
+    return len(rows) > 1 and len({r.numel() for r in rows}) == 1
+
+
+def _rows_of(hidden: Tensor, positions) -> list[Tensor]:
+    """``hidden[b, positions[b]]`` for every sample: one gather where every sample has as many positions."""
+    if not _same_sizes(positions):
+        return [hidden[b, positions[b]] for b in range(hidden.shape[0])]
+    index = torch.stack(list(positions)).to(hidden.device)
+    return list(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).unbind(0))
+
+
+def _taken(source, index) -> list[Tensor]:
+    """``source[b][index[b]]`` for every sample: one gather where the sizes agree."""
+    if not (_same_sizes(source) and _same_sizes(index)):
+        return [source[b][index[b]] for b in range(len(index))]
+    return list(torch.stack(list(source)).gather(1, torch.stack(list(index)).to(source[0].device)).unbind(0))
+
+
+def _padded_rows(x: Tensor, rows: list[Tensor], length: int, value) -> Tensor:
+    """``pad_left([x[b, rows[b]] ...], length, value)``: one gather where every sample keeps ``length`` rows."""
+    if len(rows) == 1 or any(r.numel() != length for r in rows):
+        return pad_left([x[b, rows[b]] for b in range(x.shape[0])], length, value)
+    index = torch.stack(list(rows)).to(x.device)
+    if x.dim() > 2:
+        index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
+def _new_positions(rows: list[Tensor], vis_pos, kept, lead) -> list[Tensor]:
+    """Where each sample's kept visual tokens sit among its kept ``rows`` (ascending), after ``lead[b]`` rows of
+    padding: ``lead[b] + searchsorted(rows[b], vis_pos[b][sorted kept[b]])``, for the batch at once where the
+    sizes agree."""
+    if not (_same_sizes(rows) and _same_sizes(vis_pos) and _same_sizes(kept)) or len(set(lead)) != 1:
+        return [lead[b] + torch.searchsorted(rows[b], vis_pos[b][kept[b].sort().values]) for b in range(len(rows))]
+    vis = torch.stack(list(vis_pos)).gather(1, torch.stack(list(kept)).sort(-1).values)
+    found = torch.searchsorted(torch.stack(list(rows)), vis)
+    return list((found + lead[0] if lead[0] else found).unbind(0))

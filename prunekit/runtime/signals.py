@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import contracts as C
 from ..errors import PruningError
 from ..ops import true_indices
-from .attention import RATER_RULES, attention_rows, rows_of, select_raters
+from .attention import RATER_RULES, attention_rows, attention_rows_batch, rows_of, select_raters
 from .hooks import ModelHooks
 from .sequence import Call
 
@@ -108,6 +108,10 @@ def layer_signal(call: Call, lm, layers, layer, j: int, name: str, options: dict
     out = []
     needs_text = name in ("text_states", "text_attention") or options.get("tokens", "visual") == "text"
     texts = instruction(call, call.vis_pos, call.valid) if needs_text else None
+    if name == "text_attention":
+        batched = text_attention_batch(call, layers, layer, j, options, texts, hidden_in, hidden_out, mask, pos_emb)
+        if batched is not None:
+            return batched
     for b in range(hidden_in.shape[0]):
         vis = call.vis_pos[b]
         text = texts[b] if texts is not None else None
@@ -137,6 +141,26 @@ def layer_signal(call: Call, lm, layers, layer, j: int, name: str, options: dict
             out.append(probs.mean(0)[:, vis].T if per_rater else probs.mean((0, 1))[vis])
     return out
 
+def text_attention_batch(call: Call, layers, layer, j: int, options: dict, texts: list[Tensor], hidden_in: Tensor,
+                         hidden_out: Tensor, mask, pos_emb) -> list[Tensor] | None:
+    """The ``text_attention`` signal of every sample from one batched recomputation (:func:`attention_rows_batch`),
+    where every sample has visual tokens and as many raters as the others; else None (computed per sample)."""
+    if any(vis.numel() == 0 for vis in call.vis_pos):
+        return None
+    raters = [select_raters(options["raters"], text) for text in texts]
+    if len({r.numel() for r in raters}) != 1:
+        return None
+    rater_layer, states = layer, hidden_in
+    if options.get("layer", "previous") == "next":
+        rater_layer, states = layers[j + 1], hidden_out
+    rows = torch.stack(raters).to(states.device)
+    probs = attention_rows_batch(rater_layer, states, pos_emb, mask, rows)  # [B, H, R, L]
+    if options.get("per_rater", False):
+        per_rater = probs.mean(1)  # [B, R, L]
+        return [per_rater[b][:, vis].T for b, vis in enumerate(call.vis_pos)]
+    rated = probs.mean((1, 2))  # [B, L]
+    return [rated[b][vis] for b, vis in enumerate(call.vis_pos)]
+
 def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hidden_out: Tensor) -> list[Tensor]:
     """The ``layer_input`` signal (see :func:`layer_signal`), per sample."""
     where = options.get("layer", "previous")
@@ -148,11 +172,16 @@ def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hi
         states, norm_layer = (hidden_in, layers[j]) if where == "previous" else \
             (hidden_out, layers[j + 1])
     text = instruction(call, vis_pos, valid) if options.get("tokens", "visual") == "text" else None
+    rows = vis_pos if text is None else text
+    norm = C.INPUT_NORM.get(norm_layer) if options.get("input_norm", False) else None
+    if len(rows) > 1 and len({r.numel() for r in rows}) == 1:  # one gather and one norm for the batch
+        index = torch.stack(list(rows)).to(states.device)
+        x = states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
+        return list((norm(x) if norm is not None else x).unbind(0))
     out = []
     for b in range(states.shape[0]):
-        rows = (vis_pos if text is None else text)[b].to(states.device)
-        x = states[b, rows]
-        out.append(C.INPUT_NORM.get(norm_layer)(x) if options.get("input_norm", False) else x)
+        x = states[b, rows[b].to(states.device)]
+        out.append(norm(x) if norm is not None else x)
     return out
 
 def layer_keys(layer, hidden_in: Tensor, pos_emb, b: int, rows: Tensor, rope: bool) -> Tensor:

@@ -109,6 +109,9 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
     where = stage.label or stage.point
     if len(chosen) != ctx.batch_size:
         raise PruningError(f"{where}: method returned {len(chosen)} rows for {ctx.batch_size}")
+    batched = _choose_batch(chosen, ctx, where)
+    if batched is not None:
+        return batched
     kept, values, merged = [], [], []
     invalid: list[tuple[int, Tensor]] = []  # per sample, True on the device when its indices are invalid
     moves: list[tuple[int, Tensor]] = []  # per sample of an ordered Choice, True on the device when tokens move
@@ -139,3 +142,29 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
         for (b, _), flag in zip(moves, flags[len(invalid):]):
             moved[b] = flag
     return kept, values, merged, moved
+
+
+def _choose_batch(chosen, ctx: StageContext, where: str):
+    """:func:`choose`'s result computed for the whole batch at once (one sort, one check, one read), where every
+    sample keeps plain indices (no values, no merged flags, no order of its own) and as many of them, out of as
+    many tokens on one device; else None (per sample)."""
+    rows = [c.indices if isinstance(c, Choice) else c for c in chosen]
+    if any(isinstance(c, Choice) and (c.ordered or c.values is not None or c.merged is not None) for c in chosen):
+        return None
+    sizes = {f.shape[0] for f in ctx.features}
+    devices = {f.device for f in ctx.features}
+    if len(rows) == 0 or len(sizes) != 1 or len(devices) != 1 or len({r.numel() for r in rows}) != 1:
+        return None
+    for b, (r, budget) in enumerate(zip(rows, ctx.keep)):
+        if r.numel() != budget:
+            raise PruningError(f"{where}: method kept {r.numel()} tokens of sample {b}, budget {budget}")
+    if rows[0].numel() == 0:
+        return None
+    device, (n,) = devices.pop(), sizes
+    k = torch.stack([r.to(device=device, dtype=torch.long).flatten() for r in rows]).sort(-1).values
+    invalid = (k[:, 0] < 0) | (k[:, -1] >= n) | (k[:, 1:] == k[:, :-1]).any(-1)
+    bad = invalid.tolist()  # one read of the device for the whole stage
+    if any(bad):
+        raise PruningError(f"{where}: method returned invalid or repeated indices for sample {bad.index(True)}")
+    flags = torch.zeros(k.shape, dtype=torch.bool, device=device)
+    return list(k.unbind(0)), [None] * len(rows), list(flags.unbind(0)), [False] * len(rows)

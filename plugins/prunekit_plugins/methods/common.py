@@ -29,10 +29,10 @@ def above_mean_similarity(visual: Tensor, text: Tensor) -> Tensor:
     """SparseVLM's raters (its section 3.2): ``s`` = softmax over the text tokens of ``V·Tᵀ``, averaged over the
     visual tokens; the raters are the text tokens whose ``s`` is above the mean of ``s``. ``visual`` ``[V, D]``,
     ``text`` ``[T, D]``; returns a ``[T]`` bool mask (every text token when none is above the mean: a single text
-    token, or all equal)."""
-    s = (visual.float() @ text.float().T).softmax(-1).mean(0)
-    above = s > s.mean()
-    return above | ~above.any()  # on the device: deciding on the host would read it
+    token, or all equal). Batched: ``[B, V, D]`` and ``[B, T, D]`` give ``[B, T]``."""
+    s = (visual.float() @ text.float().transpose(-1, -2)).softmax(-1).mean(-2)
+    above = s > s.mean(-1, keepdim=True)
+    return above | ~above.any(-1, keepdim=True)  # on the device: deciding on the host would read it
 
 
 def rater_attention(
@@ -54,7 +54,11 @@ def rater_attention(
     columns = ctx.relevance("text_attention", raters="all_text", layer=layer, per_rater=True)  # [n, T'] per sample
     # the raters' text is the tail of the stage's: once an image's tokens are all pruned, the text after the visual
     # tokens still present also holds what followed that image
-    raters = [above_mean_similarity(v, t).to(c.device) for c, v, t in zip(columns, visual, text)]
+    if len(visual) > 1 and len({v.shape for v in visual}) == 1 and len({t.shape for t in text}) == 1:
+        # every sample the same sizes: the batch at once (the same operations, batched)
+        raters = list(above_mean_similarity(torch.stack(visual), torch.stack(text)).to(columns[0].device).unbind(0))
+    else:
+        raters = [above_mean_similarity(v, t).to(c.device) for c, v, t in zip(columns, visual, text)]
     # how many raters each sample has decides the mean's shape: read for the batch at once, not per sample
     counts = torch.stack([r.sum().to(raters[0].device) for r in raters]).tolist() if raters else []
     return [c[:, c.shape[1] - t.shape[0]:][:, true_indices(r, n)].mean(1)
