@@ -75,6 +75,34 @@ def test_padded_batch_equals_rows_alone(name):
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
+def test_a_batch_of_rows_of_one_size_runs_batched_and_equals_the_row_alone(name, monkeypatch):
+    """Rows of the same sizes take the runtime's batched path (one set of operations for the batch: a stage's
+    check, the kept rows, the decoder signals): each row keeps and answers what it does alone."""
+    from prunekit.runtime import stages
+
+    batched = []
+    whole_batch = stages._choose_batch
+    monkeypatch.setattr(stages, "_choose_batch", lambda *a: batched.append(whole_batch(*a)) or batched[-1])
+    model, rows = tiny(name)
+    # the same prompt with other pixels: the same sizes, other tokens kept (a mix-up between rows would show)
+    noise = torch.Generator().manual_seed(0)
+    other = {key: value + torch.randn(value.shape, generator=noise).to(value.dtype) if key.startswith("pixel_values")
+             else value for key, value in rows[0].items()}
+    prunekit.build("tops", model, keep_ratio=ratio(points_of(name)), insertion_points=points_of(name))
+    batch = model.generate(**batch_of(model, [rows[0], other]), **GEN)
+    report = prunekit.pruning_report(model)
+    kept = [s.kept for s in report.stages]
+    assert report.stages and all(c < n for c, n in zip(report.stages[-1].counts, report.visual_tokens))
+    assert any(b is not None for b in batched)  # the batch was chosen at once
+    if name != "gemma3":  # its tiny model's image features are all zero: every image keeps the same tokens
+        assert any(k[0].tolist() != k[1].tolist() for k in kept)  # the rows differ
+    for b, row in enumerate([rows[0], other]):
+        assert_row_matches(model, batch, b, row)
+        for stage_kept, stage in zip(kept, prunekit.pruning_report(model).stages):
+            assert stage_kept[b].tolist() == stage.kept[0].tolist()
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_pruned_forward_then_decode_equals_generate(name):
     """A plain forward (no position ids) and a decode step on its returned cache give generate's logits."""
     model, rows = tiny(name)

@@ -5,7 +5,7 @@ import torch
 
 import prunekit
 from prunekit.ops import cosine
-from prunekit.runtime.attention import attention_rows
+from prunekit.runtime.attention import attention_rows, attention_rows_batch
 from prunekit.testing import tiny_llava, tiny_llava_inputs
 from test_selection import naive_tops
 from conftest import unpad_row
@@ -192,6 +192,15 @@ def test_recomputed_attention_matches_eager(model, inputs):
             rows = torch.tensor([L - 3, L - 1])
             got = attention_rows(lm.layers[j], h, emb, mask4d, b, rows)
             torch.testing.assert_close(got, out.attentions[j][b][:, rows].float(), rtol=1e-5, atol=1e-6)
+        # the batch at once, each sample its own rows: the same as sample by sample, with the mask and causally
+        rows = torch.tensor([[L - 3, L - 1], [L - 4, L - 2]])
+        for m in (None, mask4d):
+            batched = attention_rows_batch(lm.layers[j], h, emb, m, rows)
+            for b in range(2):
+                one = attention_rows(lm.layers[j], h, emb, m, b, rows[b])
+                torch.testing.assert_close(batched[b], one, rtol=1e-6, atol=1e-7)
+        for b in range(2):
+            torch.testing.assert_close(batched[b], out.attentions[j][b][:, rows[b]].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_text_only_input_prunes_nothing(model):
