@@ -47,8 +47,8 @@ def test_a_pruned_prefill_reads_the_device_at_most_its_ceiling(method):
 #: are what made TOPS's batch-8 prefill host-bound (docs/performance.md), so the runtime works on the whole batch
 #: where the samples' sizes agree. Measured, rounded up.
 PER_SAMPLE = {
-    "cdpruner": 10, "dart": 132, "divprune": 9, "fastervlm": 17, "fastv": 9, "pdrop": 22, "pool": 29,
-    "prumerge_plus": 118, "random": 10, "scope": 15, "sparsevlm": 231, "tops": 38, "trim": 57, "visionzip": 84,
+    "cdpruner": 11, "dart": 132, "divprune": 9, "fastervlm": 17, "fastv": 9, "pdrop": 23, "pool": 30,
+    "prumerge_plus": 118, "random": 11, "scope": 16, "sparsevlm": 232, "tops": 39, "trim": 58, "visionzip": 84,
     "vispruner": 122,
 }
 

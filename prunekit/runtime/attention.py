@@ -35,38 +35,15 @@ def attention_rows(
 ) -> Tensor:
     """Attention probabilities of ``query_rows`` of sample ``b`` to every key of decoder ``layer``.
 
-    ``hidden_in`` is the layer's input ``[B, L, D]`` (before its input norm). Returns ``[H, R, L]`` in float32.
+    ``hidden_in`` is the layer's input ``[B, L, D]`` (before its input norm). Returns ``[H, R, L]`` in float32:
+    :func:`attention_rows_batch` on sample ``b`` alone.
     """
-    attn = C.SELF_ATTENTION.get(layer)
-    head_dim = C.HEAD_DIM.get(attn)
-    normed = C.INPUT_NORM.get(layer)(hidden_in[b : b + 1])
-    q = _heads(C.Q_PROJ.get(attn)(normed[:, query_rows]), head_dim)
-    k = _heads(C.K_PROJ.get(attn)(normed), head_dim)
-    if C.Q_NORM.has(attn):
-        q = C.Q_NORM.get(attn)(q)
-    if C.K_NORM.has(attn):
-        k = C.K_NORM.get(attn)(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, rows, hd]
+    embeddings = None
     if position_embeddings is not None:
-        cos, sin = position_embeddings
-        rotate = C.ATTENTION_ROTARY.get(attn)
-        q = rotate(q, rows_of(cos, b, query_rows), rows_of(sin, b, query_rows))
-        k = rotate(k, rows_of(cos, b), rows_of(sin, b))
-    q, k = q.float(), k.float()
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-1, -2)) * C.SCALING.get(attn)  # [1, H, R, L]
-    L = k.shape[2]
+        embeddings = (rows_of(position_embeddings[0], b), rows_of(position_embeddings[1], b))
     if attention_mask is not None:
-        m = attention_mask[b if attention_mask.shape[0] > 1 else 0][:, query_rows][..., -L:]
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m[None], float("-inf"))
-        else:
-            scores = scores + m[None].float()
-    else:  # causal, no padding
-        keys = torch.arange(L, device=scores.device)
-        scores = scores.masked_fill(keys[None, None, None, :] > query_rows[None, None, :, None], float("-inf"))
-    return scores.softmax(-1)[0]
+        attention_mask = attention_mask.narrow(0, b if attention_mask.shape[0] > 1 else 0, 1)
+    return attention_rows_batch(layer, hidden_in[b : b + 1], embeddings, attention_mask, query_rows[None])[0]
 
 
 def attention_rows_batch(
@@ -75,12 +52,15 @@ def attention_rows_batch(
     position_embeddings: tuple[Tensor, Tensor] | None,
     attention_mask: Tensor | None,
     query_rows: Tensor,
+    normed: Tensor | None = None,
 ) -> Tensor:
     """:func:`attention_rows` of every sample at once, ``query_rows`` ``[B, R]`` (the same number of rows in each
-    sample): ``[B, H, R, L]`` in float32, the same operations batched (one launch each instead of one per sample)."""
+    sample): ``[B, H, R, L]`` in float32, the same operations batched (one launch each instead of one per sample).
+    ``normed``: the layer's input norm of ``hidden_in`` where the caller already has it."""
     attn = C.SELF_ATTENTION.get(layer)
     head_dim = C.HEAD_DIM.get(attn)
-    normed = C.INPUT_NORM.get(layer)(hidden_in)
+    if normed is None:
+        normed = C.INPUT_NORM.get(layer)(hidden_in)
     picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))  # [B, R, D]
     q = _heads(C.Q_PROJ.get(attn)(picked), head_dim)
     k = _heads(C.K_PROJ.get(attn)(normed), head_dim)

@@ -424,6 +424,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             lambda name, opts: layer_signal(call, self.lm, self.layers, module, j, name, opts, hidden),
             **self._units(call),
         )
+        call.normed.clear()  # the stage's normalised inputs (signals.normed_input): not kept past the stage
         call.report.stages.append(StageRecord(stage.label, stage.point, stage.layer, _taken(call.vis_orig, kept), merged))
         n_now = [f.shape[0] for f in feats]
         written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is, moved=moved)
@@ -519,7 +520,8 @@ def _new_positions(rows: list[Tensor], vis_pos, kept, lead) -> list[Tensor]:
     padding: ``lead[b] + searchsorted(rows[b], vis_pos[b][sorted kept[b]])``, for the batch at once where the
     sizes agree."""
     if not (_same_sizes(rows) and _same_sizes(vis_pos) and _same_sizes(kept)) or len(set(lead)) != 1:
-        return [lead[b] + torch.searchsorted(rows[b], vis_pos[b][kept[b].sort().values]) for b in range(len(rows))]
+        found = [torch.searchsorted(rows[b], vis_pos[b][kept[b].sort().values]) for b in range(len(rows))]
+        return [f + lead[b] if lead[b] else f for b, f in enumerate(found)]
     vis = torch.stack(list(vis_pos)).gather(1, torch.stack(list(kept)).sort(-1).values)
     found = torch.searchsorted(torch.stack(list(rows)), vis)
     return list((found + lead[0] if lead[0] else found).unbind(0))

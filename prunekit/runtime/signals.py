@@ -40,6 +40,17 @@ def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor
     call.instructions.append((vis_pos, valid, text))
     return text
 
+def normed_input(call: Call, layer, states: Tensor) -> Tensor:
+    """``layer``'s input norm of ``states`` ``[B, L, D]``, computed once per call for each (layer, states): a stage's
+    layer-input signals and its recomputed attention rows read the same normalised rows (the norm is row by row,
+    so a row is the same taken from the whole as normalised alone)."""
+    for seen_layer, seen_states, normed in call.normed:
+        if seen_layer is layer and seen_states is states:
+            return normed
+    normed = C.INPUT_NORM.get(layer)(states)
+    call.normed.append((layer, states, normed))
+    return normed
+
 def text_similarity(embeds: Tensor, vis: Tensor, valid: Tensor, text: Tensor) -> Tensor:
     """Mean cosine similarity of each visual token's LLM-input embedding to the instruction's embeddings
     (``text``: the text after the last visual token; all text when there is none after it)."""
@@ -154,7 +165,8 @@ def text_attention_batch(call: Call, layers, layer, j: int, options: dict, texts
     if options.get("layer", "previous") == "next":
         rater_layer, states = layers[j + 1], hidden_out
     rows = torch.stack(raters).to(states.device)
-    probs = attention_rows_batch(rater_layer, states, pos_emb, mask, rows)  # [B, H, R, L]
+    probs = attention_rows_batch(rater_layer, states, pos_emb, mask, rows,
+                                 normed=normed_input(call, rater_layer, states))  # [B, H, R, L]
     if options.get("per_rater", False):
         per_rater = probs.mean(1)  # [B, R, L]
         return [per_rater[b][:, vis].T for b, vis in enumerate(call.vis_pos)]
@@ -173,16 +185,12 @@ def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hi
             (hidden_out, layers[j + 1])
     text = instruction(call, vis_pos, valid) if options.get("tokens", "visual") == "text" else None
     rows = vis_pos if text is None else text
-    norm = C.INPUT_NORM.get(norm_layer) if options.get("input_norm", False) else None
-    if len(rows) > 1 and len({r.numel() for r in rows}) == 1:  # one gather and one norm for the batch
+    if options.get("input_norm", False):  # the rows of the whole normalised input (shared within the call)
+        states = normed_input(call, norm_layer, states)
+    if len(rows) > 1 and len({r.numel() for r in rows}) == 1:  # one gather for the batch
         index = torch.stack(list(rows)).to(states.device)
-        x = states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
-        return list((norm(x) if norm is not None else x).unbind(0))
-    out = []
-    for b in range(states.shape[0]):
-        x = states[b, rows[b].to(states.device)]
-        out.append(norm(x) if norm is not None else x)
-    return out
+        return list(states.gather(1, index[..., None].expand(-1, -1, states.shape[-1])).unbind(0))
+    return [states[b, rows[b].to(states.device)] for b in range(states.shape[0])]
 
 def layer_keys(layer, hidden_in: Tensor, pos_emb, b: int, rows: Tensor, rope: bool) -> Tensor:
     """Layer keys of ``rows`` of sample ``b``: ``[R, kv_heads * head_dim]`` (after the rotary embedding if
