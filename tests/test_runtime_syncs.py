@@ -47,9 +47,9 @@ def test_a_pruned_prefill_reads_the_device_at_most_its_ceiling(method):
 #: are what made TOPS's batch-8 prefill host-bound (docs/performance.md), so the runtime works on the whole batch
 #: where the samples' sizes agree. Measured, rounded up.
 PER_SAMPLE = {
-    "cdpruner": 11, "dart": 132, "divprune": 9, "fastervlm": 17, "fastv": 9, "pdrop": 23, "pool": 30,
-    "prumerge_plus": 118, "random": 11, "scope": 16, "sparsevlm": 232, "tops": 39, "trim": 58, "visionzip": 84,
-    "vispruner": 122,
+    "cdpruner": 12, "dart": 133, "divprune": 10, "fastervlm": 18, "fastv": 10, "pdrop": 25, "pool": 31,
+    "prumerge_plus": 119, "random": 12, "scope": 17, "sparsevlm": 234, "tops": 42, "trim": 59, "visionzip": 85,
+    "vispruner": 123,
 }
 
 

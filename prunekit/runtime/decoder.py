@@ -507,6 +507,8 @@ def _taken(source, index) -> list[Tensor]:
 
 def _padded_rows(x: Tensor, rows: list[Tensor], length: int, value) -> Tensor:
     """``pad_left([x[b, rows[b]] ...], length, value)``: one gather where every sample keeps ``length`` rows."""
+    if len(rows) == 1 and rows[0].numel() == length:  # one sample, nothing to pad
+        return x[0, rows[0]].unsqueeze(0)
     if len(rows) == 1 or any(r.numel() != length for r in rows):
         return pad_left([x[b, rows[b]] for b in range(x.shape[0])], length, value)
     index = torch.stack(list(rows)).to(x.device)
