@@ -242,14 +242,18 @@ RUN_CONFIGS = {1024: [(4, 8), (4, 4), (8, 8), (8, 16), (16, 16), (16, 32), (32, 
 WIDE_CONFIGS = [(128, 16, 8), (64, 16, 8), (32, 16, 4), (64, 32, 8), (256, 16, 8)]
 
 
+#: the library's launch settings, kept at the first change (restored by ``_configured()``)
+_DEFAULTS: list = []
+
+
 def _configured(run=None, wide=None, block=None):
     """Set the Triton launchers' tuning (``run``: (warps, rows) at ``block`` tokens; ``wide``: (cols, rows, warps)
     at every size), or restore the library's own (None)."""
     from prunekit_plugins.selectors import _greedy_triton as g
 
-    if not hasattr(g, "_tune_defaults"):
-        g._tune_defaults = (dict(g.RUN_LAUNCH), g.WIDE_LAUNCH)
-    g.RUN_LAUNCH, g.WIDE_LAUNCH = dict(g._tune_defaults[0]), g._tune_defaults[1]
+    if not _DEFAULTS:
+        _DEFAULTS.extend([dict(g.RUN_LAUNCH), g.WIDE_LAUNCH])
+    g.RUN_LAUNCH, g.WIDE_LAUNCH = dict(_DEFAULTS[0]), _DEFAULTS[1]
     if run is not None:
         g.RUN_LAUNCH[block] = tuple(run)
     if wide is not None:

@@ -37,7 +37,8 @@ from ..interfaces import Patch, Stage
 from ..ops import true_indices
 from ..report import PruningReport, StageRecord
 from .hooks import ModelHooks
-from .sequence import Call, Generation, Segment, pad_left, positions_in, positions_out, remap, segment_for
+from .sequence import (Call, Generation, Segment, pad_left, positions_in, positions_out, remap, rows_of_samples,
+                       same_sizes, segment_for)
 from .signals import layer_signal, pre_llm_signal
 from .stages import run_stage, write_values
 from .state import PerThread, ThreadStateMixin
@@ -273,7 +274,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             if on_vision:
                 feats = self.hooks.vision_features(n_visual)
             else:
-                feats = _rows_of(embeds, vis_pos)
+                feats = rows_of_samples(embeds, vis_pos)
             kept, values, merged, moved, as_is = run_stage(
                 stage, feats, n_visual,
                 lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
@@ -418,7 +419,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if not sum(n_orig):
             return None
         call.to(hidden.device)  # a model spread over devices: this layer's device
-        feats = _rows_of(hidden, call.vis_pos)
+        feats = rows_of_samples(hidden, call.vis_pos)
         kept, values, merged, moved, as_is = run_stage(
             stage, feats, n_orig,
             lambda name, opts: layer_signal(call, self.lm, self.layers, module, j, name, opts, hidden),
@@ -438,7 +439,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         drop = torch.zeros(B, Lc, dtype=torch.bool, device=hidden.device)
         if prev is not None and prev.pad is not None:
             keep_mask &= ~prev.pad
-        if _same_sizes(call.vis_pos) and _same_sizes(kept):  # every sample at once
+        if same_sizes(call.vis_pos) and same_sizes(kept):  # every sample at once
             vis = torch.stack(list(call.vis_pos)).to(hidden.device)
             held = vis.gather(1, torch.stack(list(kept)))
             keep_mask.scatter_(1, vis, False).scatter_(1, held, True)
@@ -484,33 +485,19 @@ def _kept_rows(drop: Tensor, counts: list[int]) -> list[Tensor]:
     return true_indices(~drop, counts)
 
 
-def _same_sizes(rows) -> bool:
-    """Whether the batch's rows can be stacked: several samples, every one of the same size (one sample is cheaper
-    taken as it is)."""
-    return len(rows) > 1 and len({r.numel() for r in rows}) == 1
-
-
-def _rows_of(hidden: Tensor, positions) -> list[Tensor]:
-    """``hidden[b, positions[b]]`` for every sample: one gather where every sample has as many positions."""
-    if not _same_sizes(positions):
-        return [hidden[b, positions[b]] for b in range(hidden.shape[0])]
-    index = torch.stack(list(positions)).to(hidden.device)
-    return list(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).unbind(0))
-
-
 def _taken(source, index) -> list[Tensor]:
     """``source[b][index[b]]`` for every sample: one gather where the sizes agree."""
-    if not (_same_sizes(source) and _same_sizes(index)):
+    if not (same_sizes(source) and same_sizes(index)):
         return [source[b][index[b]] for b in range(len(index))]
     return list(torch.stack(list(source)).gather(1, torch.stack(list(index)).to(source[0].device)).unbind(0))
 
 
 def _padded_rows(x: Tensor, rows: list[Tensor], length: int, value) -> Tensor:
     """``pad_left([x[b, rows[b]] ...], length, value)``: one gather where every sample keeps ``length`` rows."""
-    if len(rows) == 1 and rows[0].numel() == length:  # one sample, nothing to pad
-        return x[0, rows[0]].unsqueeze(0)
-    if len(rows) == 1 or any(r.numel() != length for r in rows):
+    if any(r.numel() != length for r in rows):
         return pad_left([x[b, rows[b]] for b in range(x.shape[0])], length, value)
+    if len(rows) == 1:  # one sample, nothing to pad
+        return x[0, rows[0]].unsqueeze(0)
     index = torch.stack(list(rows)).to(x.device)
     if x.dim() > 2:
         index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
@@ -521,7 +508,7 @@ def _new_positions(rows: list[Tensor], vis_pos, kept, lead) -> list[Tensor]:
     """Where each sample's kept visual tokens sit among its kept ``rows`` (ascending), after ``lead[b]`` rows of
     padding: ``lead[b] + searchsorted(rows[b], vis_pos[b][sorted kept[b]])``, for the batch at once where the
     sizes agree."""
-    if not (_same_sizes(rows) and _same_sizes(vis_pos) and _same_sizes(kept)) or len(set(lead)) != 1:
+    if not (same_sizes(rows) and same_sizes(vis_pos) and same_sizes(kept)) or len(set(lead)) != 1:
         found = [torch.searchsorted(rows[b], vis_pos[b][kept[b].sort().values]) for b in range(len(rows))]
         return [f + lead[b] if lead[b] else f for b, f in enumerate(found)]
     vis = torch.stack(list(vis_pos)).gather(1, torch.stack(list(kept)).sort(-1).values)

@@ -16,7 +16,7 @@ from ..report import PruningReport
 from .hooks import BudgetUnits
 
 __all__ = ["Segment", "Generation", "Call", "positions_in", "positions_out", "causal_pad_mask", "hide_pads",
-           "pad_left", "segment_for", "remap"]
+           "same_sizes", "rows_of_samples", "pad_left", "segment_for", "remap"]
 
 
 @dataclass
@@ -120,6 +120,21 @@ def hide_pads(mask: Tensor, pad_keys: Tensor) -> Tensor:
     if mask.dtype == torch.bool:
         return (mask & ~hide) | own
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min).masked_fill(own, 0.0)
+
+
+def same_sizes(rows) -> bool:
+    """Whether a batch's per-sample tensors can be stacked: several samples, every one of the same size (one sample
+    is cheaper taken as it is)."""
+    return len(rows) > 1 and len({r.numel() for r in rows}) == 1
+
+
+def rows_of_samples(x: Tensor, positions) -> list[Tensor]:
+    """``x[b, positions[b]]`` for every sample of ``x`` ``[B, L, D]``: one gather where every sample has as many
+    positions (the same values: a gather copies rows)."""
+    if not same_sizes(positions):
+        return [x[b, positions[b].to(x.device)] for b in range(x.shape[0])]
+    index = torch.stack(list(positions)).to(x.device)
+    return list(x.gather(1, index[..., None].expand(-1, -1, x.shape[-1])).unbind(0))
 
 
 def pad_left(rows: list[Tensor], length: int, value) -> Tensor:

@@ -13,7 +13,7 @@ from ..errors import PruningError
 from ..ops import true_indices
 from .attention import RATER_RULES, attention_rows, attention_rows_batch, rows_of, select_raters
 from .hooks import ModelHooks
-from .sequence import Call
+from .sequence import Call, rows_of_samples
 
 __all__ = ["LAYER_SIGNALS", "text_after", "instruction", "text_similarity", "pre_llm_signal", "layer_signal", "layer_input",
            "layer_keys"]
@@ -187,10 +187,7 @@ def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hi
     rows = vis_pos if text is None else text
     if options.get("input_norm", False):  # the rows of the whole normalised input (shared within the call)
         states = normed_input(call, norm_layer, states)
-    if len(rows) > 1 and len({r.numel() for r in rows}) == 1:  # one gather for the batch
-        index = torch.stack(list(rows)).to(states.device)
-        return list(states.gather(1, index[..., None].expand(-1, -1, states.shape[-1])).unbind(0))
-    return [states[b, rows[b].to(states.device)] for b in range(states.shape[0])]
+    return rows_of_samples(states, rows)
 
 def layer_keys(layer, hidden_in: Tensor, pos_emb, b: int, rows: Tensor, rope: bool) -> Tensor:
     """Layer keys of ``rows`` of sample ``b``: ``[R, kv_heads * head_dim]`` (after the rotary embedding if

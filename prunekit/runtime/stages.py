@@ -109,17 +109,19 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
     where = stage.label or stage.point
     if len(chosen) != ctx.batch_size:
         raise PruningError(f"{where}: method returned {len(chosen)} rows for {ctx.batch_size}")
+    for b, (c, budget) in enumerate(zip(chosen, ctx.keep)):
+        count = (c.indices if isinstance(c, Choice) else c).numel()
+        if count != budget:
+            raise PruningError(f"{where}: method kept {count} tokens of sample {b}, budget {budget}")
     batched = _choose_batch(chosen, ctx, where)
     if batched is not None:
         return batched
     kept, values, merged = [], [], []
     invalid: list[tuple[int, Tensor]] = []  # per sample, True on the device when its indices are invalid
     moves: list[tuple[int, Tensor]] = []  # per sample of an ordered Choice, True on the device when tokens move
-    for b, (c, budget, f) in enumerate(zip(chosen, ctx.keep, ctx.features)):
+    for b, (c, f) in enumerate(zip(chosen, ctx.features)):
         c = c if isinstance(c, Choice) else Choice(c)
         k = c.indices.to(device=f.device, dtype=torch.long).flatten()
-        if k.numel() != budget:
-            raise PruningError(f"{where}: method kept {k.numel()} tokens of sample {b}, budget {budget}")
         k, order = (k, torch.arange(k.numel(), device=k.device)) if c.ordered else k.sort()
         if k.numel():
             s = k.sort().values if c.ordered else k
@@ -147,7 +149,7 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
 def _choose_batch(chosen, ctx: StageContext, where: str):
     """:func:`choose`'s result computed for the whole batch at once (one sort, one check, one read), where every
     sample keeps plain indices (no values, no merged flags, no order of its own) and as many of them, out of as
-    many tokens on one device; else None (per sample)."""
+    many tokens on one device; else None (per sample). The budgets are checked by the caller."""
     rows = [c.indices if isinstance(c, Choice) else c for c in chosen]
     if any(isinstance(c, Choice) and (c.ordered or c.values is not None or c.merged is not None) for c in chosen):
         return None
@@ -155,9 +157,6 @@ def _choose_batch(chosen, ctx: StageContext, where: str):
     devices = {f.device for f in ctx.features}
     if len(rows) == 0 or len(sizes) != 1 or len(devices) != 1 or len({r.numel() for r in rows}) != 1:
         return None
-    for b, (r, budget) in enumerate(zip(rows, ctx.keep)):
-        if r.numel() != budget:
-            raise PruningError(f"{where}: method kept {r.numel()} tokens of sample {b}, budget {budget}")
     if rows[0].numel() == 0:
         return None
     device, (n,) = devices.pop(), sizes
