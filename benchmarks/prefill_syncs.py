@@ -1,11 +1,16 @@
 """Host reads of one pruned prefill, per method (docs/performance.md, "Fewer host reads since").
 
     python benchmarks/prefill_syncs.py                                # CPU: the tiny LLaVA, every registered method
+    python benchmarks/prefill_syncs.py --per-sample                   # CPU: launches at batch 1 and 4
     python benchmarks/prefill_syncs.py --device cuda --methods tops visionzip divprune --profile
 
 CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
 LLaVA (4 decoder layers, 64 visual tokens) after a first one, at ``--keep`` tokens (nominal budgets; PDrop at 24,
-its schedule's least), as tests/test_runtime_syncs.py counts them.
+its schedule's least), as tests/test_runtime_syncs.py counts them. ``--per-sample``: instead, kernel-launching
+operations of one prefill at batch 1 and 4 (``prunekit.tools.bench.model_inputs``: every sample the same prompt)
+and what each extra sample adds, as tests/test_runtime_syncs.py's ``PER_SAMPLE`` ceilings count them (docs/
+performance.md, "The batch at once"). To count another commit's code, put its checkout first on ``PYTHONPATH``
+(its root and its ``plugins``).
 
 CUDA: LLaVA-1.5-7B's shapes at full depth (random weights, bf16, ``prunekit.tools.bench.build_model``), T = 64
 layer-averaged tokens, batch 1; the synchronising calls ``torch.cuda.set_sync_debug_mode("warn")`` reports during
@@ -37,6 +42,26 @@ def on_cpu(methods, keep: int) -> None:
             model(**inputs)
             _, count = count_ops(lambda: model(**inputs))
         print(f"{method:<14} host reads {count.syncs:3d}  launches {count.launches:5d}  {dict(count.sync_names)}")
+
+
+def per_sample(methods, keep: int) -> None:
+    from prunekit.testing import count_ops, tiny_llava
+    from prunekit.tools.bench import model_inputs
+
+    for method in methods:
+        launches = {}
+        for batch in (1, 4):
+            torch.manual_seed(0)
+            model = tiny_llava(num_layers=4)
+            inputs = model_inputs(model, batch=batch)
+            prunekit.build(method, model, keep_tokens=24 if method == "pdrop" else keep, budget_meaning="nominal")
+            with torch.no_grad():
+                model(**inputs)
+                _, count = count_ops(lambda: model(**inputs))
+            launches[batch] = count.launches, count.syncs
+        (one, reads_one), (four, reads_four) = launches[1], launches[4]
+        print(f"{method:<14} launches at batch 1 {one:5d}, at 4 {four:5d}, per extra sample {(four - one) / 3:6.1f}; "
+              f"host reads {reads_one} and {reads_four}")
 
 
 def on_cuda(methods, profile: bool) -> None:
@@ -86,8 +111,11 @@ def main() -> None:
                                                                 "visionzip divprune (CUDA)")
     p.add_argument("--keep", type=int, default=8)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--per-sample", action="store_true", help="CPU: launches at batch 1 and 4, and per extra sample")
     args = p.parse_args()
-    if args.device == "cpu":
+    if args.device == "cpu" and args.per_sample:
+        per_sample(args.methods or prunekit.list_methods(), args.keep)
+    elif args.device == "cpu":
         on_cpu(args.methods or prunekit.list_methods(), args.keep)
     else:
         on_cuda(args.methods or ["tops", "visionzip", "divprune"], args.profile)
