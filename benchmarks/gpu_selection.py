@@ -163,11 +163,14 @@ def _fused(on: bool | str) -> None:
     the wide steps at any size (one launch each up to ``_greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS``), ``"wide3"``:
     the wide steps in three launches each at any size, ``"run"``: one program per sample up to ``RUN_MAX_TOKENS``
     whatever the terms."""
-    from prunekit_plugins.selectors import _greedy_triton as g
-
-    if not _ONE_LAUNCH:
-        _ONE_LAUNCH.append(g.WIDE_ONE_LAUNCH_MAX_TOKENS)
-    g.WIDE_ONE_LAUNCH_MAX_TOKENS = 0 if on == "wide3" else _ONE_LAUNCH[0]
+    try:
+        from prunekit_plugins.selectors import _greedy_triton as g
+    except ImportError:  # no Triton: the wide steps do not run (the step loop does)
+        g = None
+    if g is not None:
+        if not _ONE_LAUNCH:
+            _ONE_LAUNCH.append(g.WIDE_ONE_LAUNCH_MAX_TOKENS)
+        g.WIDE_ONE_LAUNCH_MAX_TOKENS = 0 if on == "wide3" else _ONE_LAUNCH[0]
     on = "wide" if on == "wide3" else on
     os.environ["PRUNEKIT_FUSED_SELECTION"] = on if isinstance(on, str) else "1" if on else "0"
 

@@ -40,7 +40,7 @@ from .hooks import ModelHooks
 from .sequence import (Call, Generation, Segment, pad_left, positions_in, positions_out, remap, rows_of_samples,
                        same_sizes, segment_for)
 from .signals import layer_signal, pre_llm_signal
-from .stages import run_stage, write_values
+from .stages import run_stage, settle_checks, write_values
 from .state import PerThread, ThreadStateMixin
 
 __all__ = ["DecoderPruner"]
@@ -170,6 +170,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
     def _lm_post(self, module, args, output):
         call, self._call = self._call, None
         if call is not None and call.mode == "prefill" and call.report is not None and self.enabled:
+            settle_checks(call.checks)  # the stages' index checks, read once for the prefill
             self._check_prefill(call.report, output)
 
     def _check_prefill(self, report: PruningReport, output) -> None:
@@ -278,7 +279,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             kept, values, merged, moved, as_is = run_stage(
                 stage, feats, n_visual,
                 lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
-                self.hooks.grids(n_visual), **self._units(call),
+                self.hooks.grids(n_visual), **self._units(call), checks=call.checks,
             )
             report.stages.append(StageRecord(stage.label, stage.point, None, _taken(call.vis_orig, kept), merged))
             written = write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None,
@@ -305,7 +306,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 new_pos = _padded_rows(src, keep_rows, L1, 1)
                 new_mask = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
                 C.LM_INPUTS_EMBEDS.set(kwargs, new_embeds)
-                C.LM_ATTENTION_MASK.set(kwargs, new_mask)
+                # no padding before or after (known on the host): no mask, as the model takes a batch without
+                # padding (its mask code would otherwise read the all-ones mask back, a wait for a GPU's queue)
+                unpadded = (lengths is None or set(lengths) == {L}) and len(set(dropped_counts)) == 1
+                C.LM_ATTENTION_MASK.set(kwargs, None if unpadded and not prepared else new_mask)
                 C.LM_POSITION_IDS.set(kwargs, positions_out(new_pos, style))
                 cache = self._ensure_cache(kwargs)
                 if prepared:  # the model's own masks, rebuilt for the shorter sequence
@@ -423,7 +427,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         kept, values, merged, moved, as_is = run_stage(
             stage, feats, n_orig,
             lambda name, opts: layer_signal(call, self.lm, self.layers, module, j, name, opts, hidden),
-            **self._units(call),
+            **self._units(call), checks=call.checks,
         )
         call.normed.clear()  # the stage's normalised inputs (signals.normed_input): not kept past the stage
         call.report.stages.append(StageRecord(stage.label, stage.point, stage.layer, _taken(call.vis_orig, kept), merged))

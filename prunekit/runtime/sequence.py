@@ -73,6 +73,8 @@ class Call:
     normed: list[tuple] = field(default_factory=list)  # (layer, states, the layer's input norm of states)
     report: PruningReport | None = None
     units: list[BudgetUnits] | None = None  # budget_per other than "prompt": per sample, its units
+    # prefill: the stages' index checks, kept on the device and read once at the end (stages.settle_checks)
+    checks: list[tuple[str, Tensor]] = field(default_factory=list)
 
     def to(self, device) -> None:
         """Move the per-call tensors the layers index with to ``device``."""

@@ -13,7 +13,20 @@ from ..errors import PruningError
 from ..interfaces import Choice, Stage, StageContext
 from .hooks import BudgetUnits
 
-__all__ = ["PER_TOKEN_SIGNALS", "run_stage", "budgets", "write_values", "choose"]
+__all__ = ["PER_TOKEN_SIGNALS", "run_stage", "budgets", "write_values", "choose", "settle_checks"]
+
+def settle_checks(checks: list[tuple[str, Tensor]]) -> None:
+    """Read the index checks a call's stages noted (``checks``, filled by :func:`choose`; one read for all of them)
+    and empty the list; raise :class:`PruningError` for the first stage whose method returned invalid or repeated
+    indices."""
+    pending = list(checks)
+    checks.clear()
+    if not pending:
+        return
+    flags = torch.stack([flags.to(pending[0][1].device) for _, flags in pending]).tolist()
+    for (where, _), bad in zip(pending, flags):
+        if any(bad):
+            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {bad.index(True)}")
 
 
 #: signals with one row per visual token of the stage (split per image / frame); others describe the prompt
@@ -22,16 +35,17 @@ PER_TOKEN_SIGNALS = frozenset({"cls_attention", "keys", "text_attention", "text_
 
 def run_stage(stage: Stage, feats: list[Tensor], n_orig: list[int], signal, grids=None, *,
               units: list[BudgetUnits] | None = None, vis_orig: list[Tensor] | None = None,
-              budget_per: str = "prompt"):
+              budget_per: str = "prompt", checks: list | None = None):
     """Run ``stage`` on every sample (``budget_per="prompt"``) or on every unit (image, video frame, crop) of
     every sample, each unit alone (``units``; ``vis_orig``: per sample, the original visual index of each
     token in ``feats``). Tokens of no unit (LLaVA-NeXT's row breaks under ``"crop"``) are kept as they
-    are, outside every budget. Returns kept, values, merged, moved (see :func:`choose`) and, per sample, None
-    or a mask over the kept tokens of those kept as they are (their rows are never rewritten)."""
+    are, outside every budget. Returns kept, values, merged, moved (see :func:`choose`, which also says what
+    ``checks`` does) and, per sample, None or a mask over the kept tokens of those kept as they are (their rows
+    are never rewritten)."""
     current = [f.shape[0] for f in feats]
     if units is None:
         ctx = StageContext(stage, feats, budgets(stage, n_orig, current), signal, grids=grids)
-        kept, values, merged, moved = choose(stage, ctx)
+        kept, values, merged, moved = choose(stage, ctx, checks)
         return kept, values, merged, moved, [None] * len(feats)
     pieces = []  # (sample, indices into its current visual tokens, unit size for its budget, grid)
     for b, sample_units in enumerate(units):
@@ -53,7 +67,7 @@ def run_stage(stage: Stage, feats: list[Tensor], n_orig: list[int], signal, grid
 
     ctx = StageContext(stage, piece_feats, keep, piece_signal,
                        grids=[[g] if g is not None else None for *_, g in pieces])
-    p_kept, p_values, p_merged, _ = choose(stage, ctx)
+    p_kept, p_values, p_merged, _ = choose(stage, ctx, checks)
     kept, values, merged, as_is = [], [], [], []
     for b, f in enumerate(feats):
         mine = [i for i, p in enumerate(pieces) if p[0] == b]
@@ -100,11 +114,15 @@ def write_values(x: Tensor, rows: list[Tensor], kept: list[Tensor], values: list
             out[b, places] = x[b, rows[b][k]]
     return out
 
-def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor | None], list[Tensor], list[bool]]:
+def choose(stage: Stage, ctx: StageContext, checks: list | None = None
+           ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor], list[bool]]:
     """Run the stage; per sample: kept indices (ascending, or as an ordered Choice gives them: the order in which
     they fill the kept places), replacement values (or None), merged flags, and whether its kept indices are out
     of sequence order (tokens that move; only an ordered Choice's can be). Whether the indices are valid and
-    whether they move are read from the device together, once for the stage."""
+    whether they move are read from the device together, once for the stage; with ``checks`` (a list), a batch of
+    plain indices is not read here: its check is appended for :func:`settle_checks` to read with the other
+    stages' (each read makes the host wait for a GPU's queue, right after a selection for the selection itself),
+    and its indices are clamped into range until then."""
     chosen = stage.choose(ctx)
     where = stage.label or stage.point
     if len(chosen) != ctx.batch_size:
@@ -113,7 +131,7 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
         count = (c.indices if isinstance(c, Choice) else c).numel()
         if count != budget:
             raise PruningError(f"{where}: method kept {count} tokens of sample {b}, budget {budget}")
-    batched = _choose_batch(chosen, ctx, where)
+    batched = _choose_batch(chosen, ctx, where, checks)
     if batched is not None:
         return batched
     kept, values, merged = [], [], []
@@ -146,10 +164,11 @@ def choose(stage: Stage, ctx: StageContext) -> tuple[list[Tensor], list[Tensor |
     return kept, values, merged, moved
 
 
-def _choose_batch(chosen, ctx: StageContext, where: str):
-    """:func:`choose`'s result computed for the whole batch at once (one sort, one check, one read), where every
-    sample keeps plain indices (no values, no merged flags, no order of its own) and as many of them, out of as
-    many tokens on one device; else None (per sample). The budgets are checked by the caller."""
+def _choose_batch(chosen, ctx: StageContext, where: str, checks: list | None):
+    """:func:`choose`'s result computed for the whole batch at once (one sort, one check, one read, or none with
+    ``checks``), where every sample keeps plain indices (no values, no merged flags, no order of its own) and as
+    many of them, out of as many tokens on one device; else None (per sample). The budgets are checked by the
+    caller."""
     rows = [c.indices if isinstance(c, Choice) else c for c in chosen]
     if any(isinstance(c, Choice) and (c.ordered or c.values is not None or c.merged is not None) for c in chosen):
         return None
@@ -162,8 +181,12 @@ def _choose_batch(chosen, ctx: StageContext, where: str):
     device, (n,) = devices.pop(), sizes
     k = torch.stack([r.to(device=device, dtype=torch.long).flatten() for r in rows]).sort(-1).values
     invalid = (k[:, 0] < 0) | (k[:, -1] >= n) | (k[:, 1:] == k[:, :-1]).any(-1)
-    bad = invalid.tolist()  # one read of the device for the whole stage
-    if any(bad):
-        raise PruningError(f"{where}: method returned invalid or repeated indices for sample {bad.index(True)}")
+    if checks is not None:  # read later with the call's other stages' (settle_checks); in range until then
+        checks.append((where, invalid))
+        k = k.clamp(0, n - 1)
+    else:
+        bad = invalid.tolist()  # one read of the device for the whole stage
+        if any(bad):
+            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {bad.index(True)}")
     flags = torch.zeros(k.shape, dtype=torch.bool, device=device)
     return list(k.unbind(0)), [None] * len(rows), list(flags.unbind(0)), [False] * len(rows)
