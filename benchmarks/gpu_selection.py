@@ -19,9 +19,8 @@ For TOPS, DivPrune and SCOPE (their selectors' kernels, ``prunekit.kernels``), o
    (the same selection as tensor operations), per size and batch; the first two with the default path, with the
    step loop (``PRUNEKIT_FUSED_SELECTION=0``: a pick and the scorers' updates launched per step), and up to 4,096
    tokens with each fused path forced: the whole-selection kernel (``run``: every step after the first in one
-   launch, one program per sample) and the wide steps over many programs (``wide``: one launch per step up to
-   ``_greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS``; ``wide3``: three launches per step), to place the limits
-   between them (``greedy.RUN_MAX_TOKENS``, ``RUN_MAX_COVERAGE_TOKENS``, ``WIDE_ONE_LAUNCH_MAX_TOKENS``).
+   launch, one program per sample) and the wide steps (``wide``: three launches per step over many programs), to
+   place the limits between them (``greedy.RUN_MAX_TOKENS``, ``RUN_MAX_COVERAGE_TOKENS``).
 
 6. **tune** (asked for by name): TOPS's steady-state time for each launch configuration of the two fused paths
    (``RUN_CONFIGS``, ``WIDE_CONFIGS``: warps, changed rows summed at once, tokens per program), with each one's
@@ -98,7 +97,7 @@ def exactness(device, cases, dim, cpu_up_to=2880 * 1024):
             else:
                 want = _select(method, feats, rel, k, reference=True).cpu()
             # the default path, and each fused path forced where both can run
-            for path in ("default", "wide", "wide3", "run") if n <= 4096 else ("default",):
+            for path in ("default", "wide", "run") if n <= 4096 else ("default",):
                 _fused(True if path == "default" else path)
                 got = _select(method, feats, rel, k).cpu()
                 _fused(True)
@@ -153,25 +152,10 @@ def per_step(device, n, k1, k2, dim, batch):
     return out
 
 
-#: the library's limit of the one-launch wide step, kept at the first change (restored by ``_fused``)
-_ONE_LAUNCH: list = []
-
-
 def _fused(on: bool | str) -> None:
     """``True``: the default (one program per sample up to ``greedy.RUN_MAX_TOKENS`` tokens, or
     ``RUN_MAX_COVERAGE_TOKENS`` with a coverage term, the wide steps above), ``False``: the step loop, ``"wide"``:
-    the wide steps at any size (one launch each up to ``_greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS``), ``"wide3"``:
-    the wide steps in three launches each at any size, ``"run"``: one program per sample up to ``RUN_MAX_TOKENS``
-    whatever the terms."""
-    try:
-        from prunekit_plugins.selectors import _greedy_triton as g
-    except ImportError:  # no Triton: the wide steps do not run (the step loop does)
-        g = None
-    if g is not None:
-        if not _ONE_LAUNCH:
-            _ONE_LAUNCH.append(g.WIDE_ONE_LAUNCH_MAX_TOKENS)
-        g.WIDE_ONE_LAUNCH_MAX_TOKENS = 0 if on == "wide3" else _ONE_LAUNCH[0]
-    on = "wide" if on == "wide3" else on
+    the wide steps at any size, ``"run"``: one program per sample up to ``RUN_MAX_TOKENS`` whatever the terms."""
     os.environ["PRUNEKIT_FUSED_SELECTION"] = on if isinstance(on, str) else "1" if on else "0"
 
 
@@ -226,7 +210,7 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                 run = lambda: _select(method, feats, rel, k, **cap)  # noqa: E731
                 times = {}
                 # both fused paths where each can run: where the limits between them belong
-                modes = (True, False, "wide", "wide3", "run") if n <= 4096 else (True, False)
+                modes = (True, False, "wide", "run") if n <= 4096 else (True, False)
                 for fused in modes:
                     _fused(fused)
                     _graphs(False)
@@ -245,8 +229,6 @@ def timing(device, sizes, batches, dim, repeats, reference_up_to_steps):
                              "replay_ms": steady, "loop_eager_ms": loop_eager, "loop_replay_ms": loop_steady,
                              "wide_eager_ms": times.get("wide", (None, None))[0],
                              "wide_replay_ms": times.get("wide", (None, None))[1],
-                             "wide3_eager_ms": times.get("wide3", (None, None))[0],
-                             "wide3_replay_ms": times.get("wide3", (None, None))[1],
                              "run_eager_ms": times.get("run", (None, None))[0],
                              "run_replay_ms": times.get("run", (None, None))[1], "reference_ms": ref})
                 print(f"time {rows[-1]}", flush=True)

@@ -175,19 +175,14 @@ def check_greedy_wide():
     from prunekit_plugins.selectors import _greedy_triton
 
     os.environ["PRUNEKIT_FUSED_SELECTION"] = "wide"
-    settings = _greedy_triton.WIDE_LAUNCH, _greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS, _greedy_triton.TAIL_BLOCK
+    launch = _greedy_triton.WIDE_LAUNCH
     # two to three programs per sample at these sizes, and a few changed rows at a time
     _greedy_triton.WIDE_LAUNCH = ((None, (16, 4, 4)),)
     try:
-        # one launch per step (the last program's loops over the tokens whole, and 8 at a time), then three
-        for most, tail, which, sizes in ((4096, 1024, (0, 2, 3, 5), ((1, 45, 20), (3, 37, 12))),
-                                         (4096, 8, (0, 5), ((3, 37, 12),)),
-                                         (0, 1024, (0, 2, 3, 5), ((1, 45, 20), (3, 37, 12)))):
-            _greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS, _greedy_triton.TAIL_BLOCK = most, tail
-            _check_fused("greedy_wide_step", steps_per_launch=True, which=which, sizes=sizes)
+        _check_fused("greedy_wide_step", steps_per_launch=True, which=(0, 2, 3, 5), sizes=((1, 45, 20), (3, 37, 12)))
     finally:
         os.environ["PRUNEKIT_FUSED_SELECTION"] = "1"
-        _greedy_triton.WIDE_LAUNCH, _greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS, _greedy_triton.TAIL_BLOCK = settings
+        _greedy_triton.WIDE_LAUNCH = launch
 
 
 def check_greedy_run():

@@ -271,31 +271,6 @@ def test_the_wide_step_kernels_compile_for_a_gpu_exactly_without_spilling(compil
     assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
 
 
-@pytest.mark.parametrize("grid", [True, False])
-def test_the_one_launch_wide_step_compiles_for_a_gpu_exactly_without_spilling(compiles, grid):
-    """The wide step in one launch (up to WIDE_ONE_LAUNCH_MAX_TOKENS, so with WIDE_LAUNCH's first setting): unfused
-    float64, no spill, the arrivals counted with an atomic that releases and acquires (the last program reads the
-    gains the others wrote), and those gains read past the L1 cache."""
-    from prunekit_plugins.selectors import _greedy_triton as g
-
-    cols, rows, warps = g.wide_launch(g.WIDE_ONE_LAUNCH_MAX_TOKENS)
-    src = "*i64" if grid else "*fp32"
-    ptx, spilled = _compile_sm90(
-        g._wide_fused_kernel,
-        {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64", "picks_ptr": "*i64", "sim_ptr": "*fp32",
-         "near_ptr": "*fp32", "grid_ptr": src, "scale": "fp32", "cbest_ptr": "*i64", "chosen_ptr": "*u8",
-         "cgain_ptr": "*i64", "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32",
-         "arrive_ptr": "*i32", "step": "i32", "update": "i32", "B": "i32", "N": "i32", "K": "i32", "P": "i32"},
-        {"K0": 1, "K1": 3, "K2": 2, "K3": 0, "MINMAX": True, "PRODUCT": False, "NEAR": True, "COV": True,
-         "DELTA": True, "GRID": grid, "OUT": 1 << 62, "BU": rows, "BI": cols, "BT": g.TAIL_BLOCK}, warps)
-    assert "fma.rn.f64" not in ptx and "div.rn.f64" in ptx
-    import re
-
-    assert re.search(r"atom\.global(\.gpu)?\.acq_rel\.add", ptx), "the arrival releases and acquires"
-    assert "ld.global.cg" in ptx, "the gains read past the L1 cache"
-    assert spilled == 0, f"{spilled} bytes of registers spilled per thread"
-
-
 def _memory_ops(ptx: str) -> list[str]:
     """The PTX's global loads, global stores and barriers in order: "ld", "st", "bar"."""
     import re
@@ -329,15 +304,6 @@ def test_a_value_several_threads_hold_is_read_by_all_of_them_before_it_is_rewrit
                                 "B": "i32", "N": "i32", "P": "i32"},
          {"K0": 3, "K1": 0, "K2": 0, "K3": 0, "MINMAX": False, "COV": True, "DELTA": True, "GRID": True,
           "BU": g.WIDE_LAUNCH[0][1][1], "BI": g.WIDE_LAUNCH[0][1][0]}, g.WIDE_LAUNCH[0][1][2]),
-        (g._wide_fused_kernel, {"gains_ptr": "*fp64", "weights_ptr": "*fp64", "penalty_ptr": "*fp64",
-                                "picks_ptr": "*i64", "sim_ptr": "*fp32", "near_ptr": "*fp32", "grid_ptr": "*i64",
-                                "scale": "fp32", "cbest_ptr": "*i64", "chosen_ptr": "*u8", "cgain_ptr": "*i64",
-                                "index_ptr": "*i64", "old_ptr": "*i64", "new_ptr": "*i64", "count_ptr": "*i32",
-                                "arrive_ptr": "*i32", "step": "i32", "update": "i32", "B": "i32", "N": "i32",
-                                "K": "i32", "P": "i32"},
-         {"K0": 3, "K1": 0, "K2": 0, "K3": 0, "MINMAX": False, "PRODUCT": False, "NEAR": False, "COV": True,
-          "DELTA": True, "GRID": True, "OUT": 1 << 62, "BU": g.WIDE_LAUNCH[0][1][1], "BI": g.WIDE_LAUNCH[0][1][0],
-          "BT": 64}, g.WIDE_LAUNCH[0][1][2]),
     ):
         ops = _memory_ops(_compile_sm90(kernel, signature, constexprs, warps)[0])
         assert ops[ops.index("st") - 1] == "bar", (kernel, ops)  # the gains: read, then rewritten

@@ -487,146 +487,6 @@ def _wide_pick_kernel(penalty_ptr, picks_ptr, step, sim_ptr, near_ptr, grid_ptr,
             tl.store(chosen_ptr + base + cols, (chosen | (cols == p)).to(tl.uint8), mask=cm)
 
 
-#: the most tokens for which a wide step is one launch (:func:`_wide_fused_kernel`: the programs add up coverage's
-#: change at their tokens, and the last of a sample's programs to finish scores every token, picks and updates
-#: alone); above, three launches, the score and the updates spread over the programs too
-WIDE_ONE_LAUNCH_MAX_TOKENS = 4096
-#: tokens the last program of a one-launch wide step takes at once (the tests shrink it)
-TAIL_BLOCK = 1024
-
-
-@triton.jit
-def _tail_span(KIND: tl.constexpr, gains_ptr, t: tl.constexpr, B, b, N, near_ptr, cgain_ptr, scale, penalty_ptr,
-               BT: tl.constexpr):
-    """Term ``t``'s minimum of ``x + penalty`` and maximum of ``x - penalty`` over all ``N`` tokens (``_term``'s),
-    ``BT`` tokens at a time. Coverage's gains are read past the L1 cache: the sample's other programs wrote them
-    in this launch."""
-    lo = tl.full([], float("inf"), tl.float64)
-    hi = tl.full([], float("-inf"), tl.float64)
-    if KIND != 0:
-        lo_acc = tl.full([BT], float("inf"), tl.float64)
-        hi_acc = tl.full([BT], float("-inf"), tl.float64)
-        for s in range(0, N, BT):
-            cols = s + tl.arange(0, BT)
-            cm = cols < N
-            if KIND == 3:
-                cgain = tl.load(cgain_ptr + b * N + cols, mask=cm, other=0, cache_modifier=".cg")
-            else:
-                cgain = tl.zeros([BT], tl.int64)
-            x = _current(KIND, gains_ptr, t, B, b, N, cols, cm, near_ptr, cgain, scale)
-            pen = tl.load(penalty_ptr + b * N + cols, mask=cm, other=0.0)
-            lo_acc = tl.where(cm, nanmin(lo_acc, x + pen), lo_acc)
-            hi_acc = tl.where(cm, nanmax(hi_acc, x - pen), hi_acc)
-        lo = tl.reduce(lo_acc, 0, nanmin)
-        hi = tl.reduce(hi_acc, 0, nanmax)
-    return lo, hi
-
-
-@triton.jit
-def _tail_part(KIND: tl.constexpr, gains_ptr, weights_ptr, t: tl.constexpr, B, b, N, cols, cm, near_ptr, cgain,
-               scale, lo, hi, MINMAX: tl.constexpr, PRODUCT: tl.constexpr):
-    """Term ``t``'s part of the score at ``cols`` (``_wide_part`` with the span already reduced)."""
-    x = _current(KIND, gains_ptr, t, B, b, N, cols, cm, near_ptr, cgain, scale)
-    if MINMAX:
-        span = hi - lo
-        x = tl.where(span > 0, (x - lo) / span, 0.0)
-    return _weighted(tl.load(weights_ptr + t), x, PRODUCT)
-
-
-@triton.jit
-def _wide_fused_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, sim_ptr, near_ptr, grid_ptr, scale,
-                       cbest_ptr, chosen_ptr, cgain_ptr, index_ptr, old_ptr, new_ptr, count_ptr, arrive_ptr,
-                       step, update, B, N, K, P,
-                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                       MINMAX: tl.constexpr, PRODUCT: tl.constexpr, NEAR: tl.constexpr, COV: tl.constexpr,
-                       DELTA: tl.constexpr, GRID: tl.constexpr, OUT: tl.constexpr,
-                       BU: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr):
-    """One greedy step in one launch, ``P`` programs per sample. Each program applies coverage's change of the
-    listed terms at its ``BI`` tokens (``DELTA``); the last of the sample's programs to finish (an atomic count of
-    arrivals: no program waits for another, so any number of them may run) then does the rest alone, ``BT`` tokens
-    at a time: each term's span, the score and its best candidate (lowest index on ties), the pick, and when
-    ``update`` the scorers' updates with the changed coverage terms listed for the next step."""
-    b = tl.program_id(0).to(tl.int64)
-    q = tl.program_id(1)
-    base = b * N
-    if DELTA:  # grid_ptr is the float similarity itself when no grid is held (GRID false)
-        own = q * BI + tl.arange(0, BI)
-        om = own < N
-        mine = tl.load(cgain_ptr + base + own, mask=om, other=0)
-        mine = mine - listed_change(grid_ptr, index_ptr, old_ptr, new_ptr, base, tl.load(count_ptr + b), own, om, N,
-                                    scale, GRID, BU, BI)
-        tl.debug_barrier()  # every thread holding a token (several, below the program's threads) has read it first
-        tl.store(cgain_ptr + base + own, mine, mask=om)
-    tl.debug_barrier()  # the program's writes, all of them, before its arrival is counted (released with it)
-    arrived = tl.atomic_add(arrive_ptr + b, 1, sem="acq_rel")
-    if arrived == P - 1:
-        tl.store(arrive_ptr + b, 0)  # for the next step's launch
-        lo0, hi0 = _tail_span(K0, gains_ptr, 0, B, b, N, near_ptr, cgain_ptr, scale, penalty_ptr, BT)
-        lo1, hi1 = _tail_span(K1, gains_ptr, 1, B, b, N, near_ptr, cgain_ptr, scale, penalty_ptr, BT)
-        lo2, hi2 = _tail_span(K2, gains_ptr, 2, B, b, N, near_ptr, cgain_ptr, scale, penalty_ptr, BT)
-        lo3, hi3 = _tail_span(K3, gains_ptr, 3, B, b, N, near_ptr, cgain_ptr, scale, penalty_ptr, BT)
-        best = tl.full([], float("-inf"), tl.float64)
-        p = tl.full([], 0, tl.int32)
-        for s in range(0, N, BT):
-            cols = s + tl.arange(0, BT)
-            cm = cols < N
-            pen = tl.load(penalty_ptr + base + cols, mask=cm, other=0.0)
-            if COV:
-                cgain = tl.load(cgain_ptr + base + cols, mask=cm, other=0, cache_modifier=".cg")
-            else:
-                cgain = tl.zeros([BT], tl.int64)
-            total = _tail_part(K0, gains_ptr, weights_ptr, 0, B, b, N, cols, cm, near_ptr, cgain, scale, lo0, hi0,
-                               MINMAX, PRODUCT)
-            if K1 != 0:
-                total = _combined(total, _tail_part(K1, gains_ptr, weights_ptr, 1, B, b, N, cols, cm, near_ptr, cgain,
-                                                    scale, lo1, hi1, MINMAX, PRODUCT), PRODUCT)
-            if K2 != 0:
-                total = _combined(total, _tail_part(K2, gains_ptr, weights_ptr, 2, B, b, N, cols, cm, near_ptr, cgain,
-                                                    scale, lo2, hi2, MINMAX, PRODUCT), PRODUCT)
-            if K3 != 0:
-                total = _combined(total, _tail_part(K3, gains_ptr, weights_ptr, 3, B, b, N, cols, cm, near_ptr, cgain,
-                                                    scale, lo3, hi3, MINMAX, PRODUCT), PRODUCT)
-            sc = tl.where(cm, finite(total) - pen, float("-inf"))
-            top = tl.max(sc, 0)
-            at = tl.min(tl.where(sc == top, cols, N), 0)
-            take = top > best
-            best = tl.where(take, top, best)
-            p = tl.where(take, at, p)
-        tl.store(penalty_ptr + base + p, float("inf"))
-        tl.store(picks_ptr + b * K + step, p.to(tl.int64))
-        if update != 0:
-            listed = tl.full([], 0, tl.int32)
-            for s in range(0, N, BT):
-                cols = s + tl.arange(0, BT)
-                cm = cols < N
-                f = tl.load(sim_ptr + (base + p) * N + cols, mask=cm, other=0.0)
-                if NEAR:
-                    near = tl.load(near_ptr + base + cols, mask=cm, other=0.0)
-                if COV:
-                    cbest = tl.load(cbest_ptr + base + cols, mask=cm, other=0)
-                    chosen = tl.load(chosen_ptr + base + cols, mask=cm, other=1) != 0
-                tl.debug_barrier()  # every thread holding a token has read it before any rewrites it
-                if NEAR:
-                    tl.store(near_ptr + base + cols, nanmax(near, f), mask=cm)
-                if COV:
-                    if GRID:
-                        col = tl.load(grid_ptr + (base + p) * N + cols, mask=cm, other=0)
-                    else:
-                        col = round_half_even(f * scale).to(tl.int64)
-                    changed = (((col > cbest) & (chosen == 0)) | (cols == p)) & cm
-                    grown = tl.maximum(cbest, col)
-                    flag = changed.to(tl.int32)
-                    pos = listed + tl.cumsum(flag, 0) - 1
-                    tl.store(index_ptr + base + pos, cols.to(tl.int64), mask=changed)
-                    tl.store(old_ptr + base + pos, cbest, mask=changed)
-                    tl.store(new_ptr + base + pos, tl.where(cols == p, OUT, grown), mask=changed)
-                    tl.store(cbest_ptr + base + cols, grown, mask=cm)
-                    tl.store(chosen_ptr + base + cols, (chosen | (cols == p)).to(tl.uint8), mask=cm)
-                    listed += tl.sum(flag, 0)
-            if COV:
-                tl.store(count_ptr + b, listed)
-
-
 class _Wide:
     """The buffers of one wide selection, allocated at its first step, and its terms as the kernels take them."""
 
@@ -639,9 +499,6 @@ class _Wide:
         self.at = torch.empty(B, self.P, dtype=torch.int32, device=device)
         self.count = torch.zeros(B, dtype=torch.int32, device=device)
         self.lists = torch.empty(3, B, N, dtype=torch.int64, device=device)
-        #: one launch per step (:func:`_wide_fused_kernel`) up to WIDE_ONE_LAUNCH_MAX_TOKENS
-        self.one_launch = N <= WIDE_ONE_LAUNCH_MAX_TOKENS
-        self.arrive = torch.zeros(B, dtype=torch.int32, device=device) if self.one_launch else None
 
 
 def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normalize, combine, terms, runs, work):
@@ -651,16 +508,6 @@ def wide_step(gains, weights, weight_tensor, penalty, picks, step, start, normal
     if work is None:
         work = _Wide(_Terms(terms, weights, normalize, combine, dummy=penalty), B, N, gains.device)
     w, f = work, work.terms
-    if w.one_launch:
-        delta = f.cov and step > start  # the first step's coverage gains are already current
-        P = w.P if delta else 1
-        _wide_fused_kernel[(B, P)](
-            gains, weight_tensor, penalty, picks, f.sim, f.near_best, f.grid, f.scale, f.cbest, f.chosen, f.cgain,
-            *w.lists, w.count, w.arrive, step, 0 if step + 1 >= K else 1, B, N, K, P, K0=f.kinds[0], K1=f.kinds[1],
-            K2=f.kinds[2], K3=f.kinds[3], MINMAX=f.minmax, PRODUCT=f.product, NEAR=f.near, COV=f.cov, DELTA=delta,
-            GRID=f.grid_held, OUT=f.out, BU=w.rows, BI=w.cols, BT=min(TAIL_BLOCK, triton.next_power_of_2(N)),
-            num_warps=w.warps, enable_fp_fusion=False)
-        return work
     pb = triton.next_power_of_2(w.P)
     common = dict(K0=f.kinds[0], K1=f.kinds[1], K2=f.kinds[2], K3=f.kinds[3], MINMAX=f.minmax, enable_fp_fusion=False)
     gains_args = (gains, penalty, f.near_best, f.grid, f.scale, f.cgain, *w.lists, w.count, w.part, B, N, w.P)

@@ -110,12 +110,10 @@ RUN_MAX_TOKENS = 4096
 #: faster from N = 576 on (TOPS 1.5 vs 2.0 ms at 576 and 4.8 vs 14.7 ms at 2,880, batch 1; SCOPE likewise), without
 #: it one program (DivPrune 0.8 vs 1.0 ms at 576 and 1.3 vs 2.3 ms at 2,880); below 576 unmeasured.
 RUN_MAX_COVERAGE_TOKENS = 512
-#: one step of a fused selection above RUN_MAX_TOKENS (RUN_MAX_COVERAGE_TOKENS with coverage), spread over many
-#: programs per sample: one launch on a GPU up to ``_greedy_triton.WIDE_ONE_LAUNCH_MAX_TOKENS`` (coverage's change
-#: spread, the score, pick and updates by the sample's last program to finish), three above (the score and each
-#: slice's best, the pick and the updates, coverage's change and the spans of the next gains). Used only where
-#: Triton runs (elsewhere the step loop runs as it is); the reference is one step of the loop. Returns the buffers
-#: it keeps between steps (None before the first).
+#: one step of a fused selection above RUN_MAX_TOKENS, spread over many programs per sample (three launches on a
+#: GPU: the score and each slice's best, the pick and the updates, coverage's change and the spans of the next
+#: gains). Used only where Triton runs (elsewhere the step loop runs as it is); the reference is one step of the
+#: loop. Returns the buffers it keeps between steps (None before the first).
 WIDE_STEP = Kernel("greedy_wide_step", _wide_step_reference,
                    "prunekit_plugins.selectors._greedy_triton:wide_step")
 #: greedy selections replayed from CUDA graphs (see prunekit.kernels.GraphCache)
