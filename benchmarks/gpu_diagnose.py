@@ -90,7 +90,6 @@ def selection(device, sizes):
         print(f"selection {json.dumps(row)}", flush=True)
         rows.append(row)
         greedy.GRAPHS.clear()
-        del feats, rel
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
