@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from prunekit_plugins._triton_ops import finite, listed_change, nanmax, nanmin, round_half_even
+from prunekit_plugins.selectors.greedy import fusable
 
 @triton.jit
 def _weighted(w, x, PRODUCT: tl.constexpr):
@@ -105,14 +106,10 @@ def _pick_kernel(gains_ptr, weights_ptr, penalty_ptr, picks_ptr, score_ptr, step
     tl.store(picks_ptr + b * K + step, best_i.to(tl.int64))
 
 
-def covers(weights, normalize: str, combine: str) -> bool:
-    """Whether these kernels compute a greedy score of this form exactly (see ``_weighted``)."""
-    return normalize in ("minmax", "none") and (combine == "sum" or
-                                               (combine == "product" and all(w in (0.0, 1.0) for w in weights)))
-
-
 def check(weights, normalize: str, combine: str) -> None:
-    if not covers(weights, normalize, combine):
+    """Raise unless these kernels compute a greedy score of this form exactly (``greedy.fusable``; see
+    ``_weighted``)."""
+    if not fusable(weights, normalize, combine):
         raise ValueError(f"the Triton greedy kernels cover normalize 'minmax' or 'none' with combine 'sum', or "
                          f"'product' with weights 0 or 1; got normalize={normalize!r}, combine={combine!r}, "
                          f"weights={tuple(weights)!r}")

@@ -60,6 +60,13 @@ def combined_score(gains: Tensor, weights: Sequence[float], penalty: Tensor, nor
     return total  # type: ignore[return-value]
 
 
+def fusable(weights: Sequence[float], normalize: str, combine: str) -> bool:
+    """Whether the Triton kernels compute a greedy score of this form exactly: ``normalize`` "minmax" or "none" with
+    ``combine`` "sum", or "product" with every weight 0 or 1 (no ``pow``: a GPU's need not round as a CPU's)."""
+    return normalize in ("minmax", "none") and (combine == "sum" or
+                                               (combine == "product" and all(w in (0.0, 1.0) for w in weights)))
+
+
 def _pick_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, penalty: Tensor, picks: Tensor, step: int,
                     normalize: Normalize, combine: str) -> Tensor:
     picked = _best_candidate(combined_score(gains, weights, penalty, normalize, combine), penalty)
@@ -95,8 +102,7 @@ def _wide_step_reference(gains: Tensor, weights: tuple, weight_tensor: Tensor, p
 
 
 #: one greedy step after the gains are known: score every candidate, take the best, mark it chosen
-#: (``penalty`` +inf, ``picks[:, step]``). Triton covers ``normalize`` "minmax"/"none" with ``combine`` "sum", or
-#: "product" with weights 0 or 1 (no ``pow``: a GPU's need not round as a CPU's).
+#: (``penalty`` +inf, ``picks[:, step]``). Triton covers the forms :func:`fusable` names.
 PICK = Kernel("greedy_pick", _pick_reference, "prunekit_plugins.selectors._greedy_triton:pick")
 #: the rest of a selection from step ``start`` on (the gains of that step in the buffer), every pick and every
 #: update: one launch where every term has a fused form (``ScorerRun.fused``) and N <= RUN_MAX_TOKENS. The
@@ -211,9 +217,7 @@ class GreedySelector(Selector):
             weight_tensor[t].fill_(float(w))
         penalty = torch.zeros(B, N, dtype=torch.float64, device=device)  # +inf at chosen tokens
         picks = torch.empty(B, k, dtype=torch.long, device=device)
-        # the Triton kernels' forms of the score (see _greedy_triton.covers; imports nothing)
-        fused = self.normalize in ("minmax", "none") and (
-            self.combine == "sum" or all(w in (0.0, 1.0) for w in weights))
+        fused = fusable(weights, self.normalize, self.combine)
         for step in range(k):
             if step == 0 and self.seed is not None:
                 picked = _best_candidate(self.seed.start(inputs).gains(), penalty)
