@@ -40,7 +40,9 @@ def _scatter_embeds(model, inputs):
 
 def _eager_copy(model):
     """The same tiny LLaVA with eager attention, so attention weights can be returned."""
-    eager = tiny_llava(attn_implementation="eager", num_layers=model.config.text_config.num_hidden_layers)
+    text = model.config.text_config
+    eager = tiny_llava(attn_implementation="eager", num_layers=text.num_hidden_layers,
+                       num_key_value_heads=text.num_key_value_heads)
     eager.load_state_dict(model.state_dict())
     return eager
 
@@ -177,7 +179,12 @@ def test_report_counts_and_layer_average(model, inputs):
     assert "layer-averaged" in str(report)
 
 
-def test_recomputed_attention_matches_eager(model, inputs):
+@pytest.mark.parametrize("heads", ["gqa", "mha"])
+def test_recomputed_attention_matches_eager(model, inputs, heads):
+    """With grouped keys (the tiny model's) and with one key head per query head (LLaVA-1.5's, where q's rows and
+    the keys are rotated in one call)."""
+    if heads == "mha":
+        model = tiny_llava(num_key_value_heads=4)
     eager = _eager_copy(model)
     out = eager(**inputs, output_attentions=True, output_hidden_states=True)
     lm = eager.model.language_model
@@ -201,6 +208,27 @@ def test_recomputed_attention_matches_eager(model, inputs):
                 torch.testing.assert_close(batched[b], one, rtol=1e-6, atol=1e-7)
         for b in range(2):
             torch.testing.assert_close(batched[b], out.attentions[j][b][:, rows[b]].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_rotary_call_for_q_and_k_gives_each_rotation_bit_for_bit(model, inputs):
+    """The attention rows rotate q's rows and every key in one call of the model's rotary function (it rotates a
+    pair, so one call each would compute every rotation twice): the function is element-wise per position, so the
+    concatenated call gives what two calls give, bit for bit."""
+    from prunekit import contracts as C
+
+    lm = model.model.language_model
+    attn = C.SELF_ATTENTION.get(lm.layers[1])
+    rotate = C.ATTENTION_ROTARY.get(attn)
+    B, H, L, hd = 2, 4, inputs["input_ids"].shape[1], C.HEAD_DIM.get(attn)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, H, 3, hd, generator=g), torch.randn(B, H, L, hd, generator=g)
+    pos = torch.arange(L)[None].expand(B, L)
+    cos, sin = lm.rotary_emb(torch.randn(B, L, lm.config.hidden_size), position_ids=pos)
+    rows = torch.tensor([[L - 3, L - 2, L - 1], [1, 4, L - 1]])
+    take = lambda t: t.take_along_dim(rows[..., None], dim=-2)  # noqa: E731
+    both = rotate(torch.cat([q, k], 2), torch.cat([take(cos), cos], -2), torch.cat([take(sin), sin], -2))
+    assert torch.equal(both[:, :, :3], rotate(q, take(cos), take(sin)))
+    assert torch.equal(both[:, :, 3:], rotate(k, cos, sin))
 
 
 def test_text_only_input_prunes_nothing(model):

@@ -80,8 +80,16 @@ def attention_rows_batch(
             t = t.expand(t.shape[:lead] + (B,) + t.shape[-2:])
             return t.take_along_dim(index, dim=-2)
 
-        q = rotate(q, rows(cos), rows(sin))
-        k = rotate(k, cos, sin)
+        if q.shape[1] == k.shape[1]:
+            # one call for q's rows and every key: the model's function rotates a pair, so a call for each would
+            # compute each rotation twice; the rotation is element-wise, so the values are the same
+            full = lambda t: t.expand(t.shape[:lead] + (B,) + t.shape[-2:])  # noqa: E731
+            both = rotate(torch.cat([q, k], 2), torch.cat([rows(cos), full(cos)], -2),
+                          torch.cat([rows(sin), full(sin)], -2))
+            q, k = both[:, :, : q.shape[2]], both[:, :, q.shape[2]:]
+        else:
+            q = rotate(q, rows(cos), rows(sin))
+            k = rotate(k, cos, sin)
     q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

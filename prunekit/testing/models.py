@@ -15,8 +15,10 @@ def tiny_llava(
     vocab_size: int = 128,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    num_key_value_heads: int = 2,
 ):
-    """A random-weight ``LlavaForConditionalGeneration``: CLIP vision tower with [CLS], Llama decoder (GQA)."""
+    """A random-weight ``LlavaForConditionalGeneration``: CLIP vision tower with [CLS], Llama decoder (GQA: 4 query
+    heads over ``num_key_value_heads``; 4 for multi-head attention, as LLaVA-1.5's)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
@@ -25,7 +27,7 @@ def tiny_llava(
     )
     text = LlamaConfig(
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size, pad_token_id=0,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size, pad_token_id=0,
         max_position_embeddings=1024,
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab_size - 1)
