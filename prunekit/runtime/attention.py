@@ -76,14 +76,15 @@ def attention_rows_batch(
         lead = cos.dim() - 3
         index = query_rows.view((1,) * lead + tuple(query_rows.shape) + (1,))
 
-        def rows(t: Tensor) -> Tensor:
-            t = t.expand(t.shape[:lead] + (B,) + t.shape[-2:])
-            return t.take_along_dim(index, dim=-2)
+        def full(t: Tensor) -> Tensor:  # every sample's rows
+            return t.expand(t.shape[:lead] + (B,) + t.shape[-2:])
+
+        def rows(t: Tensor) -> Tensor:  # the query rows of every sample
+            return full(t).take_along_dim(index, dim=-2)
 
         if q.shape[1] == k.shape[1]:
             # one call for q's rows and every key: the model's function rotates a pair, so a call for each would
             # compute each rotation twice; the rotation is element-wise, so the values are the same
-            full = lambda t: t.expand(t.shape[:lead] + (B,) + t.shape[-2:])  # noqa: E731
             both = rotate(torch.cat([q, k], 2), torch.cat([rows(cos), full(cos)], -2),
                           torch.cat([rows(sin), full(sin)], -2))
             q, k = both[:, :, : q.shape[2]], both[:, :, q.shape[2]:]

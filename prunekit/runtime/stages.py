@@ -185,8 +185,6 @@ def _choose_batch(chosen, ctx: StageContext, where: str, checks: list | None):
         checks.append((where, invalid))
         k = k.clamp(0, n - 1)
     else:
-        bad = invalid.tolist()  # one read of the device for the whole stage
-        if any(bad):
-            raise PruningError(f"{where}: method returned invalid or repeated indices for sample {bad.index(True)}")
+        settle_checks([(where, invalid)])  # one read of the device for the whole stage
     flags = torch.zeros(k.shape, dtype=torch.bool, device=device)
     return list(k.unbind(0)), [None] * len(rows), list(flags.unbind(0)), [False] * len(rows)
