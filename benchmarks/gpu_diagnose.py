@@ -9,7 +9,7 @@ run").
    runs eagerly, the second records the CUDA graph, later ones replay it), the device time and kernels of one more
    call under the profiler, and the recorded graph's replay alone (wall, and the host's part of it).
 2. **prefill**: LLaVA-1.5-7B's shapes at full depth (random weights, bf16), batch 1: unpruned, VisionZip and TOPS
-   at T = 64 layer-averaged tokens, seven prefills' wall times after three, then one prefill under ``cProfile``
+   at T = 64 layer-averaged tokens (``--smoke``: the tiny LLaVA at 8 of its 64), seven prefills' wall times after three, then one prefill under ``cProfile``
    (host time by Python function: the costliest by own time, and prunekit's by cumulative time).
 
 Writes ``diagnose.json`` and ``cprofile_<method>.txt`` into ``--out``.
@@ -109,7 +109,7 @@ def _profile_text(prof: cProfile.Profile) -> str:
     return "\n".join(text) + "\n"
 
 
-def prefill(device, out: Path, smoke: bool):
+def prefill(device, out: Path, smoke: bool, keep: int):
     if smoke:
         model, _ = build_model("tiny", decoder_layers=4)
     else:
@@ -123,7 +123,7 @@ def prefill(device, out: Path, smoke: bool):
     rows = []
     for method in ("unpruned", "visionzip", "tops"):
         if method != "unpruned":
-            prunekit.build(method, model, keep_tokens=64, budget_meaning="layer_average")
+            prunekit.build(method, model, keep_tokens=keep, budget_meaning="layer_average")
         for _ in range(3):
             run()
         walls = _times(run, device, 7)
@@ -134,7 +134,11 @@ def prefill(device, out: Path, smoke: bool):
         _sync(device)
         prof.disable()
         (out / f"cprofile_{method}.txt").write_text(_profile_text(prof))
-        rows.append({"method": method, "wall_ms": [round(t, 2) for t in walls]})
+        row = {"method": method, "wall_ms": [round(t, 2) for t in walls]}
+        if method != "unpruned":  # what the pruned prefills kept (the report of the profiled one)
+            report = prunekit.pruning_report(model)
+            row.update(visual_tokens=report.visual_tokens, layer_average=report.layer_average)
+        rows.append(row)
         print(f"prefill {json.dumps(rows[-1])}", flush=True)
         if method != "unpruned":
             prunekit.remove(model)
@@ -153,7 +157,7 @@ def main() -> None:
                                                    (2880, 256, 4096, 1)]
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "selection": selection(device, sizes)}
-    result["prefill"] = prefill(device, out, args.smoke)
+    result["prefill"] = prefill(device, out, args.smoke, 8 if args.smoke else 64)
     (out / "diagnose.json").write_text(json.dumps(result, indent=1))
 
 

@@ -18,6 +18,8 @@ def test_the_gpu_diagnosis_runs_on_cpu(tmp_path):
     (row,) = result["selection"]
     assert len(row["calls_ms"]) == 8 and row["replay_ms"] is None  # no CUDA graph on CPU
     assert [r["method"] for r in result["prefill"]] == ["unpruned", "visionzip", "tops"]
+    for row in result["prefill"][1:]:  # the pruned prefills pruned
+        assert all(a < n for a, n in zip(row["layer_average"], row["visual_tokens"])), row
     for method in ("unpruned", "visionzip", "tops"):
         text = (tmp_path / f"cprofile_{method}.txt").read_text()
         assert "# prunekit's, by cumulative time" in text
