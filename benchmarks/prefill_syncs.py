@@ -7,8 +7,8 @@
 CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
 LLaVA (4 decoder layers, 64 visual tokens) after a first one, at ``--keep`` tokens (nominal budgets; PDrop at 24,
 its schedule's least), as tests/test_runtime_syncs.py counts them. ``--per-sample``: instead, kernel-launching
-operations of one prefill at batch 1 and 4 (``prunekit.tools.bench.model_inputs``: every sample the same prompt)
-and what each extra sample adds, as tests/test_runtime_syncs.py's ``PER_SAMPLE`` ceilings count them (docs/
+operations of one prefill at batch 1 and 4 (``prunekit.tools.bench.model_inputs``: every sample the same prompt;
+``--kv-heads 4``: the tiny LLaVA with multi-head attention, as LLaVA-1.5's) and what each extra sample adds, as tests/test_runtime_syncs.py's ``PER_SAMPLE`` ceilings count them (docs/
 performance.md, "The batch at once"). To count another commit's code, put its checkout first on ``PYTHONPATH``
 (its root and its ``plugins``).
 
@@ -44,7 +44,7 @@ def on_cpu(methods, keep: int) -> None:
         print(f"{method:<14} host reads {count.syncs:3d}  launches {count.launches:5d}  {dict(count.sync_names)}")
 
 
-def per_sample(methods, keep: int) -> None:
+def per_sample(methods, keep: int, kv_heads: int = 2) -> None:
     from prunekit.testing import count_ops, tiny_llava
     from prunekit.tools.bench import model_inputs
 
@@ -52,7 +52,7 @@ def per_sample(methods, keep: int) -> None:
         launches = {}
         for batch in (1, 4):
             torch.manual_seed(0)
-            model = tiny_llava(num_layers=4)
+            model = tiny_llava(num_layers=4, num_key_value_heads=kv_heads)
             inputs = model_inputs(model, batch=batch)
             prunekit.build(method, model, keep_tokens=24 if method == "pdrop" else keep, budget_meaning="nominal")
             with torch.no_grad():
@@ -112,9 +112,11 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=8)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--per-sample", action="store_true", help="CPU: launches at batch 1 and 4, and per extra sample")
+    p.add_argument("--kv-heads", type=int, default=2, choices=[1, 2, 4],
+                   help="--per-sample: the tiny LLaVA's key heads for its 4 query heads (4: multi-head, as LLaVA-1.5)")
     args = p.parse_args()
     if args.device == "cpu" and args.per_sample:
-        per_sample(args.methods or prunekit.list_methods(), args.keep)
+        per_sample(args.methods or prunekit.list_methods(), args.keep, args.kv_heads)
     elif args.device == "cpu":
         on_cpu(args.methods or prunekit.list_methods(), args.keep)
     else:
