@@ -167,15 +167,28 @@ def _run_select(method: str, features: Tensor, relevance: Tensor | None, k: int,
         raise ValueError(f"method {method!r} needs a model to select tokens; use prunekit.build")
     cfg = cls.SelectionConfig(**config)
 
+    floating: dict[str, Tensor] = {}  # checked for NaN and ±inf together: one read of the device
+
     def check(name: str, value: Any, shape: str, dims: int) -> None:
         if not isinstance(value, Tensor) or value.dim() != dims:
             raise ValueError(f"{name} must be a tensor of shape {shape}, got {getattr(value, 'shape', value)!r}")
         if value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"{name} must hold real numbers (a floating or integer tensor), got {value.dtype}")
-        # NaN and ±inf show in the min or the max (two reductions, no copy): count them only then
-        if value.is_floating_point() and value.numel() and not torch.isfinite(torch.stack(torch.aminmax(value))).all():
+        if value.is_floating_point() and value.numel():
+            floating[name] = value
+
+    def check_finite() -> None:
+        # NaN and ±inf show in a min or a max (two reductions, no copy): counted only then, for the message
+        if not floating:
+            return
+        ends = [end.float().to(features.device) for value in floating.values() for end in torch.aminmax(value)]
+        if bool(torch.isfinite(torch.stack(ends)).all()):
+            return
+        for name, value in floating.items():
             bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{name} must be finite (no NaN or ±inf); got {bad} non-finite value(s) of {value.numel()}")
+            if bad:
+                raise ValueError(f"{name} must be finite (no NaN or ±inf); got {bad} non-finite value(s) of "
+                                 f"{value.numel()}")
 
     check("features", features, "[B, N, D]", 3)
     B, N, D = features.shape
@@ -194,7 +207,9 @@ def _run_select(method: str, features: Tensor, relevance: Tensor | None, k: int,
         check("query", query, f"[B, Q, D] = [{B}, Q, {D}]", 3)
         if query.shape[0] != B or query.shape[2] != D:
             raise ValueError(f"query must have shape [B, Q, D] = [{B}, Q, {D}], got {list(query.shape)}")
+        check_finite()
         return cls.select(features, relevance, k, cfg, query=query)
+    check_finite()
     return cls.select(features, relevance, k, cfg)
 
 

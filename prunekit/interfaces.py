@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from .ops import batch_of
 from .selection import Choice, FusedTerm, Reduction, Scorer, ScorerRun, SelectionInput, Selector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,9 +114,9 @@ class StageContext:
                 for b in rows:
                     out[b] = torch.arange(n, device=self.features[b].device)
                 continue
-            feats = torch.stack([self.features[b] for b in rows])
-            rel = None if relevance is None else torch.stack([relevance[b] for b in rows])
-            qry = None if query is None else torch.stack([query[b] for b in rows])
+            feats = batch_of(self.features[b] for b in rows)
+            rel = None if relevance is None else batch_of(relevance[b] for b in rows)
+            qry = None if query is None else batch_of(query[b] for b in rows)
             kept = selector(SelectionInput(feats, rel, qry), k)
             for i, b in enumerate(rows):
                 out[b] = kept[i]

@@ -34,6 +34,13 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(B * N, *x.shape[2:]).index_select(0, flat.reshape(-1)).reshape(*index.shape, *x.shape[2:])
 
 
+def batch_of(rows) -> Tensor:
+    """``torch.stack(rows)``, but one row's ``[1, ...]`` view rather than its copy: a launch fewer, which a GPU
+    pays in host time at batch 1. For reading only: writing into the result would write into the row."""
+    rows = list(rows)
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
 def true_indices(mask: Tensor, count: int | list[int]) -> Tensor | list[Tensor]:
     """The ascending indices of the ``True`` entries of a 1-D ``mask``, as ``mask.nonzero().squeeze(1)`` gives them,
     when their number ``count`` is known on the host. ``nonzero`` reads its output's size back from the device

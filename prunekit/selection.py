@@ -335,7 +335,8 @@ class Scorer(ABC):
 
 
 class Selector(ABC):
-    """Turns a :class:`SelectionInput` and a budget into kept indices ``[B, k]``, ascending."""
+    """Turns a :class:`SelectionInput` and a budget into kept indices ``[B, k]``, ascending. The inputs' tensors are
+    read, never written (a batch of one is a view of the stage's features)."""
 
     name: ClassVar[str]
 

@@ -17,8 +17,8 @@ from prunekit.testing import count_ops, tiny_llava, tiny_llava_inputs
 
 #: host reads of one pruned prefill at keep_tokens=8 (nominal budgets; pdrop: 24, its schedule's least)
 CEILINGS = {
-    "cdpruner": 9, "dart": 10, "divprune": 8, "fastervlm": 8, "fastv": 8, "pdrop": 10, "pool": 8,
-    "prumerge_plus": 12, "random": 8, "scope": 8, "sparsevlm": 15, "tops": 12, "trim": 9, "visionzip": 9,
+    "cdpruner": 9, "dart": 10, "divprune": 8, "fastervlm": 8, "fastv": 8, "pdrop": 8, "pool": 8,
+    "prumerge_plus": 12, "random": 8, "scope": 8, "sparsevlm": 10, "tops": 9, "trim": 9, "visionzip": 9,
     "vispruner": 8,
 }
 BUDGET = {"pdrop": 24}
@@ -45,10 +45,11 @@ def test_a_pruned_prefill_reads_the_device_at_most_its_ceiling(method):
 #: kernel-launching operations each extra sample adds to a pruned prefill of the tiny LLaVA (batch 4 minus batch 1,
 #: over 3; every sample the same prompt). On a GPU each costs host time whatever its size: loops over the samples
 #: are what made TOPS's batch-8 prefill host-bound (docs/performance.md), so the runtime works on the whole batch
-#: where the samples' sizes agree. Measured, rounded up.
+#: where the samples' sizes agree. Measured, rounded up (a launch saved at batch 1 only, e.g. a view of one sample
+#: where a batch is stacked, raises the difference: cdpruner, dart, fastv and pdrop rose so while both counts fell).
 PER_SAMPLE = {
-    "cdpruner": 12, "dart": 133, "divprune": 10, "fastervlm": 18, "fastv": 10, "pdrop": 25, "pool": 31,
-    "prumerge_plus": 119, "random": 12, "scope": 17, "sparsevlm": 234, "tops": 42, "trim": 59, "visionzip": 85,
+    "cdpruner": 13, "dart": 134, "divprune": 10, "fastervlm": 18, "fastv": 11, "pdrop": 28, "pool": 30,
+    "prumerge_plus": 118, "random": 11, "scope": 17, "sparsevlm": 220, "tops": 35, "trim": 59, "visionzip": 85,
     "vispruner": 123,
 }
 

@@ -34,7 +34,7 @@ from .. import contracts as C
 from ..errors import PruningError
 from ..flops import layer_cost
 from ..interfaces import Patch, Stage
-from ..ops import true_indices
+from ..ops import batch_of, true_indices
 from ..report import PruningReport, StageRecord
 from .hooks import ModelHooks
 from .sequence import (Call, Generation, Segment, pad_left, positions_in, positions_out, remap, rows_of_samples,
@@ -281,7 +281,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 lambda name, opts: pre_llm_signal(self.hooks, name, opts, n_visual, embeds, call),
                 self.hooks.grids(n_visual), **self._units(call), checks=call.checks,
             )
-            report.stages.append(StageRecord(stage.label, stage.point, None, _taken(call.vis_orig, kept), merged))
+            taken = _taken(call.vis_orig, kept)  # the kept tokens' original indices: the report's and the call's
+            report.stages.append(StageRecord(stage.label, stage.point, None, taken, merged))
             written = write_values(embeds, vis_pos, kept, values, self.hooks.project if on_vision else None,
                                    as_is, moved)
             if written is not None:
@@ -314,10 +315,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 cache = self._ensure_cache(kwargs)
                 if prepared:  # the model's own masks, rebuilt for the shorter sequence
                     C.LM_ATTENTION_MASK.set(kwargs, self.hooks.prepared_masks(kwargs, new_mask, keep_rows, L1))
-                new_vis = _new_positions(keep_rows, vis_pos, kept, [L1 - r.numel() for r in keep_rows])
+                new_vis = _new_positions(keep_rows, vis_pos, kept, [L1 - r.numel() for r in keep_rows], moved)
                 self.hooks.prune_inputs(kwargs, kept, new_vis, L1)
                 call.vis_pos = new_vis
-                call.vis_orig = _taken(call.vis_orig, kept)
+                call.vis_orig = taken
                 call.valid = new_valid
                 call.pos = new_pos
                 dropped = torch.tensor(dropped_counts, device=device)
@@ -430,7 +431,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
             **self._units(call), checks=call.checks,
         )
         call.normed.clear()  # the stage's normalised inputs (signals.normed_input): not kept past the stage
-        call.report.stages.append(StageRecord(stage.label, stage.point, stage.layer, _taken(call.vis_orig, kept), merged))
+        taken = _taken(call.vis_orig, kept)  # the kept tokens' original indices: the report's and the call's
+        call.report.stages.append(StageRecord(stage.label, stage.point, stage.layer, taken, merged))
         n_now = [f.shape[0] for f in feats]
         written = write_values(hidden, call.vis_pos, kept, values, as_is=as_is, moved=moved)
         if written is not None:
@@ -439,28 +441,25 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return None
         Lc = hidden.shape[1]
         prev = call.segments[-1] if call.segments else None
-        keep_mask = torch.ones(B, Lc, dtype=torch.bool, device=hidden.device)
-        drop = torch.zeros(B, Lc, dtype=torch.bool, device=hidden.device)
-        if prev is not None and prev.pad is not None:
-            keep_mask &= ~prev.pad
+        # 1 where a row goes: the dropped visual tokens, then the previous segment's padding (int8: a sort key)
+        gone = torch.zeros(B, Lc, dtype=torch.int8, device=hidden.device)
         if same_sizes(call.vis_pos) and same_sizes(kept):  # every sample at once
             vis = torch.stack(list(call.vis_pos)).to(hidden.device)
-            held = vis.gather(1, torch.stack(list(kept)))
-            keep_mask.scatter_(1, vis, False).scatter_(1, held, True)
-            drop.scatter_(1, vis, True).scatter_(1, held, False)
+            gone.scatter_(1, vis, 1).scatter_(1, vis.gather(1, torch.stack(list(kept))), 0)
         else:
             for b in range(B):
-                keep_mask[b, call.vis_pos[b]] = False
-                keep_mask[b, call.vis_pos[b][kept[b]]] = True
-                drop[b, call.vis_pos[b]] = True
-                drop[b, call.vis_pos[b][kept[b]]] = False
+                gone[b, call.vis_pos[b]] = 1
+                gone[b, call.vis_pos[b][kept[b]]] = 0
+        drop = gone.bool() if self.positions == "renumber" else None  # the dropped visual tokens alone
+        if prev is not None and prev.pad is not None:
+            gone.masked_fill_(prev.pad, 1)
         # rows each sample keeps, counted on the host: all but the previous segment's padding and the dropped tokens
         lead_before = prev.lead if prev is not None and prev.lead is not None else [0] * B
-        rows_b = _kept_rows(~keep_mask, [Lc - lead_before[b] - (call.vis_pos[b].numel() - kept[b].numel())
-                                         for b in range(B)])
+        rows_b = _kept_rows(gone, [Lc - lead_before[b] - (call.vis_pos[b].numel() - kept[b].numel())
+                                   for b in range(B)])
         n = max(r.numel() for r in rows_b)
         lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
-        rows = pad_left(rows_b, n, 0)
+        rows = pad_left(rows_b, n, 0) if any(lead) else batch_of(rows_b)
         pad = None
         if any(lead):
             pad = pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
@@ -476,17 +475,19 @@ class DecoderPruner(ThreadStateMixin, Patch):
         call.segments.append(seg)
         if self._gen is not None:
             self._gen.segments.append(seg)
-        call.vis_pos = _new_positions(rows_b, call.vis_pos, kept, lead)
-        call.vis_orig = _taken(call.vis_orig, kept)
+        call.vis_pos = _new_positions(rows_b, call.vis_pos, kept, lead, moved)
+        call.vis_orig = taken
         call.valid = _padded_rows(call.valid, rows_b, n, False)
         new_hidden = _padded_rows(hidden, rows_b, n, 0.0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
 
-def _kept_rows(drop: Tensor, counts: list[int]) -> list[Tensor]:
-    """Per sample, the ascending positions where ``drop`` ``[B, L]`` is False, of which there are ``counts[b]``
-    (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device) per sample."""
-    return true_indices(~drop, counts)
+def _kept_rows(gone: Tensor, counts: list[int]) -> list[Tensor]:
+    """Per sample, the ascending positions where ``gone`` ``[B, L]`` (bool, or 0/1) is not set, of which there are
+    ``counts[b]`` (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device)
+    per sample (:func:`~prunekit.ops.true_indices` of the rows kept, without negating the mask)."""
+    order = torch.sort(gone.to(torch.int8), dim=-1, stable=True).indices
+    return [order[b, :c] for b, c in enumerate(counts)]
 
 
 def _taken(source, index) -> list[Tensor]:
@@ -508,13 +509,16 @@ def _padded_rows(x: Tensor, rows: list[Tensor], length: int, value) -> Tensor:
     return x.gather(1, index)
 
 
-def _new_positions(rows: list[Tensor], vis_pos, kept, lead) -> list[Tensor]:
+def _new_positions(rows: list[Tensor], vis_pos, kept, lead, moved: list[bool]) -> list[Tensor]:
     """Where each sample's kept visual tokens sit among its kept ``rows`` (ascending), after ``lead[b]`` rows of
     padding: ``lead[b] + searchsorted(rows[b], vis_pos[b][sorted kept[b]])``, for the batch at once where the
-    sizes agree."""
+    sizes agree (``moved[b]``: whether ``kept[b]`` is out of order, as :func:`~prunekit.runtime.stages.choose`
+    says; else it is sorted already)."""
     if not (same_sizes(rows) and same_sizes(vis_pos) and same_sizes(kept)) or len(set(lead)) != 1:
-        found = [torch.searchsorted(rows[b], vis_pos[b][kept[b].sort().values]) for b in range(len(rows))]
+        found = [torch.searchsorted(rows[b], vis_pos[b][kept[b].sort().values if moved[b] else kept[b]])
+                 for b in range(len(rows))]
         return [f + lead[b] if lead[b] else f for b, f in enumerate(found)]
-    vis = torch.stack(list(vis_pos)).gather(1, torch.stack(list(kept)).sort(-1).values)
+    order = torch.stack(list(kept))
+    vis = torch.stack(list(vis_pos)).gather(1, order.sort(-1).values if any(moved) else order)
     found = torch.searchsorted(torch.stack(list(rows)), vis)
     return list((found + lead[0] if lead[0] else found).unbind(0))

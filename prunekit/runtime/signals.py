@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import contracts as C
 from ..errors import PruningError
-from ..ops import true_indices
+from ..ops import batch_of, true_indices
 from .attention import RATER_RULES, attention_rows, attention_rows_batch, rows_of, select_raters
 from .hooks import ModelHooks
 from .sequence import Call, rows_of_samples
@@ -19,24 +19,45 @@ __all__ = ["LAYER_SIGNALS", "text_after", "instruction", "text_similarity", "pre
            "layer_keys"]
 
 
-def text_after(vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
+def text_after(vis_pos: list[Tensor], valid: Tensor, counts: list[int] | None = None) -> list[Tensor]:
     """Per sample, the positions of the (non-pad) text tokens after its last visual token: its instruction
     (``vis_pos[b]``: its visual tokens' positions, ``valid`` ``[B, L]``: its non-pad tokens). Their counts decide
-    the signals' shapes, so they are read from the device: once for the batch."""
+    the signals' shapes: ``counts`` where the host knows them, else read from the device, once for the batch."""
+    after, _ = _after_last(vis_pos, valid)
+    return true_indices(after, after.sum(1).tolist() if counts is None else counts)
+
+def _after_last(vis_pos: list[Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, L]``: where the non-pad tokens after each sample's last visual token are; and ``[B]`` its last
+    visual token's position (-1 without visual tokens)."""
     positions = torch.arange(valid.shape[1], device=valid.device)
-    none = positions.new_full((), -1)  # a sample without visual tokens: all its text
-    last = torch.stack([v.max().to(valid.device) if v.numel() else none for v in vis_pos])
-    after = (positions > last[:, None]) & valid
-    return true_indices(after, after.sum(1).tolist())
+    none = lambda: positions.new_full((), -1)  # noqa: E731  (a sample without visual tokens: all its text)
+    last = batch_of(v.max().to(valid.device) if v.numel() else none() for v in vis_pos)
+    return (positions > last[:, None]) & valid, last
 
 def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
     """:func:`text_after` of one state of the call's sequence, computed once: each text signal of a stage needs
-    it, and each computation reads the device. A state is known by its objects (the runtime replaces
-    ``vis_pos`` and ``valid`` when the sequence changes, never changes them in place)."""
+    it. A state is known by its objects (the runtime replaces ``vis_pos`` and ``valid`` when the sequence changes,
+    never changes them in place).
+
+    The instruction's counts are read from the device (with, in the same read, whether each sample's visual
+    tokens are one block: one image, or frames without text between them). Where they all are, pruning removes
+    rows inside the blocks only, so the text after a sample's last visual token stays the same while it keeps
+    one: the call's later states (``call.vis_pos``; the states a call reads are its current one and its first)
+    take the counts without reading the device again."""
     for seen_pos, seen_valid, text in call.instructions:
         if seen_pos is vis_pos and seen_valid is valid:
             return text
-    text = text_after(vis_pos, valid)
+    after, last = _after_last(vis_pos, valid)
+    known = call.instruction_counts
+    if known is not None and vis_pos is call.vis_pos and all(v.numel() for v in vis_pos):
+        counts = known
+    else:
+        # the positions ascend (each state's are kept in order), so a block spans its count
+        first = batch_of(v[0].to(valid.device) if v.numel() else last[0] for v in vis_pos)
+        counts, spans = torch.stack([after.sum(1), last - first]).tolist()
+        if all(v.numel() and span == v.numel() - 1 for v, span in zip(vis_pos, spans)):
+            call.instruction_counts = counts
+    text = true_indices(after, counts)
     call.instructions.append((vis_pos, valid, text))
     return text
 
@@ -164,7 +185,7 @@ def text_attention_batch(call: Call, layers, layer, j: int, options: dict, texts
     rater_layer, states = layer, hidden_in
     if options.get("layer", "previous") == "next":
         rater_layer, states = layers[j + 1], hidden_out
-    rows = torch.stack(raters).to(states.device)
+    rows = batch_of(raters).to(states.device)
     probs = attention_rows_batch(rater_layer, states, pos_emb, mask, rows,
                                  normed=normed_input(call, rater_layer, states))  # [B, H, R, L]
     if options.get("per_rater", False):

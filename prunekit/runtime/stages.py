@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..errors import PruningError
 from ..interfaces import Choice, Stage, StageContext
+from ..ops import batch_of
 from .hooks import BudgetUnits
 
 __all__ = ["PER_TOKEN_SIGNALS", "run_stage", "budgets", "write_values", "choose", "settle_checks"]
@@ -179,11 +180,12 @@ def _choose_batch(chosen, ctx: StageContext, where: str, checks: list | None):
     if rows[0].numel() == 0:
         return None
     device, (n,) = devices.pop(), sizes
-    k = torch.stack([r.to(device=device, dtype=torch.long).flatten() for r in rows]).sort(-1).values
-    invalid = (k[:, 0] < 0) | (k[:, -1] >= n) | (k[:, 1:] == k[:, :-1]).any(-1)
+    k = batch_of(r.to(device=device, dtype=torch.long).flatten() for r in rows).sort(-1).values
+    inside = k.clamp(0, n - 1)  # sorted: an index out of range moved, or two alike, is invalid
+    invalid = torch.cat([inside != k, inside[:, 1:] == inside[:, :-1]], 1).any(-1)
     if checks is not None:  # read later with the call's other stages' (settle_checks); in range until then
         checks.append((where, invalid))
-        k = k.clamp(0, n - 1)
+        k = inside
     else:
         settle_checks([(where, invalid)])  # one read of the device for the whole stage
     flags = torch.zeros(k.shape, dtype=torch.bool, device=device)

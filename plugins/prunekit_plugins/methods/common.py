@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from prunekit.plugin import Method, MethodConfig, StageContext, StrictModel, topk, true_indices
+from prunekit.plugin import Method, MethodConfig, StageContext, StrictModel, topk
 
 
 class KeepMostRelevant(Method):
@@ -59,10 +59,13 @@ def rater_attention(
         raters = list(above_mean_similarity(torch.stack(visual), torch.stack(text)).to(columns[0].device).unbind(0))
     else:
         raters = [above_mean_similarity(v, t).to(c.device) for c, v, t in zip(columns, visual, text)]
-    # how many raters each sample has decides the mean's shape: read for the batch at once, not per sample
-    counts = torch.stack([r.sum().to(raters[0].device) for r in raters]).tolist() if raters else []
-    return [c[:, c.shape[1] - t.shape[0]:][:, true_indices(r, n)].mean(1)
-            for c, t, r, n in zip(columns, text, raters, counts)]
+    # the mean over each sample's raters as a masked sum over its text columns by their count: how many raters a
+    # sample has stays on the device (taking them out would read it; the same values, summed in another order)
+    if len(columns) > 1 and len({c.shape for c in columns}) == 1 and len({t.shape for t in text}) == 1:
+        tails = torch.stack([c[:, c.shape[1] - t.shape[0]:] for c, t in zip(columns, text)])  # [B, n, T]
+        chosen = torch.stack(raters).to(tails.dtype)  # [B, T]
+        return list(((tails @ chosen[..., None])[..., 0] / chosen.sum(-1, keepdim=True)).unbind(0))
+    return [c[:, c.shape[1] - t.shape[0]:] @ r.to(c.dtype) / r.sum() for c, t, r in zip(columns, text, raters)]
 
 
 def rater_signals(raters: str) -> tuple[str, ...]:

@@ -1,0 +1,82 @@
+"""The instruction's positions (the text after each sample's last visual token) decide the text signals' shapes,
+so their counts reach the host: read from the device once per prefill where every sample's visual tokens are one
+block, since pruning inside a block leaves the text after it as it was; read at each state otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit.runtime.sequence import Call
+from prunekit.runtime.signals import instruction, text_after
+from prunekit.testing import count_ops
+
+
+def _call(vis_pos, valid) -> Call:
+    return Call(mode="prefill", pos=None, valid=valid, vis_pos=vis_pos)
+
+
+def _reads(fn):
+    out, count = count_ops(fn)
+    return out, count.syncs
+
+
+def _later(call: Call, keep: list[list[int]]) -> tuple[list, torch.Tensor]:
+    """A later state: each sample keeps the visual tokens ``keep[b]`` (indices into its current ones), its rows
+    padded on the left to the longest, as a stage inside the language model leaves them."""
+    rows = []
+    for b, v in enumerate(call.vis_pos):
+        dropped = set(v.tolist()) - {v[i].item() for i in keep[b]}
+        rows.append([r for r in call.valid[b].nonzero().squeeze(1).tolist() if r not in dropped])
+    n = max(len(r) for r in rows)
+    vis = [torch.tensor([n - len(r) + r.index(v[i].item()) for i in keep[b]], dtype=torch.long)
+           for b, (r, v) in enumerate(zip(rows, call.vis_pos))]
+    valid = torch.zeros(len(rows), n, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        valid[b, n - len(r):] = True
+    return vis, valid
+
+
+def test_one_block_per_sample_is_read_once_and_gives_the_read_positions():
+    # sample 0: 3 text, 6 visual (3..8), 5 text; sample 1: left-padded by 2, 2 text, 6 visual (4..9), 4 text
+    valid = torch.ones(2, 14, dtype=torch.bool)
+    valid[1, :2] = False
+    call = _call([torch.arange(3, 9), torch.arange(4, 10)], valid)
+    first, reads = _reads(lambda: instruction(call, call.vis_pos, call.valid))
+    assert reads == 1 and [t.tolist() for t in first] == [list(range(9, 14)), list(range(10, 14))]
+    for keep in ([[0, 5], [2]], [[1], [0]]):  # the last visual token kept or pruned, rows padded or not
+        call.vis_pos, call.valid = _later(call, keep)
+        text, reads = _reads(lambda: instruction(call, call.vis_pos, call.valid))
+        assert reads == 0
+        assert [t.tolist() for t in text] == [t.tolist() for t in text_after(call.vis_pos, call.valid)]
+
+
+def test_text_between_visual_tokens_is_read_at_each_state():
+    # two images with text between them: pruning all of the second leaves more text after the last visual token
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    call = _call([torch.tensor([2, 3, 4, 8, 9, 10])], valid)
+    first, reads = _reads(lambda: instruction(call, call.vis_pos, call.valid))
+    assert reads == 1 and first[0].tolist() == list(range(11, 16))
+    call.vis_pos, call.valid = _later(call, [[0, 2]])  # the second image's tokens all pruned
+    text, reads = _reads(lambda: instruction(call, call.vis_pos, call.valid))
+    assert reads == 1 and text[0].tolist() == list(range(4, 12))
+
+
+def test_a_sample_left_without_visual_tokens_is_read():
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    call = _call([torch.arange(2, 6), torch.arange(2, 6)], valid)
+    instruction(call, call.vis_pos, call.valid)
+    call.vis_pos, call.valid = [torch.arange(2, 4), torch.zeros(0, dtype=torch.long)], \
+        torch.stack([valid[0, :8], torch.cat([torch.zeros(2, dtype=torch.bool), valid[1, :6]])])
+    text, reads = _reads(lambda: instruction(call, call.vis_pos, call.valid))
+    assert reads == 1 and [t.tolist() for t in text] == [[4, 5, 6, 7], [2, 3, 4, 5, 6, 7]]
+
+
+def test_the_first_state_read_after_a_later_one_is_read_again():
+    # a stage reading the prompt's first state (layer_input layer="first") after the sequence changed
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    call = _call([torch.arange(2, 8)], valid)
+    first_pos, first_valid = call.vis_pos, call.valid
+    call.vis_pos, call.valid = _later(call, [[1, 3]])
+    later = instruction(call, call.vis_pos, call.valid)
+    text, reads = _reads(lambda: instruction(call, first_pos, first_valid))
+    assert reads == 1 and text[0].tolist() == list(range(8, 12)) and later[0].tolist() == [4, 5, 6, 7]
