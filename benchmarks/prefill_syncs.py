@@ -2,6 +2,7 @@
 
     python benchmarks/prefill_syncs.py                                # CPU: the tiny LLaVA, every registered method
     python benchmarks/prefill_syncs.py --per-sample                   # CPU: launches at batch 1 and 4
+    python benchmarks/prefill_syncs.py --depth                        # CPU: batch 1 at LLaVA-1.5-7B's depths
     python benchmarks/prefill_syncs.py --device cuda --methods tops visionzip divprune --profile
 
 CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
@@ -9,7 +10,11 @@ LLaVA (4 decoder layers, 64 visual tokens) after a first one, at ``--keep`` toke
 its schedule's least), as tests/test_runtime_syncs.py counts them. ``--per-sample``: instead, kernel-launching
 operations of one prefill at batch 1 and 4 (``prunekit.tools.bench.model_inputs``: every sample the same prompt;
 ``--kv-heads 4``: the tiny LLaVA with multi-head attention, as LLaVA-1.5's) and what each extra sample adds, as tests/test_runtime_syncs.py's ``PER_SAMPLE`` ceilings count them (docs/
-performance.md, "The batch at once"). To count another commit's code, put its checkout first on ``PYTHONPATH``
+performance.md, "The batch at once"). ``--depth``: instead, the kernel-launching operations of one batch-1 prefill
+(T = 64 layer-averaged tokens) of a LLaVA with LLaVA-1.5-7B's depths (32 decoder and 24 vision layers, 576 patches,
+multi-head attention) at tiny widths, split into those of the greedy selections (which a GPU replays from a CUDA
+graph, a handful of launches each) and the rest (each a launch from Python on a GPU: the host time that bounds a
+batch-1 prefill there). To count another commit's code, put its checkout first on ``PYTHONPATH``
 (its root and its ``plugins``).
 
 CUDA: LLaVA-1.5-7B's shapes at full depth (random weights, bf16, ``prunekit.tools.bench.build_model``), T = 64
@@ -64,6 +69,50 @@ def per_sample(methods, keep: int, kv_heads: int = 2) -> None:
               f"host reads {reads_one} and {reads_four}")
 
 
+def at_depth(methods) -> None:
+    """Launches of one batch-1 prefill of a LLaVA with LLaVA-1.5-7B's depths at tiny widths (what a GPU's host pays
+    per launch does not depend on the width), split into the greedy selections' and the rest."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from prunekit.testing import count_ops
+    from prunekit.tools.bench import model_inputs
+    from prunekit_plugins.selectors.greedy import GreedySelector
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=32064, pad_token_id=0, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000)
+    inner = GreedySelector._select
+    selections = []
+
+    def counted(self, inputs, k):  # the selection's own launches, counted inside the prefill's count
+        out, count = count_ops(inner, self, inputs, k)
+        selections.append(count.launches)
+        return out
+
+    GreedySelector._select = counted
+    try:
+        for method in methods:
+            torch.manual_seed(0)
+            model = LlavaForConditionalGeneration(config).eval()
+            inputs = model_inputs(model, batch=1)
+            if method != "none":
+                prunekit.build(method, model, keep_tokens=64, budget_meaning="layer_average")
+            with torch.no_grad():
+                model(**inputs, logits_to_keep=1)
+                selections.clear()
+                _, count = count_ops(lambda: model(**inputs, logits_to_keep=1))
+            inside = sum(selections)
+            report = prunekit.pruning_report(model) if method != "none" else None
+            tokens = "576 visual tokens" if report is None else \
+                f"{report.layer_average[0]:.1f} of {report.visual_tokens[0]} visual tokens (layer average)"
+            print(f"{method:<14} launches {count.launches:5d}: {inside:4d} in {len(selections)} greedy selections, "
+                  f"{count.launches - inside:5d} outside them; host reads {count.syncs}; {tokens}")
+    finally:
+        GreedySelector._select = inner
+
+
 def on_cuda(methods, profile: bool) -> None:
     from prunekit.tools.bench import build_model, model_inputs
 
@@ -112,10 +161,14 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=8)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--per-sample", action="store_true", help="CPU: launches at batch 1 and 4, and per extra sample")
+    p.add_argument("--depth", action="store_true",
+                   help="CPU: launches at batch 1 of LLaVA-1.5-7B's depths at tiny widths, outside the selections")
     p.add_argument("--kv-heads", type=int, default=2, choices=[1, 2, 4],
                    help="--per-sample: the tiny LLaVA's key heads for its 4 query heads (4: multi-head, as LLaVA-1.5)")
     args = p.parse_args()
-    if args.device == "cpu" and args.per_sample:
+    if args.device == "cpu" and args.depth:
+        at_depth(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"])
+    elif args.device == "cpu" and args.per_sample:
         per_sample(args.methods or prunekit.list_methods(), args.keep, args.kv_heads)
     elif args.device == "cpu":
         on_cpu(args.methods or prunekit.list_methods(), args.keep)

@@ -1,5 +1,6 @@
 """The GPU diagnosis script runs end to end on CPU (its ``--smoke`` mode): a check that a lent GPU's minutes are not
-spent on a script error. Its numbers mean nothing here."""
+spent on a script error. Its numbers mean nothing here. The launch counts the docs quote at LLaVA-1.5-7B's depths
+come from a script that runs on CPU: it runs, prunes, and splits the selections' launches from the rest."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def test_the_gpu_diagnosis_runs_on_cpu(tmp_path):
         text = (tmp_path / f"cprofile_{method}.txt").read_text()
         assert "# prunekit's, by cumulative time" in text
     assert "prunekit/runtime/stages.py" in (tmp_path / "cprofile_tops.txt").read_text()
+
+
+def test_the_launch_count_at_7b_depth_prunes_and_splits_the_selections():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_syncs.py"), "--depth", "--methods",
+                          "none", "tops"], check=True, capture_output=True, text=True, timeout=600, cwd=ROOT).stdout
+    none, tops = out.splitlines()[-2:]
+    assert none.startswith("none") and "0 in 0 greedy selections" in none and "576 visual tokens" in none
+    assert tops.startswith("tops") and " in 3 greedy selections" in tops  # stage I, II and III
+    total, inside = int(tops.split()[2].rstrip(":")), int(tops.split()[3])
+    assert 0 < inside < total
+    assert "64.0 of 576 visual tokens (layer average)" in tops  # pruned, to the budget asked
