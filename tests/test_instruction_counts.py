@@ -1,14 +1,16 @@
 """The instruction's positions (the text after each sample's last visual token) decide the text signals' shapes,
-so their counts reach the host: read from the device once per prefill where every sample's visual tokens are one
+so their counts reach the host: read with the prefill's own counts where every sample's visual tokens are one
 block, since pruning inside a block leaves the text after it as it was; read at each state otherwise."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import prunekit
 from prunekit.runtime.sequence import Call
 from prunekit.runtime.signals import instruction, text_after
-from prunekit.testing import count_ops
+from prunekit.testing import assert_pruned, count_ops, tiny_llava, tiny_llava_inputs
 
 
 def _call(vis_pos, valid) -> Call:
@@ -80,3 +82,46 @@ def test_the_first_state_read_after_a_later_one_is_read_again():
     later = instruction(call, call.vis_pos, call.valid)
     text, reads = _reads(lambda: instruction(call, first_pos, first_valid))
     assert reads == 1 and text[0].tolist() == list(range(8, 12)) and later[0].tolist() == [4, 5, 6, 7]
+
+
+def _checked_prefill(monkeypatch, method: str, inputs: dict, model) -> list[int]:
+    """Run a pruned prefill with every instruction the stages take checked against the one read from the device;
+    returns, per instruction taken, how many host reads it made."""
+    from prunekit.runtime import signals
+
+    taken = signals.instruction
+    reads = []
+
+    def checked(call, vis_pos, valid):
+        text, count = count_ops(lambda: taken(call, vis_pos, valid))
+        assert [t.tolist() for t in text] == [t.tolist() for t in text_after(vis_pos, valid)]
+        reads.append(count.syncs)
+        return text
+
+    monkeypatch.setattr(signals, "instruction", checked)
+    prunekit.build(method, model, keep_tokens=24 if method == "pdrop" else 8, budget_meaning="nominal")
+    with torch.no_grad():
+        model(**inputs)
+    assert_pruned(model)
+    return reads
+
+
+@pytest.mark.parametrize("method", ["tops", "pdrop", "sparsevlm"])
+def test_a_prefill_of_one_image_per_sample_reads_no_instruction_in_its_stages(monkeypatch, method):
+    model = tiny_llava(num_layers=4)
+    reads = _checked_prefill(monkeypatch, method, tiny_llava_inputs(model), model)  # left-padded batch of 2
+    assert reads and not any(reads)  # the prefill's own read gave the counts
+
+
+@pytest.mark.parametrize("method", ["tops", "fastv"])
+def test_text_between_two_images_is_read_by_the_stages(monkeypatch, method):
+    model = tiny_llava(num_layers=4)
+    cfg = model.config
+    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    image = [cfg.image_token_id] * n
+    ids = torch.tensor([[3, 4, *image, 8, 9, *image, 5, 6, 7]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)}
+    reads = _checked_prefill(monkeypatch, method, inputs, model)
+    # each stage inside the LLM reads its state's instruction once (a second signal of the stage finds it taken)
+    assert sum(reads) == {"tops": 2, "fastv": 1}[method] and max(reads) == 1, reads

@@ -39,7 +39,7 @@ from ..report import PruningReport, StageRecord
 from .hooks import ModelHooks
 from .sequence import (Call, Generation, Segment, pad_left, positions_in, positions_out, remap, rows_of_samples,
                        same_sizes, segment_for)
-from .signals import layer_signal, pre_llm_signal
+from .signals import PROMPT_TEXT_SIGNALS, instruction_counts, layer_signal, pre_llm_signal
 from .stages import run_stage, settle_checks, write_values
 from .state import PerThread, ThreadStateMixin
 
@@ -85,6 +85,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
         self.layer_stages = sorted((s for s in stages if s.layer is not None), key=lambda s: s.layer)
         if len(self.pre_stages) > 1:
             raise ValueError("at most one stage can prune before the LLM")
+        #: whether a stage reads the instruction's positions (every stage inside the LLM with signals, a stage
+        #: before it with text signals): their counts are then read with the prefill's own (signals.instruction)
+        self._reads_text = any(s.signals for s in self.layer_stages) or \
+            any(set(s.signals) & PROMPT_TEXT_SIGNALS for s in self.pre_stages)
         #: every KV cache a pruned prefill filled -> what its decode steps need (any of them can be continued)
         self._gens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._report: PruningReport | None = None
@@ -100,6 +104,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
             for stage in self.layer_stages:
                 post = functools.partial(self._layer_post, stage)
                 self._handles.append(self.layers[stage.layer - 1].register_forward_hook(post, with_kwargs=True))
+                norm = C.INPUT_NORM.get(self.layers[stage.layer - 1], None)
+                if isinstance(norm, torch.nn.Module):  # its output, which the stage's signals read again
+                    seen = functools.partial(self._input_norm_post, stage.layer - 1)
+                    self._handles.append(norm.register_forward_hook(seen))
 
     # -- copies -------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> "DecoderPruner":
@@ -140,15 +148,28 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return self.hooks.input_mask_2d(), True
         return mask, False
 
-    @staticmethod
-    def _prefill_counts(visual: Tensor, mask: Tensor | None) -> tuple[list[int], list[int] | None]:
+    def _prefill_counts(self, visual: Tensor, mask: Tensor | None
+                        ) -> tuple[list[int], list[int] | None, list[int] | None]:
         """Per sample, its visual tokens and (with a 2D mask) its non-padding tokens, in one read of the device
-        (each read waits for a GPU's stream): they decide the pruned sequence's shapes, so the host needs them."""
+        (each read waits for a GPU's stream): they decide the pruned sequence's shapes, so the host needs them.
+        Where a stage reads the instruction, the same read gives its token counts (the text after each sample's
+        last visual token) where every sample's visual tokens are one block (else None; see
+        :func:`~prunekit.runtime.signals.instruction`)."""
         counts = [visual.sum(1)]
+        valid = None
         if isinstance(mask, Tensor) and mask.dim() == 2:
-            counts.append(mask.bool().sum(1).to(visual.device))
+            valid = mask.bool().to(visual.device)
+            counts.append(valid.sum(1))
+        if self._reads_text:
+            counts.extend(instruction_counts(visual, valid))
         read = torch.stack(counts).tolist()
-        return read[0], (read[1] if len(read) > 1 else None)
+        lengths = read[1] if valid is not None else None
+        text = None
+        if self._reads_text:
+            after, spans = read[-2:]
+            if all(n and span == n - 1 for n, span in zip(read[0], spans)):
+                text = after
+        return read[0], lengths, text
 
     def _new_report(self, n_visual: list[int], lengths: list[int] | None, embeds: Tensor,
                     enabled: bool = True) -> PruningReport:
@@ -214,7 +235,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if not self.enabled:
             self._gen = None
             if counts is not None:  # pruning_report() tells that this prefill ran unpruned
-                self._report = self._new_report(*counts, embeds, enabled=False)
+                self._report = self._new_report(*counts[:2], embeds, enabled=False)
             return None
         self._gen = self._gens.get(cache) if cache is not None else None
         if counts is not None:
@@ -244,7 +265,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
             return (args, kwargs)
         return None
 
-    def _prefill(self, kwargs: dict, visual: Tensor, n_visual: list[int], lengths: list[int] | None) -> bool:
+    def _prefill(self, kwargs: dict, visual: Tensor, n_visual: list[int], lengths: list[int] | None,
+                 text: list[int] | None) -> bool:
         embeds: Tensor = C.LM_INPUTS_EMBEDS.get(kwargs)
         B, L, _ = embeds.shape
         device = embeds.device
@@ -266,6 +288,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             mode="prefill", pos=pos, style=style, report=report,
             valid=torch.ones(B, L, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool(),
             vis_pos=vis_pos, vis_orig=[torch.arange(n, device=device) for n in n_visual], units=units,
+            instruction_counts=text,
         )
         self._gen = None
         changed = False
@@ -397,6 +420,17 @@ class DecoderPruner(ThreadStateMixin, Patch):
         self._call = Call(mode="decode", pos=pos, style=style, past=past, segments=gen.segments)
 
     # -- decoder layers ---------------------------------------------------------------------------------
+    def _input_norm_post(self, j: int, module, args, output):
+        """Keep what the input norm of layer ``j`` (a stage's K-1) made of the layer's input in this prefill: the
+        stage's signals read that normalised input (:func:`~prunekit.runtime.signals.normed_input`), which would
+        otherwise compute it again. Kept only when its input is the layer input the stage captured."""
+        call = self._call
+        if call is None or call.mode != "prefill" or not self.enabled or j not in call.captured or not args:
+            return None
+        if args[0] is call.captured[j][0] and isinstance(output, Tensor):
+            call.normed.append((self.layers[j], args[0], output))
+        return None
+
     def _layer_pre(self, j: int, prunes_after: bool, module, args, kwargs):
         call = self._call
         if call is None or not self.enabled:

@@ -70,7 +70,7 @@ class Call:
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
     first_input: tuple | None = None  # prefill: (embeds [B, L, D], vis_pos, valid) at decoder layer 0's input
     instructions: list[tuple] = field(default_factory=list)  # (vis_pos, valid, their instructions' positions)
-    instruction_counts: list[int] | None = None  # per sample, once its visual tokens are known to be one block
+    instruction_counts: list[int] | None = None  # per sample, where the visual tokens are known to be one block
     normed: list[tuple] = field(default_factory=list)  # (layer, states, the layer's input norm of states)
     report: PruningReport | None = None
     units: list[BudgetUnits] | None = None  # budget_per other than "prompt": per sample, its units

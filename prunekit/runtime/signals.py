@@ -15,7 +15,7 @@ from .attention import RATER_RULES, attention_rows, attention_rows_batch, rows_o
 from .hooks import ModelHooks
 from .sequence import Call, rows_of_samples
 
-__all__ = ["LAYER_SIGNALS", "text_after", "instruction", "text_similarity", "pre_llm_signal", "layer_signal", "layer_input",
+__all__ = ["LAYER_SIGNALS", "PROMPT_TEXT_SIGNALS", "text_after", "instruction_counts", "instruction", "text_similarity", "pre_llm_signal", "layer_signal", "layer_input",
            "layer_keys"]
 
 
@@ -34,16 +34,32 @@ def _after_last(vis_pos: list[Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
     last = batch_of(v.max().to(valid.device) if v.numel() else none() for v in vis_pos)
     return (positions > last[:, None]) & valid, last
 
+#: the signals before the language model that read the instruction
+PROMPT_TEXT_SIGNALS = frozenset({"text_embeddings", "text_similarity"})
+
+def instruction_counts(visual: Tensor, valid: Tensor | None) -> list[Tensor]:
+    """``[B]`` each: how many (non-pad) tokens follow each sample's last visual token, and its last visual token's
+    position minus its first's (``count - 1`` when they are one block), from the visual mask ``[B, L]`` and the
+    non-pad one, on the device: for the prefill's one read (they size the instruction, :func:`instruction`)."""
+    positions = torch.arange(visual.shape[1], device=visual.device)
+    last = torch.where(visual, positions, -1).amax(1)
+    first = torch.where(visual, positions, visual.shape[1]).amin(1)
+    after = positions > last[:, None]
+    if valid is not None:
+        after = after & valid
+    return [after.sum(1), last - first]
+
 def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
     """:func:`text_after` of one state of the call's sequence, computed once: each text signal of a stage needs
     it. A state is known by its objects (the runtime replaces ``vis_pos`` and ``valid`` when the sequence changes,
     never changes them in place).
 
-    The instruction's counts are read from the device (with, in the same read, whether each sample's visual
-    tokens are one block: one image, or frames without text between them). Where they all are, pruning removes
-    rows inside the blocks only, so the text after a sample's last visual token stays the same while it keeps
-    one: the call's later states (``call.vis_pos``; the states a call reads are its current one and its first)
-    take the counts without reading the device again."""
+    Where every sample's visual tokens are one block (one image, or frames without text between them), pruning
+    removes rows inside the blocks only, so the text after a sample's last visual token stays the same while it
+    keeps one: the call's current state (``call.vis_pos``; the states a call reads are its current one and its
+    first) takes the counts the prefill read with its own (:func:`instruction_counts`, ``call.instruction_counts``)
+    without reading the device. Otherwise they are read here (with, in the same read, whether the visual tokens
+    have become blocks since), for each state."""
     for seen_pos, seen_valid, text in call.instructions:
         if seen_pos is vis_pos and seen_valid is valid:
             return text
