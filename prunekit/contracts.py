@@ -329,6 +329,11 @@ Q_NORM = _at("attention.q_norm", "attention", "query norm, where the model has o
 K_NORM = _at("attention.k_norm", "attention", "key norm, where the model has one", optional=True)
 HEAD_DIM = _at("attention.head_dim", "attention", "width of one head")
 SCALING = _at("attention.scaling", "attention", "softmax scale")
+ATTENTION_LAYER_INDEX = _at("attention.layer_idx", "attention", "the cache layer that holds the layer's keys")
+CACHE_LAYERS = _at("cache.layers", "cache", "per decoder layer, what a forward cached: a stage reads layer K-1's "
+                   "keys there rather than computing them again")
+CACHE_LAYER_KEYS = _at("cache_layer.keys", "cache_layer", "the keys a decoder layer cached (after its rotary "
+                       "embedding)")
 ATTENTION_ROTARY = Rotary("attention.rotary", "applies (cos, sin) to recomputed queries and keys", "attention")
 VISION_Q_PROJ = _at("vision_attention.q_proj", "vision_attention", "[CLS] query of the encoder layer")
 VISION_K_PROJ = _at("vision_attention.k_proj", "vision_attention", "patch keys of the encoder layer")
@@ -377,6 +382,7 @@ CORE = (
     MODEL_INPUT_IDS, MODEL_INPUTS_EMBEDS, MODEL_ENCODER_OUTPUTS, ENCODE_IMAGES, ENCODE_VIDEOS,
     DECODER_LAYERS, ROTARY_EMBEDDING, FINAL_NORM, INPUT_EMBEDDINGS, SELF_ATTENTION, INPUT_NORM, STATIC_CACHE, GRADIENT_CHECKPOINTING,
     Q_PROJ, K_PROJ, Q_NORM, K_NORM, HEAD_DIM, SCALING, ATTENTION_ROTARY, DYNAMIC_CACHE, CACHE_LENGTH,
+    ATTENTION_LAYER_INDEX, CACHE_LAYERS, CACHE_LAYER_KEYS,
 )
 #: what reading a vision encoder's attention relies on
 VISION_ATTENTION = (VISION_Q_PROJ, VISION_K_PROJ, VISION_Q_NORM, VISION_K_NORM, VISION_HEADS, VISION_HEAD_DIM)

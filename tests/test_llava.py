@@ -6,7 +6,7 @@ import torch
 import prunekit
 from prunekit.ops import cosine
 from prunekit.runtime.attention import attention_rows, attention_rows_batch
-from prunekit.testing import tiny_llava, tiny_llava_inputs
+from prunekit.testing import assert_pruned, tiny_llava, tiny_llava_inputs
 from test_selection import naive_tops
 from conftest import unpad_row
 
@@ -229,6 +229,60 @@ def test_one_rotary_call_for_q_and_k_gives_each_rotation_bit_for_bit(model, inpu
     both = rotate(torch.cat([q, k], 2), torch.cat([take(cos), cos], -2), torch.cat([take(sin), sin], -2))
     assert torch.equal(both[:, :, :3], rotate(q, take(cos), take(sin)))
     assert torch.equal(both[:, :, 3:], rotate(k, cos, sin))
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mha"])
+def test_the_keys_a_layer_cached_are_the_recomputed_ones_bit_for_bit(model, inputs, heads):
+    """The attention rows take layer K-1's keys from the cache its forward filled (after the rotary embedding)
+    rather than projecting and rotating every token again: the same operations on the same input, so the same
+    values, and the same rows as recomputing them."""
+    import functools
+
+    from transformers import DynamicCache
+
+    from prunekit import contracts as C
+    from prunekit.runtime.attention import cached_keys
+
+    if heads == "mha":
+        model = tiny_llava(num_key_value_heads=4)
+    lm = model.model.language_model
+    seen = {}
+    def keep(j, module, args, kwargs):
+        seen[j] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"],
+                   kwargs["attention_mask"])
+
+    handles = [lm.layers[j].register_forward_pre_hook(functools.partial(keep, j), with_kwargs=True) for j in (1, 2)]
+    with torch.no_grad():
+        cache = C.OUTPUT_CACHE.get(model(**inputs, use_cache=True))  # the DynamicCache the model made and filled
+    for h in handles:
+        h.remove()
+    rows = torch.tensor([[9, 11], [10, 12]])
+    for j, (hidden, emb, mask) in seen.items():
+        keys = cached_keys(cache, lm.layers[j], hidden)
+        assert keys is not None and keys.shape[2] == hidden.shape[1]
+        with torch.no_grad():
+            assert torch.equal(attention_rows_batch(lm.layers[j], hidden, emb, mask, rows, keys=keys),
+                               attention_rows_batch(lm.layers[j], hidden, emb, mask, rows))
+            for b in range(2):
+                assert torch.equal(attention_rows(lm.layers[j], hidden, emb, mask, b, rows[b], keys=keys),
+                                   attention_rows(lm.layers[j], hidden, emb, mask, b, rows[b]))
+    hidden, _, _ = seen[1]
+    assert cached_keys(None, lm.layers[1], hidden) is None
+    assert cached_keys(cache, lm.layers[1], hidden[:, :-1]) is None  # a layer holding other tokens: recomputed
+    assert cached_keys(DynamicCache(config=model.config.get_text_config()), lm.layers[1], hidden) is None
+
+
+def test_a_pruned_prefill_reads_layer_k_minus_1s_keys_from_the_cache(model, inputs, monkeypatch):
+    from prunekit.runtime import signals
+
+    found = []
+    taken = signals.cached_keys
+    monkeypatch.setattr(signals, "cached_keys", lambda *a: found.append(taken(*a)) or found[-1])
+    prunekit.build("fastv", model, keep_tokens=8)
+    with torch.no_grad():
+        model(**inputs)
+    assert_pruned(model)
+    assert found and all(k is not None for k in found)
 
 
 def test_text_only_input_prunes_nothing(model):

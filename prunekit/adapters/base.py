@@ -72,8 +72,11 @@ class MultimodalAdapter(ModelAdapter):
         """The objects contracts are read from (see :class:`prunekit.contracts.Contract`)."""
         lm = self.language_model()
         layer = C.DECODER_LAYERS.get(lm)[0]
+        cache = C.DYNAMIC_CACHE.get()(config=self.text_config())  # the kind a pruned prefill gets when it has none
+        layers = C.CACHE_LAYERS.get(cache, None)
         return {
             "model": self.model, "inner": self.inner, "language_model": lm, "decoder_layer": layer,
+            "cache": cache, "cache_layer": layers[0] if layers else None,
             "attention": C.SELF_ATTENTION.get(layer), "vision_attention": self.feature_attention_module(),
             "projector": self.projector() if "vision_features" in self.insertion_points else None,
             "encode_images": C.ENCODE_IMAGES.get(self.inner),

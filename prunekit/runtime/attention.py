@@ -25,6 +25,27 @@ def rows_of(t: Tensor, b: int, rows: Tensor | None = None) -> Tensor:
     return t if rows is None else t[..., rows, :]
 
 
+def cached_keys(cache, layer, hidden_in: Tensor) -> Tensor | None:
+    """The keys decoder ``layer`` cached in this prefill for its input ``hidden_in`` ``[B, L, D]`` (after its rotary
+    embedding, ``[B, kv_heads, L, head_dim]``): what :func:`attention_rows_batch` would compute again from the
+    layer's projections. None where the cache does not hold exactly those (no cache; a layer that keeps fewer
+    tokens, such as a sliding window; another shape, dtype or device)."""
+    if cache is None:
+        return None
+    attn = C.SELF_ATTENTION.get(layer)
+    layers, index = C.CACHE_LAYERS.get(cache, None), C.ATTENTION_LAYER_INDEX.get(attn, None)
+    if layers is None or not isinstance(index, int) or not 0 <= index < len(layers):
+        return None
+    keys = C.CACHE_LAYER_KEYS.get(layers[index], None)
+    if not isinstance(keys, Tensor) or keys.dim() != 4:
+        return None
+    B, L = hidden_in.shape[:2]
+    if (keys.shape[0], keys.shape[2], keys.shape[3]) != (B, L, C.HEAD_DIM.get(attn)) or \
+            keys.dtype != hidden_in.dtype or keys.device != hidden_in.device:
+        return None
+    return keys
+
+
 def attention_rows(
     layer,
     hidden_in: Tensor,
@@ -32,18 +53,21 @@ def attention_rows(
     attention_mask: Tensor | None,
     b: int,
     query_rows: Tensor,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Attention probabilities of ``query_rows`` of sample ``b`` to every key of decoder ``layer``.
 
-    ``hidden_in`` is the layer's input ``[B, L, D]`` (before its input norm). Returns ``[H, R, L]`` in float32:
-    :func:`attention_rows_batch` on sample ``b`` alone.
+    ``hidden_in`` is the layer's input ``[B, L, D]`` (before its input norm); ``keys``: the batch's cached keys
+    (:func:`cached_keys`), if any. Returns ``[H, R, L]`` in float32: :func:`attention_rows_batch` on sample ``b``
+    alone.
     """
     embeddings = None
     if position_embeddings is not None:
         embeddings = (rows_of(position_embeddings[0], b), rows_of(position_embeddings[1], b))
     if attention_mask is not None:
         attention_mask = attention_mask.narrow(0, b if attention_mask.shape[0] > 1 else 0, 1)
-    return attention_rows_batch(layer, hidden_in[b : b + 1], embeddings, attention_mask, query_rows[None])[0]
+    return attention_rows_batch(layer, hidden_in[b : b + 1], embeddings, attention_mask, query_rows[None],
+                                keys=None if keys is None else keys[b : b + 1])[0]
 
 
 def attention_rows_batch(
@@ -53,22 +77,21 @@ def attention_rows_batch(
     attention_mask: Tensor | None,
     query_rows: Tensor,
     normed: Tensor | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """:func:`attention_rows` of every sample at once, ``query_rows`` ``[B, R]`` (the same number of rows in each
     sample): ``[B, H, R, L]`` in float32, the same operations batched (one launch each instead of one per sample).
-    ``normed``: the layer's input norm of ``hidden_in`` where the caller already has it."""
+    ``normed``: the layer's input norm of ``hidden_in`` where the caller already has it; ``keys``: the keys the
+    layer cached for ``hidden_in`` (:func:`cached_keys`), the same values as computed here, taken as they are."""
     attn = C.SELF_ATTENTION.get(layer)
     head_dim = C.HEAD_DIM.get(attn)
     if normed is None:
         normed = C.INPUT_NORM.get(layer)(hidden_in)
     picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))  # [B, R, D]
     q = _heads(C.Q_PROJ.get(attn)(picked), head_dim)
-    k = _heads(C.K_PROJ.get(attn)(normed), head_dim)
     if C.Q_NORM.has(attn):
         q = C.Q_NORM.get(attn)(q)
-    if C.K_NORM.has(attn):
-        k = C.K_NORM.get(attn)(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, rows, hd]
+    q = q.transpose(1, 2)  # [B, heads, rows, hd]
     B = hidden_in.shape[0]
     if position_embeddings is not None:
         cos, sin = position_embeddings  # [..., B or 1, L, D]
@@ -82,6 +105,15 @@ def attention_rows_batch(
         def rows(t: Tensor) -> Tensor:  # the query rows of every sample
             return full(t).take_along_dim(index, dim=-2)
 
+    if keys is not None:  # rotated already: q's rows alone are
+        if position_embeddings is not None:
+            q = rotate(q, rows(cos), rows(sin))
+        return _probabilities(attn, q, keys, attention_mask, query_rows)
+    k = _heads(C.K_PROJ.get(attn)(normed), head_dim)
+    if C.K_NORM.has(attn):
+        k = C.K_NORM.get(attn)(k)
+    k = k.transpose(1, 2)
+    if position_embeddings is not None:
         if q.shape[1] == k.shape[1]:
             # one call for q's rows and every key: the model's function rotates a pair, so a call for each would
             # compute each rotation twice; the rotation is element-wise, so the values are the same
@@ -91,6 +123,12 @@ def attention_rows_batch(
         else:
             q = rotate(q, rows(cos), rows(sin))
             k = rotate(k, cos, sin)
+    return _probabilities(attn, q, k, attention_mask, query_rows)
+
+
+def _probabilities(attn, q: Tensor, k: Tensor, attention_mask: Tensor | None, query_rows: Tensor) -> Tensor:
+    """softmax(q·kᵀ·scaling + mask) of rotated ``q`` ``[B, H, R, hd]`` and ``k`` ``[B, kv_heads, L, hd]``."""
+    B = q.shape[0]
     q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

@@ -355,8 +355,9 @@ class DecoderPruner(ThreadStateMixin, Patch):
             if cache is not None:
                 zero = torch.zeros(B, dtype=torch.long, device=device)
                 self._gen = self._gens[cache] = Generation(weakref.ref(cache), L, mask2d, zero, zero)
-        if self.layer_stages:  # for the layer_input signal's layer="first"
+        if self.layer_stages:  # for the layer_input signal's layer="first"; the layers' cached keys
             call.first_input = (C.LM_INPUTS_EMBEDS.get(kwargs), call.vis_pos, call.valid)
+            call.cache = C.LM_CACHE.get(kwargs)
         self._call = call
         return changed
 

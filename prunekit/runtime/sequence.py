@@ -72,6 +72,7 @@ class Call:
     instructions: list[tuple] = field(default_factory=list)  # (vis_pos, valid, their instructions' positions)
     instruction_counts: list[int] | None = None  # per sample, where the visual tokens are known to be one block
     normed: list[tuple] = field(default_factory=list)  # (layer, states, the layer's input norm of states)
+    cache: Any = None  # prefill: the KV cache the language model fills (attention.cached_keys reads it)
     report: PruningReport | None = None
     units: list[BudgetUnits] | None = None  # budget_per other than "prompt": per sample, its units
     # prefill: the stages' index checks, kept on the device and read once at the end (stages.settle_checks)

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import contracts as C
 from ..errors import PruningError
 from ..ops import batch_of, true_indices
-from .attention import RATER_RULES, attention_rows, attention_rows_batch, rows_of, select_raters
+from .attention import RATER_RULES, attention_rows, attention_rows_batch, cached_keys, rows_of, select_raters
 from .hooks import ModelHooks
 from .sequence import Call, rows_of_samples
 
@@ -185,7 +185,8 @@ def layer_signal(call: Call, lm, layers, layer, j: int, name: str, options: dict
             rater_layer, states = layer, hidden_in
             if options.get("layer", "previous") == "next":
                 rater_layer, states = layers[j + 1], hidden_out
-            probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters)  # [H, R, L]
+            probs = attention_rows(rater_layer, states, pos_emb, mask, b, raters,
+                                   keys=cached_keys(call.cache, rater_layer, states))  # [H, R, L]
             out.append(probs.mean(0)[:, vis].T if per_rater else probs.mean((0, 1))[vis])
     return out
 
@@ -203,7 +204,8 @@ def text_attention_batch(call: Call, layers, layer, j: int, options: dict, texts
         rater_layer, states = layers[j + 1], hidden_out
     rows = batch_of(raters).to(states.device)
     probs = attention_rows_batch(rater_layer, states, pos_emb, mask, rows,
-                                 normed=normed_input(call, rater_layer, states))  # [B, H, R, L]
+                                 normed=normed_input(call, rater_layer, states),
+                                 keys=cached_keys(call.cache, rater_layer, states))  # [B, H, R, L]
     if options.get("per_rater", False):
         per_rater = probs.mean(1)  # [B, R, L]
         return [per_rater[b][:, vis].T for b, vis in enumerate(call.vis_pos)]
