@@ -29,22 +29,12 @@ import torch
 
 import prunekit
 from prunekit.tools.bench import build_model, clustered_features, model_inputs
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from prunekit.tools.measure import _sync, _timed
 
 
 def _times(fn, device, n):
-    out = []
-    for _ in range(n):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append((time.perf_counter() - start) * 1000)
-    return out
+    """Wall time (ms) of each of ``n`` calls, the device synchronised around each."""
+    return [_timed(fn, device) for _ in range(n)]
 
 
 def _device_time(fn, device):

@@ -46,13 +46,9 @@ import torch
 
 import prunekit
 from prunekit.tools.bench import clustered_features
+from prunekit.tools.measure import _sync, _timed as _call_ms
 
 METHODS = ("tops", "divprune", "scope")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _select(method, feats, rel, k, reference=False, **kw):
@@ -65,14 +61,7 @@ def _select(method, feats, rel, k, reference=False, **kw):
 
 def _timed(fn, device, repeats):
     fn()  # warm-up (and Triton's compilation)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return statistics.median(_call_ms(fn, device) for _ in range(repeats))
 
 
 def _features(n, dim, batch, seed, device):

@@ -47,7 +47,13 @@ def true_indices(mask: Tensor, count: int | list[int]) -> Tensor | list[Tensor]:
     (on a GPU that waits for the stream to drain); a stable sort puts the ``True`` entries first, in order, without
     reading anything. A ``[B, N]`` mask with ``count`` a list gives one tensor per row (one sort for the batch).
     ``count`` must be right: nothing checks it (that would read the device)."""
-    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+    return false_indices(~mask, count)
+
+
+def false_indices(mask: Tensor, count: int | list[int]) -> Tensor | list[Tensor]:
+    """:func:`true_indices` of the ``False`` (or 0) entries of ``mask`` (bool, or 0/1 integers): a stable sort puts
+    them first, in order; ``count`` of them, known on the host."""
+    order = torch.sort(mask.to(torch.int8), dim=-1, stable=True).indices
     if mask.dim() == 1:
         return order[:count]
     return [order[b, :c] for b, c in enumerate(count)]

@@ -34,7 +34,7 @@ from .. import contracts as C
 from ..errors import PruningError
 from ..flops import layer_cost
 from ..interfaces import Patch, Stage
-from ..ops import batch_of, true_indices
+from ..ops import batch_of, false_indices, true_indices
 from ..report import PruningReport, StageRecord
 from .hooks import ModelHooks
 from .sequence import (Call, Generation, Segment, pad_left, positions_in, positions_out, remap, rows_of_samples,
@@ -494,10 +494,11 @@ class DecoderPruner(ThreadStateMixin, Patch):
                                    for b in range(B)])
         n = max(r.numel() for r in rows_b)
         lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
-        rows = pad_left(rows_b, n, 0) if any(lead) else batch_of(rows_b)
-        pad = None
         if any(lead):
+            rows = pad_left(rows_b, n, 0)
             pad = pad_left([torch.zeros(r.numel(), dtype=torch.bool, device=r.device) for r in rows_b], n, True)
+        else:
+            rows, pad = batch_of(rows_b), None
         cols = rows if prev is None else prev.cols.gather(1, rows)
         base_pos = call.pos if prev is None else prev.pos
         if self.positions == "renumber":  # subtract the visual tokens dropped before each kept token
@@ -520,9 +521,8 @@ class DecoderPruner(ThreadStateMixin, Patch):
 def _kept_rows(gone: Tensor, counts: list[int]) -> list[Tensor]:
     """Per sample, the ascending positions where ``gone`` ``[B, L]`` (bool, or 0/1) is not set, of which there are
     ``counts[b]`` (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device)
-    per sample (:func:`~prunekit.ops.true_indices` of the rows kept, without negating the mask)."""
-    order = torch.sort(gone.to(torch.int8), dim=-1, stable=True).indices
-    return [order[b, :c] for b, c in enumerate(counts)]
+    per sample."""
+    return false_indices(gone, counts)
 
 
 def _taken(source, index) -> list[Tensor]:

@@ -19,12 +19,13 @@ __all__ = ["LAYER_SIGNALS", "PROMPT_TEXT_SIGNALS", "text_after", "instruction_co
            "layer_keys"]
 
 
-def text_after(vis_pos: list[Tensor], valid: Tensor, counts: list[int] | None = None) -> list[Tensor]:
+def text_after(vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
     """Per sample, the positions of the (non-pad) text tokens after its last visual token: its instruction
     (``vis_pos[b]``: its visual tokens' positions, ``valid`` ``[B, L]``: its non-pad tokens). Their counts decide
-    the signals' shapes: ``counts`` where the host knows them, else read from the device, once for the batch."""
+    the signals' shapes, so they are read from the device: once for the batch (:func:`instruction` reads them
+    once per prefill where it can)."""
     after, _ = _after_last(vis_pos, valid)
-    return true_indices(after, after.sum(1).tolist() if counts is None else counts)
+    return true_indices(after, after.sum(1).tolist())
 
 def _after_last(vis_pos: list[Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
     """``[B, L]``: where the non-pad tokens after each sample's last visual token are; and ``[B]`` its last

@@ -54,18 +54,22 @@ def rater_attention(
     columns = ctx.relevance("text_attention", raters="all_text", layer=layer, per_rater=True)  # [n, T'] per sample
     # the raters' text is the tail of the stage's: once an image's tokens are all pruned, the text after the visual
     # tokens still present also holds what followed that image
-    if len(visual) > 1 and len({v.shape for v in visual}) == 1 and len({t.shape for t in text}) == 1:
-        # every sample the same sizes: the batch at once (the same operations, batched)
+    if _stackable(visual, text):  # every sample the same sizes: the batch at once (the same operations, batched)
         raters = list(above_mean_similarity(torch.stack(visual), torch.stack(text)).to(columns[0].device).unbind(0))
     else:
         raters = [above_mean_similarity(v, t).to(c.device) for c, v, t in zip(columns, visual, text)]
     # the mean over each sample's raters as a masked sum over its text columns by their count: how many raters a
     # sample has stays on the device (taking them out would read it; the same values, summed in another order)
-    if len(columns) > 1 and len({c.shape for c in columns}) == 1 and len({t.shape for t in text}) == 1:
+    if _stackable(columns, text):
         tails = torch.stack([c[:, c.shape[1] - t.shape[0]:] for c, t in zip(columns, text)])  # [B, n, T]
         chosen = torch.stack(raters).to(tails.dtype)  # [B, T]
         return list(((tails @ chosen[..., None])[..., 0] / chosen.sum(-1, keepdim=True)).unbind(0))
     return [c[:, c.shape[1] - t.shape[0]:] @ r.to(c.dtype) / r.sum() for c, t, r in zip(columns, text, raters)]
+
+
+def _stackable(*groups: list[Tensor]) -> bool:
+    """Whether each group's per-sample tensors can be stacked: several samples, all of one shape."""
+    return all(len(g) > 1 and len({t.shape for t in g}) == 1 for g in groups)
 
 
 def rater_signals(raters: str) -> tuple[str, ...]:
