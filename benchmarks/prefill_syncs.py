@@ -3,6 +3,7 @@
     python benchmarks/prefill_syncs.py                                # CPU: the tiny LLaVA, every registered method
     python benchmarks/prefill_syncs.py --per-sample                   # CPU: launches at batch 1 and 4
     python benchmarks/prefill_syncs.py --depth                        # CPU: batch 1 at LLaVA-1.5-7B's depths
+    python benchmarks/prefill_syncs.py --host-time                    # CPU: host time of that prefill, ms
     python benchmarks/prefill_syncs.py --device cuda --methods tops visionzip divprune --profile
 
 CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
@@ -14,7 +15,11 @@ performance.md, "The batch at once"). ``--depth``: instead, the kernel-launching
 (T = 64 layer-averaged tokens) of a LLaVA with LLaVA-1.5-7B's depths (32 decoder and 24 vision layers, 576 patches,
 multi-head attention) at tiny widths, split into those of the greedy selections (which a GPU replays from a CUDA
 graph, a handful of launches each) and the rest (each a launch from Python on a GPU: the host time that bounds a
-batch-1 prefill there). To count another commit's code, put its checkout first on ``PYTHONPATH``
+batch-1 prefill there). ``--host-time``: instead, the wall time of that prefill on one CPU thread with 64 patches
+(224 px images; the widths make compute small, so the time is mostly Python and dispatch: what bounds a GPU's
+batch-1 prefill) and each greedy selection's indices replayed after its first call (as a GPU replays the
+selection from its CUDA graph; every prefill is the same prompt, so the indices are the selection's), median over
+``--repeats`` prefills, beside VisionZip's. To count another commit's code, put its checkout first on ``PYTHONPATH``
 (its root and its ``plugins``).
 
 CUDA: LLaVA-1.5-7B's shapes at full depth (random weights, bf16, ``prunekit.tools.bench.build_model``), T = 64
@@ -69,20 +74,28 @@ def per_sample(methods, keep: int, kv_heads: int = 2) -> None:
               f"host reads {reads_one} and {reads_four}")
 
 
+def _deep_config(image_size: int = 336):
+    """A LLaVA config with LLaVA-1.5-7B's depths (32 decoder, 24 vision layers; 576 patches at 336 px) and
+    multi-head attention, at tiny widths."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=2,
+                              image_size=image_size, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=32064, pad_token_id=0, max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000)
+
+
 def at_depth(methods) -> None:
     """Launches of one batch-1 prefill of a LLaVA with LLaVA-1.5-7B's depths at tiny widths (what a GPU's host pays
     per launch does not depend on the width), split into the greedy selections' and the rest."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from prunekit.testing import count_ops
     from prunekit.tools.bench import model_inputs
     from prunekit_plugins.selectors.greedy import GreedySelector
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=2,
-                              image_size=336, patch_size=14, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=32064, pad_token_id=0, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000)
+    config = _deep_config()
     inner = GreedySelector._select
     selections = []
 
@@ -111,6 +124,76 @@ def at_depth(methods) -> None:
                   f"{count.launches - inside:5d} outside them; host reads {count.syncs}; {tokens}")
     finally:
         GreedySelector._select = inner
+
+
+def host_time(methods, keep: int, repeats: int) -> dict[str, float]:
+    """Median wall time (ms) of a batch-1 prefill at LLaVA-1.5-7B's depths, 64 patches, on one CPU thread, each
+    greedy selection replayed after its first call; printed beside VisionZip's (when measured)."""
+    import statistics
+    import time
+
+    from transformers import LlavaForConditionalGeneration
+
+    from prunekit.tools.bench import model_inputs
+    from prunekit_plugins.selectors.greedy import GreedySelector
+
+    inner = GreedySelector._select
+    replays: dict = {}
+
+    def replayed(self, inputs, k):  # the same prompt every prefill: the first call's indices are the selection's
+        key = (tuple((type(scorer), weight) for scorer, weight in self.terms), self.combine,
+               tuple(inputs.features.shape), k)
+        if key not in replays:
+            replays[key] = inner(self, inputs, k)
+        return replays[key].clone()
+
+    spent = [0.0]
+
+    def timed(hook):  # a hook of the model's modules, its time added to ``spent``
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    GreedySelector._select = replayed
+    times: dict[str, float] = {}
+    try:
+        for method in methods:
+            torch.manual_seed(0)
+            model = LlavaForConditionalGeneration(_deep_config(image_size=112)).eval()
+            inputs = model_inputs(model, batch=1)
+            if method != "none":
+                prunekit.build(method, model, keep_tokens=keep, budget_meaning="layer_average")
+            for module in model.modules():  # prunekit's work in a forward runs in these hooks
+                for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                    for key in list(hooks):
+                        hooks[key] = timed(hooks[key])
+            with torch.no_grad():
+                for _ in range(5):
+                    model(**inputs, logits_to_keep=1)
+                runs = []
+                spent[0] = 0.0
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(**inputs, logits_to_keep=1)
+                    runs.append((time.perf_counter() - start) * 1e3)
+            times[method] = statistics.median(runs)
+            in_hooks = spent[0] / repeats * 1e3
+            report = prunekit.pruning_report(model) if method != "none" else None
+            tokens = "64 visual tokens" if report is None else \
+                f"{report.layer_average[0]:.1f} of {report.visual_tokens[0]} visual tokens (layer average)"
+            ratio = f", {times[method] / times['visionzip']:.3f}x VisionZip's" if "visionzip" in times else ""
+            print(f"{method:<14} {times[method]:7.2f} ms (min {min(runs):.2f}){ratio}; in prunekit's hooks "
+                  f"{in_hooks:5.2f} ms; {tokens}", flush=True)
+    finally:
+        GreedySelector._select = inner
+        torch.set_num_threads(threads)
+    return times
 
 
 def on_cuda(methods, profile: bool) -> None:
@@ -158,20 +241,27 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method (CPU), tops "
                                                                 "visionzip divprune (CUDA)")
-    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--keep", type=int, default=None,
+                   help="tokens kept (default 8; --host-time: 16, the layer average)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--per-sample", action="store_true", help="CPU: launches at batch 1 and 4, and per extra sample")
     p.add_argument("--depth", action="store_true",
                    help="CPU: launches at batch 1 of LLaVA-1.5-7B's depths at tiny widths, outside the selections")
+    p.add_argument("--host-time", action="store_true",
+                   help="CPU: wall time of that batch-1 prefill (64 patches), selections replayed")
+    p.add_argument("--repeats", type=int, default=40, help="--host-time: prefills timed per method")
     p.add_argument("--kv-heads", type=int, default=2, choices=[1, 2, 4],
                    help="--per-sample: the tiny LLaVA's key heads for its 4 query heads (4: multi-head, as LLaVA-1.5)")
     args = p.parse_args()
-    if args.device == "cpu" and args.depth:
+    if args.device == "cpu" and args.host_time:
+        host_time(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"],
+                  args.keep or 16, args.repeats)
+    elif args.device == "cpu" and args.depth:
         at_depth(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"])
     elif args.device == "cpu" and args.per_sample:
-        per_sample(args.methods or prunekit.list_methods(), args.keep, args.kv_heads)
+        per_sample(args.methods or prunekit.list_methods(), args.keep or 8, args.kv_heads)
     elif args.device == "cpu":
-        on_cpu(args.methods or prunekit.list_methods(), args.keep)
+        on_cpu(args.methods or prunekit.list_methods(), args.keep or 8)
     else:
         on_cuda(args.methods or ["tops", "visionzip", "divprune"], args.profile)
 

@@ -36,3 +36,15 @@ def test_the_launch_count_at_7b_depth_prunes_and_splits_the_selections():
     total, inside = int(tops.split()[2].rstrip(":")), int(tops.split()[3])
     assert 0 < inside < total
     assert "64.0 of 576 visual tokens (layer average)" in tops  # pruned, to the budget asked
+
+
+def test_the_host_time_at_7b_depth_prunes_and_times_the_hooks():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_syncs.py"), "--host-time", "--methods",
+                          "visionzip", "tops", "--repeats", "2"], check=True, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT).stdout
+    visionzip, tops = out.splitlines()[-2:]
+    assert visionzip.startswith("visionzip") and "1.000x VisionZip's" in visionzip
+    assert tops.startswith("tops") and "x VisionZip's" in tops
+    hooks = float(tops.split("in prunekit's hooks")[1].split()[0])
+    assert 0 < hooks < float(tops.split()[1])  # the hooks' time is part of the prefill's
+    assert "16.0 of 64 visual tokens (layer average)" in visionzip and "of 64 visual tokens" in tops  # pruned
