@@ -176,14 +176,15 @@ def host_time(methods, keep: int, repeats: int) -> dict[str, float]:
             with torch.no_grad():
                 for _ in range(5):
                     model(**inputs, logits_to_keep=1)
-                runs = []
-                spent[0] = 0.0
+                runs, hooked = [], []
                 for _ in range(repeats):
+                    spent[0] = 0.0
                     start = time.perf_counter()
                     model(**inputs, logits_to_keep=1)
                     runs.append((time.perf_counter() - start) * 1e3)
+                    hooked.append(spent[0] * 1e3)
             times[method] = statistics.median(runs)
-            in_hooks = spent[0] / repeats * 1e3
+            in_hooks = statistics.median(hooked)
             report = prunekit.pruning_report(model) if method != "none" else None
             tokens = "64 visual tokens" if report is None else \
                 f"{report.layer_average[0]:.1f} of {report.visual_tokens[0]} visual tokens (layer average)"

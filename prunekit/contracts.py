@@ -73,11 +73,24 @@ def check_version() -> None:
 
 def _spelled(spellings: tuple[tuple[str, str | None], ...]) -> str | None:
     """The spelling in force on the installed release (``spellings``: (first release, spelling), oldest first)."""
-    now, name = _version(installed()), None
+    return _spelled_on(installed(), spellings)
+
+
+@functools.lru_cache(maxsize=None)
+def _spelled_on(release: str, spellings: tuple[tuple[str, str | None], ...]) -> str | None:
+    """:func:`_spelled` on ``release``, worked out once: a hook reads contracts at every layer of a forward."""
+    now, name = _version(release), None
     for since, spelling in spellings:
         if now >= _version(since):
             name = spelling
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def _older_on(release: str, spellings: tuple[tuple[str, str | None], ...]) -> tuple[str, ...]:
+    """The spellings of ``spellings`` other than the one in force on ``release``."""
+    key = _spelled_on(release, spellings)
+    return tuple(dict.fromkeys(s for _, s in spellings if s is not None and s != key))
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,7 @@ class Keyword(Contract):
     @property
     def older(self) -> tuple[str, ...]:
         """Earlier spellings, still read when a caller uses them (transformers keeps them for a while)."""
-        key = self.key
-        return tuple(dict.fromkeys(s for _, s in self.spellings if s is not None and s != key))
+        return _older_on(installed(), self.spellings)
 
     def get(self, kwargs: dict, default: Any = None) -> Any:
         key = self.key

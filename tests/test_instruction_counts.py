@@ -9,7 +9,7 @@ import torch
 
 import prunekit
 from prunekit.runtime.sequence import Call
-from prunekit.runtime.signals import instruction, text_after
+from prunekit.runtime.signals import ends_rows, instruction, text_after
 from prunekit.testing import assert_pruned, count_ops, tiny_llava, tiny_llava_inputs
 
 
@@ -50,6 +50,20 @@ def test_one_block_per_sample_is_read_once_and_gives_the_read_positions():
         text, reads = _reads(lambda: instruction(call, call.vis_pos, call.valid))
         assert reads == 0
         assert [t.tolist() for t in text] == [t.tolist() for t in text_after(call.vis_pos, call.valid)]
+
+
+def test_rows_that_end_with_their_instruction_take_its_last_positions_without_a_read():
+    valid = torch.ones(2, 14, dtype=torch.bool)
+    valid[1, :2] = False  # left padding: the rows still end with their instructions
+    call = _call([torch.arange(3, 9), torch.arange(4, 10)], valid)
+    call.instruction_counts, call.instruction_tail = [5, 4], True  # as the prefill's read gives them
+    for keep in (None, [[0, 5], [2]], [[1], [0]]):
+        if keep is not None:
+            call.vis_pos, call.valid = _later(call, keep)
+        text, count = count_ops(lambda: instruction(call, call.vis_pos, call.valid))
+        assert count.syncs == 0 and count.launches <= 2  # one arange per distinct count
+        assert [t.tolist() for t in text] == [t.tolist() for t in text_after(call.vis_pos, call.valid)]
+        assert ends_rows(call, text)
 
 
 def test_text_between_visual_tokens_is_read_at_each_state():
@@ -111,6 +125,23 @@ def test_a_prefill_of_one_image_per_sample_reads_no_instruction_in_its_stages(mo
     model = tiny_llava(num_layers=4)
     reads = _checked_prefill(monkeypatch, method, tiny_llava_inputs(model), model)  # left-padded batch of 2
     assert reads and not any(reads)  # the prefill's own read gave the counts
+
+
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_the_prefill_knows_whether_rows_end_with_their_instruction(monkeypatch, pad):
+    from prunekit.runtime import signals
+
+    model = tiny_llava(num_layers=4)
+    inputs = tiny_llava_inputs(model)  # left-padded
+    if pad == "right":  # the same rows padded after their instructions: the text is not the rows' last positions
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        order = torch.argsort(mask, dim=1, descending=True, stable=True)
+        inputs = {**inputs, "input_ids": ids.gather(1, order), "attention_mask": mask.gather(1, order)}
+    ends = []
+    taken = signals.ends_rows
+    monkeypatch.setattr(signals, "ends_rows", lambda call, texts: ends.append(taken(call, texts)) or ends[-1])
+    reads = _checked_prefill(monkeypatch, "tops", inputs, model)  # every instruction checked against the device's
+    assert reads and not any(reads) and ends == [pad == "left"] * 2  # stage II's two rater attentions
 
 
 @pytest.mark.parametrize("method", ["tops", "fastv"])

@@ -78,16 +78,23 @@ def attention_rows_batch(
     query_rows: Tensor,
     normed: Tensor | None = None,
     keys: Tensor | None = None,
+    last: bool = False,
 ) -> Tensor:
     """:func:`attention_rows` of every sample at once, ``query_rows`` ``[B, R]`` (the same number of rows in each
     sample): ``[B, H, R, L]`` in float32, the same operations batched (one launch each instead of one per sample).
     ``normed``: the layer's input norm of ``hidden_in`` where the caller already has it; ``keys``: the keys the
-    layer cached for ``hidden_in`` (:func:`cached_keys`), the same values as computed here, taken as they are."""
+    layer cached for ``hidden_in`` (:func:`cached_keys`), the same values as computed here, taken as they are;
+    ``last``: the query rows are each sample's last R rows (its rows and rotary tables are then sliced, not
+    gathered: the same values)."""
     attn = C.SELF_ATTENTION.get(layer)
     head_dim = C.HEAD_DIM.get(attn)
     if normed is None:
         normed = C.INPUT_NORM.get(layer)(hidden_in)
-    picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))  # [B, R, D]
+    R, L = query_rows.shape[-1], hidden_in.shape[1]
+    if last:
+        picked = normed[:, L - R:]
+    else:
+        picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))  # [B, R, D]
     q = _heads(C.Q_PROJ.get(attn)(picked), head_dim)
     if C.Q_NORM.has(attn):
         q = C.Q_NORM.get(attn)(q)
@@ -103,7 +110,7 @@ def attention_rows_batch(
             return t.expand(t.shape[:lead] + (B,) + t.shape[-2:])
 
         def rows(t: Tensor) -> Tensor:  # the query rows of every sample
-            return full(t).take_along_dim(index, dim=-2)
+            return full(t).narrow(-2, L - R, R) if last else full(t).take_along_dim(index, dim=-2)
 
     if keys is not None:  # rotated already: q's rows alone are
         if position_embeddings is not None:

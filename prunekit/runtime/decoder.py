@@ -149,12 +149,12 @@ class DecoderPruner(ThreadStateMixin, Patch):
         return mask, False
 
     def _prefill_counts(self, visual: Tensor, mask: Tensor | None
-                        ) -> tuple[list[int], list[int] | None, list[int] | None]:
+                        ) -> tuple[list[int], list[int] | None, list[int] | None, bool]:
         """Per sample, its visual tokens and (with a 2D mask) its non-padding tokens, in one read of the device
         (each read waits for a GPU's stream): they decide the pruned sequence's shapes, so the host needs them.
         Where a stage reads the instruction, the same read gives its token counts (the text after each sample's
         last visual token) where every sample's visual tokens are one block (else None; see
-        :func:`~prunekit.runtime.signals.instruction`)."""
+        :func:`~prunekit.runtime.signals.instruction`), and whether every row then ends with its instruction."""
         counts = [visual.sum(1)]
         valid = None
         if isinstance(mask, Tensor) and mask.dim() == 2:
@@ -164,12 +164,13 @@ class DecoderPruner(ThreadStateMixin, Patch):
             counts.extend(instruction_counts(visual, valid))
         read = torch.stack(counts).tolist()
         lengths = read[1] if valid is not None else None
-        text = None
+        text, tail = None, False
         if self._reads_text:
-            after, spans = read[-2:]
+            after, spans, ends = read[-3:]
             if all(n and span == n - 1 for n, span in zip(read[0], spans)):
                 text = after
-        return read[0], lengths, text
+                tail = after == ends  # every position after the last visual token holds the instruction
+        return read[0], lengths, text, tail
 
     def _new_report(self, n_visual: list[int], lengths: list[int] | None, embeds: Tensor,
                     enabled: bool = True) -> PruningReport:
@@ -266,7 +267,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         return None
 
     def _prefill(self, kwargs: dict, visual: Tensor, n_visual: list[int], lengths: list[int] | None,
-                 text: list[int] | None) -> bool:
+                 text: list[int] | None, tail: bool = False) -> bool:
         embeds: Tensor = C.LM_INPUTS_EMBEDS.get(kwargs)
         B, L, _ = embeds.shape
         device = embeds.device
@@ -288,7 +289,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
             mode="prefill", pos=pos, style=style, report=report,
             valid=torch.ones(B, L, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool(),
             vis_pos=vis_pos, vis_orig=[torch.arange(n, device=device) for n in n_visual], units=units,
-            instruction_counts=text,
+            instruction_counts=text, instruction_tail=tail,
         )
         self._gen = None
         changed = False
@@ -324,7 +325,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 new_embeds = _padded_rows(embeds, keep_rows, L1, 0.0)
                 new_valid = _padded_rows(valid, keep_rows, L1, False)
                 if self.positions == "renumber":  # close the gaps: subtract the tokens dropped before each one
-                    src = pos - drop.long().cumsum(1)[..., None]
+                    src = pos - drop.cumsum(1)[..., None]  # a bool cumsum counts in int64
                 else:
                     src = pos
                 new_pos = _padded_rows(src, keep_rows, L1, 1)
@@ -485,7 +486,9 @@ class DecoderPruner(ThreadStateMixin, Patch):
             for b in range(B):
                 gone[b, call.vis_pos[b]] = 1
                 gone[b, call.vis_pos[b][kept[b]]] = 0
-        drop = gone.bool() if self.positions == "renumber" else None  # the dropped visual tokens alone
+        # renumbering: the visual tokens dropped before each row (and in all, the last column), counted before the
+        # previous padding joins them
+        before = gone.cumsum(1) if self.positions == "renumber" else None
         if prev is not None and prev.pad is not None:
             gone.masked_fill_(prev.pad, 1)
         # rows each sample keeps, counted on the host: all but the previous segment's padding and the dropped tokens
@@ -501,12 +504,13 @@ class DecoderPruner(ThreadStateMixin, Patch):
             rows, pad = batch_of(rows_b), None
         cols = rows if prev is None else prev.cols.gather(1, rows)
         base_pos = call.pos if prev is None else prev.pos
-        if self.positions == "renumber":  # subtract the visual tokens dropped before each kept token
-            base_pos = base_pos - drop.long().cumsum(1)[..., None]
+        if before is not None:  # subtract the visual tokens dropped before each kept token
+            base_pos = base_pos - before[..., None]
         new_pos = base_pos.gather(1, rows[:, :, None].expand(B, n, base_pos.shape[2]))
-        shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
-        if self.positions == "renumber":
-            shift = shift + drop.sum(1)
+        if before is None:
+            shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
+        else:
+            shift = before[:, -1] if prev is None else prev.shift + before[:, -1]
         seg = Segment(stage.layer, cols, shift, new_pos, pad, lead)
         call.segments.append(seg)
         if self._gen is not None:

@@ -69,8 +69,10 @@ class Call:
     captured: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden_in, mask, position_embeddings)
     remapped: dict[int, dict] = field(default_factory=dict)  # segment index -> kwargs for its layers
     first_input: tuple | None = None  # prefill: (embeds [B, L, D], vis_pos, valid) at decoder layer 0's input
-    instructions: list[tuple] = field(default_factory=list)  # (vis_pos, valid, their instructions' positions)
+    # (vis_pos, valid, their instructions' positions, whether those are each row's last positions)
+    instructions: list[tuple] = field(default_factory=list)
     instruction_counts: list[int] | None = None  # per sample, where the visual tokens are known to be one block
+    instruction_tail: bool = False  # with those counts: every row ends with its instruction (no padding after it)
     normed: list[tuple] = field(default_factory=list)  # (layer, states, the layer's input norm of states)
     cache: Any = None  # prefill: the KV cache the language model fills (attention.cached_keys reads it)
     report: PruningReport | None = None

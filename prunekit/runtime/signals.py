@@ -39,16 +39,19 @@ def _after_last(vis_pos: list[Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
 PROMPT_TEXT_SIGNALS = frozenset({"text_embeddings", "text_similarity"})
 
 def instruction_counts(visual: Tensor, valid: Tensor | None) -> list[Tensor]:
-    """``[B]`` each: how many (non-pad) tokens follow each sample's last visual token, and its last visual token's
-    position minus its first's (``count - 1`` when they are one block), from the visual mask ``[B, L]`` and the
-    non-pad one, on the device: for the prefill's one read (they size the instruction, :func:`instruction`)."""
-    positions = torch.arange(visual.shape[1], device=visual.device)
+    """``[B]`` each: how many (non-pad) tokens follow each sample's last visual token, its last visual token's
+    position minus its first's (``count - 1`` when they are one block), and how many positions follow its last
+    visual token (the first count when they are all text: the instruction ends the row), from the visual mask
+    ``[B, L]`` and the non-pad one, on the device: for the prefill's one read (they size the instruction,
+    :func:`instruction`)."""
+    L = visual.shape[1]
+    positions = torch.arange(L, device=visual.device)
     last = torch.where(visual, positions, -1).amax(1)
-    first = torch.where(visual, positions, visual.shape[1]).amin(1)
+    first = torch.where(visual, positions, L).amin(1)
     after = positions > last[:, None]
     if valid is not None:
         after = after & valid
-    return [after.sum(1), last - first]
+    return [after.sum(1), last - first, (L - 1) - last]
 
 def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor]:
     """:func:`text_after` of one state of the call's sequence, computed once: each text signal of a stage needs
@@ -61,12 +64,19 @@ def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor
     first) takes the counts the prefill read with its own (:func:`instruction_counts`, ``call.instruction_counts``)
     without reading the device. Otherwise they are read here (with, in the same read, whether the visual tokens
     have become blocks since), for each state."""
-    for seen_pos, seen_valid, text in call.instructions:
+    for seen_pos, seen_valid, text, _ in call.instructions:
         if seen_pos is vis_pos and seen_valid is valid:
             return text
-    after, last = _after_last(vis_pos, valid)
     known = call.instruction_counts
-    if known is not None and vis_pos is call.vis_pos and all(v.numel() for v in vis_pos):
+    current = known is not None and vis_pos is call.vis_pos and all(v.numel() for v in vis_pos)
+    if current and call.instruction_tail:  # each row ends with its instruction: its last positions, no read
+        L = valid.shape[1]
+        ends = {c: torch.arange(L - c, L, device=valid.device) for c in set(known)}
+        text = [ends[c] for c in known]
+        call.instructions.append((vis_pos, valid, text, True))
+        return text
+    after, last = _after_last(vis_pos, valid)
+    if current:
         counts = known
     else:
         # the positions ascend (each state's are kept in order), so a block spans its count
@@ -75,8 +85,14 @@ def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor
         if all(v.numel() and span == v.numel() - 1 for v, span in zip(vis_pos, spans)):
             call.instruction_counts = counts
     text = true_indices(after, counts)
-    call.instructions.append((vis_pos, valid, text))
+    call.instructions.append((vis_pos, valid, text, False))
     return text
+
+
+def ends_rows(call: Call, texts: list[Tensor]) -> bool:
+    """Whether ``texts`` (from :func:`instruction`) are each sample's last positions (known on the host: a row
+    that ends with its instruction), so that their rows can be taken as a slice rather than gathered."""
+    return any(text is texts and tail for _, _, text, tail in call.instructions)
 
 def normed_input(call: Call, layer, states: Tensor) -> Tensor:
     """``layer``'s input norm of ``states`` ``[B, L, D]``, computed once per call for each (layer, states): a stage's
@@ -206,7 +222,8 @@ def text_attention_batch(call: Call, layers, layer, j: int, options: dict, texts
     rows = batch_of(raters).to(states.device)
     probs = attention_rows_batch(rater_layer, states, pos_emb, mask, rows,
                                  normed=normed_input(call, rater_layer, states),
-                                 keys=cached_keys(call.cache, rater_layer, states))  # [B, H, R, L]
+                                 keys=cached_keys(call.cache, rater_layer, states),
+                                 last=ends_rows(call, texts))  # [B, H, R, L]
     if options.get("per_rater", False):
         per_rater = probs.mean(1)  # [B, R, L]
         return [per_rater[b][:, vis].T for b, vis in enumerate(call.vis_pos)]
