@@ -8,6 +8,8 @@
 #   * model: end-to-end prefill (and decode, peak memory, exact FLOPs) of LLaVA-1.5-7B's shapes at full depth
 #     (32 decoder + 24 vision layers, nothing scaled, random weights, bf16), unpruned vs TOPS vs VisionZip vs the
 #     unpatched model on T tokens, at the same layer-averaged T = 64 and 128, at batch 1 and 8;
+#   * host: benchmarks/prefill_syncs.py --host-time: a batch-1 prefill of LLaVA-1.5-7B's shapes (T = 64), unpruned,
+#     VisionZip and TOPS, its wall time and the host time spent in prunekit's hooks (printed to gpu.log);
 #   * kernels: benchmarks/gpu_selection.py: the Triton kernels' selections against the reference (the default
 #     fused paths and the wide steps forced), device kernels and time per step by kernel, and the time of each
 #     path (one program per sample, wide steps, step loop; eager and replayed from a CUDA graph).
@@ -22,24 +24,27 @@
 # bench.md, selection_time.png}, OUT/model/{bench.json, bench.md, speedup_llava_1_5_7b_shapes.png} and
 # OUT/kernels/gpu_selection.json.
 #
-# Time: selection and model about 3 minutes on an H200 (one run), kernels up to its limit. Each part runs under
-# its own limit (SELECTION_LIMIT, MODEL_LIMIT, KERNELS_LIMIT seconds, default 130, 130, 240): a part that reaches
-# it is interrupted and still writes what it measured (bench.json says "interrupted"; gpu_selection.json holds
-# the parts it finished), and the other parts run anyway. The whole script stays under about 9 minutes.
+# Time: selection and model about 3 minutes on an H200 (one run), host about 1, kernels up to its limit. Each part
+# runs under its own limit (SELECTION_LIMIT, MODEL_LIMIT, HOST_LIMIT, KERNELS_LIMIT seconds, default 130, 130, 90,
+# 200): a part that reaches it is interrupted and still writes what it measured (bench.json says "interrupted";
+# gpu_selection.json holds the parts it finished), and the other parts run anyway. The whole script stays under
+# about 9 minutes.
 #
 # Environment:
 #   GPU_SH_SMOKE=1   a dry run of the same steps on the CPU in float32 with tiny sizes (N = 64 / 256, feature width
 #                    32, one-layer x 32 prefill of width 32, the tiny test model instead of the 7B): proves the script
 #                    runs end to end without a GPU, in about 1-2 minutes on 2 cores. Its numbers mean nothing.
 #   PYTHON           the interpreter (default: python3)
-#   SELECTION_LIMIT, MODEL_LIMIT, KERNELS_LIMIT   seconds each part may run (default 130, 130, 240)
+#   SELECTION_LIMIT, MODEL_LIMIT, HOST_LIMIT, KERNELS_LIMIT   seconds each part may run (default 130, 130, 90,
+#                    200)
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu.sh OUTPUT_FOLDER}
 PY=${PYTHON:-python3}
 SELECTION_LIMIT=${SELECTION_LIMIT:-130}
 MODEL_LIMIT=${MODEL_LIMIT:-130}
-KERNELS_LIMIT=${KERNELS_LIMIT:-240}
+KERNELS_LIMIT=${KERNELS_LIMIT:-200}
+HOST_LIMIT=${HOST_LIMIT:-90}
 export PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 mkdir -p "$OUT"
@@ -52,6 +57,7 @@ if [ "${GPU_SH_SMOKE:-0}" = 1 ]; then
     MODEL=(--model tiny --decoder-layers 4 --budgets 6 12 --repeats 1 --new-tokens 2)
     CHECK="import torch, prunekit"
     KERNELS=(--smoke --device cpu)
+    HOST=(--device cpu --methods visionzip tops --repeats 2)
 else
     DEVICE=(--device cuda --dtype bfloat16)
     # --max-similarity-mib 16384: TOPS holds the similarity matrices whole (float32 F and its int64 grid: 11.2 GB
@@ -62,6 +68,7 @@ else
     MODEL=(--model 7b --decoder-layers 32 --vision-layers 24 --budgets 64 128 --repeats 5 --new-tokens 8)
     CHECK="import torch, prunekit; assert torch.cuda.is_available(), 'no CUDA device'"
     KERNELS=(--device cuda --parts exact steps time)
+    HOST=(--device cuda --methods none visionzip tops --repeats 20)
 fi
 
 say() { echo "[gpu.sh $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -85,6 +92,10 @@ timeout -s INT -k 20 "$MODEL_LIMIT" "$PY" -m prunekit.tools.cli bench --parts mo
     --methods tops visionzip --budget-meaning layer_average --batch 1 8 --no-progress --out "$OUT/model" 2>&1 \
     | tee -a "$LOG"
 rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { say "model part ended with status $rc"; status=1; }
+
+say "host part (limit ${HOST_LIMIT} s)"
+timeout -s INT -k 20 "$HOST_LIMIT" "$PY" benchmarks/prefill_syncs.py --host-time "${HOST[@]}" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { say "host part ended with status $rc"; status=1; }
 
 say "kernels part (limit ${KERNELS_LIMIT} s)"
 timeout -s INT -k 20 "$KERNELS_LIMIT" "$PY" benchmarks/gpu_selection.py "${KERNELS[@]}" --out "$OUT/kernels" 2>&1 \

@@ -4,6 +4,7 @@
     python benchmarks/prefill_syncs.py --per-sample                   # CPU: launches at batch 1 and 4
     python benchmarks/prefill_syncs.py --depth                        # CPU: batch 1 at LLaVA-1.5-7B's depths
     python benchmarks/prefill_syncs.py --host-time                    # CPU: host time of that prefill, ms
+    python benchmarks/prefill_syncs.py --device cuda --host-time      # the same on a GPU, the 7B's shapes
     python benchmarks/prefill_syncs.py --device cuda --methods tops visionzip divprune --profile
 
 CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
@@ -19,7 +20,9 @@ batch-1 prefill there). ``--host-time``: instead, the wall time of that prefill 
 (224 px images; the widths make compute small, so the time is mostly Python and dispatch: what bounds a GPU's
 batch-1 prefill) and each greedy selection's indices replayed after its first call (as a GPU replays the
 selection from its CUDA graph; every prefill is the same prompt, so the indices are the selection's), median over
-``--repeats`` prefills, beside VisionZip's. To count another commit's code, put its checkout first on ``PYTHONPATH``
+``--repeats`` prefills, beside VisionZip's, with the time spent in prunekit's hooks (its host work in a forward);
+with ``--device cuda`` the same at the 7B's shapes (T = 64), the selections replayed from their graphs. To count
+another commit's code, put its checkout first on ``PYTHONPATH``
 (its root and its ``plugins``).
 
 CUDA: LLaVA-1.5-7B's shapes at full depth (random weights, bf16, ``prunekit.tools.bench.build_model``), T = 64
@@ -126,15 +129,18 @@ def at_depth(methods) -> None:
         GreedySelector._select = inner
 
 
-def host_time(methods, keep: int, repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of a batch-1 prefill at LLaVA-1.5-7B's depths, 64 patches, on one CPU thread, each
-    greedy selection replayed after its first call; printed beside VisionZip's (when measured)."""
+def host_time(methods, keep: int, repeats: int, device: str = "cpu") -> dict[str, float]:
+    """Median wall time (ms) of a batch-1 prefill and the time spent in prunekit's hooks, printed beside
+    VisionZip's (when measured). CPU: LLaVA-1.5-7B's depths at tiny widths, 64 patches, one thread, each greedy
+    selection replayed after its first call. CUDA: LLaVA-1.5-7B's shapes at full depth (random weights, bf16), the
+    selections replayed from the library's own CUDA graphs; the wall time ends at a synchronisation, the hooks'
+    time is the host's (including its waits at the prefill's reads of the device)."""
     import statistics
     import time
 
     from transformers import LlavaForConditionalGeneration
 
-    from prunekit.tools.bench import model_inputs
+    from prunekit.tools.bench import build_model, model_inputs
     from prunekit_plugins.selectors.greedy import GreedySelector
 
     inner = GreedySelector._select
@@ -158,15 +164,23 @@ def host_time(methods, keep: int, repeats: int) -> dict[str, float]:
                 spent[0] += time.perf_counter() - start
         return run
 
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    GreedySelector._select = replayed
+    if not cuda:
+        torch.set_num_threads(1)
+        GreedySelector._select = replayed
     times: dict[str, float] = {}
+    torch.manual_seed(0)
+    if cuda:  # built once (a 7B takes a while): each method patches it and is removed after
+        model, _ = build_model("7b", decoder_layers=32, vision_layers=24, dtype=torch.bfloat16, device="cuda")
+        patches = 576
+    else:
+        model = LlavaForConditionalGeneration(_deep_config(image_size=112)).eval()
+        patches = 64
+    inputs = model_inputs(model, batch=1)
     try:
         for method in methods:
-            torch.manual_seed(0)
-            model = LlavaForConditionalGeneration(_deep_config(image_size=112)).eval()
-            inputs = model_inputs(model, batch=1)
             if method != "none":
                 prunekit.build(method, model, keep_tokens=keep, budget_meaning="layer_average")
             for module in model.modules():  # prunekit's work in a forward runs in these hooks
@@ -176,21 +190,25 @@ def host_time(methods, keep: int, repeats: int) -> dict[str, float]:
             with torch.no_grad():
                 for _ in range(5):
                     model(**inputs, logits_to_keep=1)
+                sync()
                 runs, hooked = [], []
                 for _ in range(repeats):
                     spent[0] = 0.0
                     start = time.perf_counter()
                     model(**inputs, logits_to_keep=1)
+                    sync()
                     runs.append((time.perf_counter() - start) * 1e3)
                     hooked.append(spent[0] * 1e3)
             times[method] = statistics.median(runs)
             in_hooks = statistics.median(hooked)
             report = prunekit.pruning_report(model) if method != "none" else None
-            tokens = "64 visual tokens" if report is None else \
+            tokens = f"{patches} visual tokens" if report is None else \
                 f"{report.layer_average[0]:.1f} of {report.visual_tokens[0]} visual tokens (layer average)"
             ratio = f", {times[method] / times['visionzip']:.3f}x VisionZip's" if "visionzip" in times else ""
             print(f"{method:<14} {times[method]:7.2f} ms (min {min(runs):.2f}){ratio}; in prunekit's hooks "
                   f"{in_hooks:5.2f} ms; {tokens}", flush=True)
+            if method != "none":
+                prunekit.remove(model)
     finally:
         GreedySelector._select = inner
         torch.set_num_threads(threads)
@@ -249,14 +267,15 @@ def main() -> None:
     p.add_argument("--depth", action="store_true",
                    help="CPU: launches at batch 1 of LLaVA-1.5-7B's depths at tiny widths, outside the selections")
     p.add_argument("--host-time", action="store_true",
-                   help="CPU: wall time of that batch-1 prefill (64 patches), selections replayed")
+                   help="wall time of a batch-1 prefill and the time in prunekit's hooks (CPU: the --depth model "
+                        "with 64 patches, selections replayed; CUDA: the 7B's shapes)")
     p.add_argument("--repeats", type=int, default=40, help="--host-time: prefills timed per method")
     p.add_argument("--kv-heads", type=int, default=2, choices=[1, 2, 4],
                    help="--per-sample: the tiny LLaVA's key heads for its 4 query heads (4: multi-head, as LLaVA-1.5)")
     args = p.parse_args()
-    if args.device == "cpu" and args.host_time:
+    if args.host_time:
         host_time(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"],
-                  args.keep or 16, args.repeats)
+                  args.keep or (16 if args.device == "cpu" else 64), args.repeats, args.device)
     elif args.device == "cpu" and args.depth:
         at_depth(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"])
     elif args.device == "cpu" and args.per_sample:

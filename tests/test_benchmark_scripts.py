@@ -48,3 +48,29 @@ def test_the_host_time_at_7b_depth_prunes_and_times_the_hooks():
     hooks = float(tops.split("in prunekit's hooks")[1].split()[0])
     assert 0 < hooks < float(tops.split()[1])  # the hooks' time is part of the prefill's
     assert "16.0 of 64 visual tokens (layer average)" in visionzip and "of 64 visual tokens" in tops  # pruned
+
+
+def test_the_host_time_on_cuda_runs_its_steps(monkeypatch, capsys):
+    """The CUDA path of ``--host-time`` (a lent GPU's minutes are not spent on a script error): the 7B built by
+    ``build_model`` and the synchronisation stood in for by the tiny model on CPU; its numbers mean nothing."""
+    import runpy
+
+    import torch
+
+    from prunekit.testing import tiny_llava
+    from prunekit.tools import bench
+
+    script = runpy.run_path(str(ROOT / "benchmarks" / "prefill_syncs.py"), run_name="benchmark")
+    built = []
+
+    def tiny(kind, **kwargs):
+        built.append((kind, kwargs))
+        return tiny_llava(num_layers=4), None
+
+    monkeypatch.setattr(bench, "build_model", tiny)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    times = script["host_time"](["visionzip", "tops"], 8, 2, device="cuda")
+    assert set(times) == {"visionzip", "tops"} and built[0] == (
+        "7b", {"decoder_layers": 32, "vision_layers": 24, "dtype": torch.bfloat16, "device": "cuda"})
+    out = capsys.readouterr().out
+    assert "in prunekit's hooks" in out and "of 64 visual tokens (layer average)" in out  # pruned
