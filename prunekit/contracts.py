@@ -206,15 +206,29 @@ class Function(Contract):
                 value = getattr(value, part)
         except (ImportError, AttributeError):
             raise self.error(f"{self.module}.{self.qualname} does not exist") from None
-        params = inspect.signature(value).parameters
-        for kw in self.keywords:
-            key = kw.key if isinstance(kw, Keyword) else kw
-            if key is not None and key not in params:
-                raise self.error(f"{self.module}.{self.qualname} takes no argument {key!r}")
+        keys = tuple(kw.key if isinstance(kw, Keyword) else kw for kw in self.keywords)
+        missing = _missing_parameters(value, keys)
+        if missing:
+            raise self.error(f"{self.module}.{self.qualname} takes no argument {missing!r}")
         return value
 
     def verify(self, obj: Any = None) -> None:
         self.get()
+
+
+def _missing_parameters(fn: Callable, keys: tuple[str | None, ...]) -> str | None:
+    """The first of ``keys`` that ``fn`` does not take (None: it takes them all); worked out once per function
+    (``inspect.signature`` is slow, and a prefill looks functions up)."""
+    try:
+        return _missing_parameters_of(fn, keys)
+    except TypeError:  # an unhashable callable: looked at every time
+        return _missing_parameters_of.__wrapped__(fn, keys)
+
+
+@functools.lru_cache(maxsize=256)
+def _missing_parameters_of(fn: Callable, keys: tuple[str | None, ...]) -> str | None:
+    params = inspect.signature(fn).parameters
+    return next((key for key in keys if key is not None and key not in params), None)
 
 
 @dataclass(frozen=True)

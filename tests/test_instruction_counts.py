@@ -141,7 +141,8 @@ def test_the_prefill_knows_whether_rows_end_with_their_instruction(monkeypatch, 
     taken = signals.ends_rows
     monkeypatch.setattr(signals, "ends_rows", lambda call, texts: ends.append(taken(call, texts)) or ends[-1])
     reads = _checked_prefill(monkeypatch, "tops", inputs, model)  # every instruction checked against the device's
-    assert reads and not any(reads) and ends == [pad == "left"] * 2  # stage II's two rater attentions
+    # stage II's two rater attentions and their instructions' rows: sliced where the rows end with them
+    assert reads and not any(reads) and len(ends) >= 2 and ends == [pad == "left"] * len(ends)
 
 
 @pytest.mark.parametrize("method", ["tops", "fastv"])
@@ -156,3 +157,28 @@ def test_text_between_two_images_is_read_by_the_stages(monkeypatch, method):
     reads = _checked_prefill(monkeypatch, method, inputs, model)
     # each stage inside the LLM reads its state's instruction once (a second signal of the stage finds it taken)
     assert sum(reads) == {"tops": 2, "fastv": 1}[method] and max(reads) == 1, reads
+
+
+@pytest.mark.parametrize("method", ["tops", "fastv"])
+def test_a_prefill_in_inference_mode_leaves_nothing_a_prefill_with_gradients_cannot_use(method):
+    # the runtime keeps a few small constant tensors between prefills (the causal triangle of the instruction's
+    # rows, the no-merge flag): made in inference mode they would break a later forward that records gradients
+    from prunekit.runtime import attention, stages
+
+    attention._later_keys.cache_clear()
+    stages._no_merge.cache_clear()
+    model = tiny_llava(num_layers=4)
+    inputs = tiny_llava_inputs(model)
+    inputs["attention_mask"][:] = 1  # no padding: the instruction's rows take the causal triangle
+    prunekit.build(method, model, keep_tokens=8, budget_meaning="nominal")
+    with torch.inference_mode():
+        model(**inputs)
+    assert_pruned(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():  # the suite runs under no_grad
+        out = model(**inputs)
+    assert out.logits.requires_grad
+    with torch.enable_grad():
+        out.logits.float().sum().backward()
+    assert_pruned(model)

@@ -270,8 +270,9 @@ def test_the_keys_a_layer_cached_are_the_recomputed_ones_bit_for_bit(model, inpu
         for tail in (1, 3):  # each row's last rows, sliced: the values gathered rows give
             last = torch.arange(L - tail, L).expand(2, tail)
             with torch.no_grad():
-                assert torch.equal(attention_rows_batch(lm.layers[j], hidden, emb, mask, last, keys=keys, last=True),
-                                   attention_rows_batch(lm.layers[j], hidden, emb, mask, last))
+                for m in (mask, None):  # the model's mask, or none (causal: a batch without padding)
+                    assert torch.equal(attention_rows_batch(lm.layers[j], hidden, emb, m, last, keys=keys, last=True),
+                                       attention_rows_batch(lm.layers[j], hidden, emb, m, last))
     hidden, _, _ = seen[1]
     assert cached_keys(None, lm.layers[1], hidden) is None
     assert cached_keys(cache, lm.layers[1], hidden[:, :-1]) is None  # a layer holding other tokens: recomputed

@@ -8,6 +8,8 @@ rotary function, GQA repetition, scaling, mask, softmax. This matches eager atte
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -115,7 +117,7 @@ def attention_rows_batch(
     if keys is not None:  # rotated already: q's rows alone are
         if position_embeddings is not None:
             q = rotate(q, rows(cos), rows(sin))
-        return _probabilities(attn, q, keys, attention_mask, query_rows)
+        return _probabilities(attn, q, keys, attention_mask, query_rows, last)
     k = _heads(C.K_PROJ.get(attn)(normed), head_dim)
     if C.K_NORM.has(attn):
         k = C.K_NORM.get(attn)(k)
@@ -130,11 +132,13 @@ def attention_rows_batch(
         else:
             q = rotate(q, rows(cos), rows(sin))
             k = rotate(k, cos, sin)
-    return _probabilities(attn, q, k, attention_mask, query_rows)
+    return _probabilities(attn, q, k, attention_mask, query_rows, last)
 
 
-def _probabilities(attn, q: Tensor, k: Tensor, attention_mask: Tensor | None, query_rows: Tensor) -> Tensor:
-    """softmax(q·kᵀ·scaling + mask) of rotated ``q`` ``[B, H, R, hd]`` and ``k`` ``[B, kv_heads, L, hd]``."""
+def _probabilities(attn, q: Tensor, k: Tensor, attention_mask: Tensor | None, query_rows: Tensor,
+                   last: bool = False) -> Tensor:
+    """softmax(q·kᵀ·scaling + mask) of rotated ``q`` ``[B, H, R, hd]`` and ``k`` ``[B, kv_heads, L, hd]``
+    (``last``: the query rows are the last R rows, see :func:`attention_rows_batch`)."""
     B = q.shape[0]
     q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
@@ -148,10 +152,21 @@ def _probabilities(attn, q: Tensor, k: Tensor, attention_mask: Tensor | None, qu
             scores = scores.masked_fill(~m, float("-inf"))
         else:
             scores = scores + m.float()
+    elif last:  # causal, no padding: the last R rows do not see the keys after them, among the last R
+        R = scores.shape[2]
+        scores[..., L - R:].masked_fill_(_later_keys(R, scores.device), float("-inf"))
     else:  # causal, no padding
         keys = torch.arange(L, device=scores.device)
         scores = scores.masked_fill(keys[None, None, None, :] > query_rows[:, None, :, None], float("-inf"))
     return scores.softmax(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _later_keys(rows: int, device: torch.device) -> Tensor:
+    """``[rows, rows]``: True above the diagonal (made once per size and device, never an inference-mode tensor,
+    which a later forward with gradients could not use; read only)."""
+    with torch.inference_mode(False):
+        return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
 
 
 #: the rater rules the runtime computes: generic rules only (a method with a rule of its own asks

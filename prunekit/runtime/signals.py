@@ -244,6 +244,8 @@ def layer_input(call: Call, layers, j: int, options: dict, hidden_in: Tensor, hi
     rows = vis_pos if text is None else text
     if options.get("input_norm", False):  # the rows of the whole normalised input (shared within the call)
         states = normed_input(call, norm_layer, states)
+    if text is not None and ends_rows(call, text):  # each row's last positions: a slice, not a gather
+        return [states[b, states.shape[1] - t.numel():] for b, t in enumerate(text)]
     return rows_of_samples(states, rows)
 
 def layer_keys(layer, hidden_in: Tensor, pos_emb, b: int, rows: Tensor, rope: bool) -> Tensor:

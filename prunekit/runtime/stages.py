@@ -4,6 +4,7 @@ crop), checking what the method returned (:func:`choose`), and writing replaceme
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -188,5 +189,12 @@ def _choose_batch(chosen, ctx: StageContext, where: str, checks: list | None):
         k = inside
     else:
         settle_checks([(where, invalid)])  # one read of the device for the whole stage
-    flags = torch.zeros(k.shape, dtype=torch.bool, device=device)
+    flags = _no_merge(device).expand(k.shape)  # nothing merged: a view of one False (merged flags are read only)
     return list(k.unbind(0)), [None] * len(rows), list(flags.unbind(0)), [False] * len(rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_merge(device: torch.device) -> Tensor:
+    """One False on ``device`` (never an inference-mode tensor: a later forward with gradients uses it too)."""
+    with torch.inference_mode(False):
+        return torch.zeros(1, dtype=torch.bool, device=device)
