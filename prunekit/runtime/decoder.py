@@ -257,7 +257,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 )
         if counts is not None and embeds is not None:
             return (args, kwargs) if self._prefill(kwargs, visual, *counts) else None
-        if visual is not None and bool(visual.any()) and self.hooks.images_in_call():
+        if visual is not None and self.hooks.images_in_call() and bool(visual.any()):  # read only with images
             raise PruningError(
                 "visual tokens arrived after cached tokens; prunekit prunes images in the prefill only"
             )
@@ -511,7 +511,10 @@ class DecoderPruner(ThreadStateMixin, Patch):
             shift = torch.zeros(B, dtype=torch.long, device=hidden.device) if prev is None else prev.shift
         else:
             shift = before[:, -1] if prev is None else prev.shift + before[:, -1]
-        seg = Segment(stage.layer, cols, shift, new_pos, pad, lead)
+        # whether a sample's decode positions shift in this segment, known here (how many tokens each dropped)
+        shifts = before is not None and (any(v.numel() != k.numel() for v, k in zip(call.vis_pos, kept)) or
+                                         (prev is not None and prev.shifts))
+        seg = Segment(stage.layer, cols, shift, new_pos, pad, lead, shifts)
         call.segments.append(seg)
         if self._gen is not None:
             self._gen.segments.append(seg)

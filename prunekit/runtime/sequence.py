@@ -29,13 +29,15 @@ class Segment:
     pos: Tensor  # [B, n, P] prefill position ids
     pad: Tensor | None = None  # [B, n] True where a row was left-padded because rows kept different counts
     lead: list[int] | None = None  # per sample, how many of those padding rows (known on the host)
+    shifts: bool = True  # whether any sample's shift is not 0 (known on the host; True: not known)
 
     def on(self, device) -> "Segment":
         """This segment with its tensors on ``device`` (a model spread over devices meets them on each)."""
         if self.cols.device == torch.device(device):
             return self
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Segment(self.first_layer, move(self.cols), move(self.shift), move(self.pos), move(self.pad), self.lead)
+        return Segment(self.first_layer, move(self.cols), move(self.shift), move(self.pos), move(self.pad), self.lead,
+                       self.shifts)
 
 
 @dataclass
@@ -213,7 +215,7 @@ def remap(call: Call, idx: int, hidden: Tensor, kwargs: dict, *, positions: str,
             else:
                 mask = causal_pad_mask(pad_keys, hidden.shape[1])
         pos = call.pos.to(hidden.device) - seg.shift[:, None, None]
-        shifted = positions == "renumber" and bool(seg.shift.any())
+        shifted = positions == "renumber" and seg.shifts  # known on the host: no read of the device
         emb = rotary(hidden, positions_out(pos, call.style)) if shifted else (cos, sin)
     out = {C.LAYER_ATTENTION_MASK.key: mask, C.LAYER_POSITION_EMBEDDINGS.key: emb}
     if C.LAYER_POSITION_IDS.get(kwargs) is not None:
