@@ -5,6 +5,7 @@
     python benchmarks/prefill_syncs.py --depth                        # CPU: batch 1 at LLaVA-1.5-7B's depths
     python benchmarks/prefill_syncs.py --host-time                    # CPU: host time of that prefill, ms
     python benchmarks/prefill_syncs.py --device cuda --host-time      # the same on a GPU, the 7B's shapes
+    python benchmarks/prefill_syncs.py --decode                       # CPU: one decode step after that prefill
     python benchmarks/prefill_syncs.py --device cuda --methods tops visionzip divprune --profile
 
 CPU: operations that read the device, counted with ``prunekit.testing.count_ops`` over one prefill of the tiny
@@ -21,7 +22,8 @@ batch-1 prefill there). ``--host-time``: instead, the wall time of that prefill 
 batch-1 prefill) and each greedy selection's indices replayed after its first call (as a GPU replays the
 selection from its CUDA graph; every prefill is the same prompt, so the indices are the selection's), median over
 ``--repeats`` prefills, beside VisionZip's, with the time spent in prunekit's hooks (its host work in a forward);
-with ``--device cuda`` the same at the 7B's shapes (T = 64), the selections replayed from their graphs. To count
+with ``--device cuda`` the same at the 7B's shapes (T = 64), the selections replayed from their graphs.
+``--decode``: instead, the host reads and launches of one decode step after that depth model's prefill. To count
 another commit's code, put its checkout first on ``PYTHONPATH``
 (its root and its ``plugins``).
 
@@ -127,6 +129,32 @@ def at_depth(methods) -> None:
                   f"{count.launches - inside:5d} outside them; host reads {count.syncs}; {tokens}")
     finally:
         GreedySelector._select = inner
+
+
+def decode_step(methods) -> None:
+    """Host reads and launches of one decode step after a batch-1 prefill, at LLaVA-1.5-7B's depths (tiny widths,
+    576 patches, T = 64): a decode step of generate at batch 1 is bound by the host too."""
+    from transformers import LlavaForConditionalGeneration
+
+    from prunekit import contracts as C
+    from prunekit.testing import count_ops
+    from prunekit.tools.bench import model_inputs
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(_deep_config()).eval()
+    inputs = model_inputs(model, batch=1)
+    for method in methods:
+        if method != "none":
+            prunekit.build(method, model, keep_tokens=64, budget_meaning="layer_average")
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+            cache = {C.MODEL_CACHE.key: C.OUTPUT_CACHE.get(out)}
+            _, count = count_ops(lambda: model(input_ids=token, attention_mask=mask, use_cache=True, **cache))
+        print(f"{method:<14} decode step: launches {count.launches:5d}, host reads {count.syncs}")
+        if method != "none":
+            prunekit.remove(model)
 
 
 def host_time(methods, keep: int, repeats: int, device: str = "cpu") -> dict[str, float]:
@@ -269,11 +297,15 @@ def main() -> None:
     p.add_argument("--host-time", action="store_true",
                    help="wall time of a batch-1 prefill and the time in prunekit's hooks (CPU: the --depth model "
                         "with 64 patches, selections replayed; CUDA: the 7B's shapes)")
+    p.add_argument("--decode", action="store_true",
+                   help="CPU: reads and launches of one decode step after a prefill at LLaVA-1.5-7B's depths")
     p.add_argument("--repeats", type=int, default=40, help="--host-time: prefills timed per method")
     p.add_argument("--kv-heads", type=int, default=2, choices=[1, 2, 4],
                    help="--per-sample: the tiny LLaVA's key heads for its 4 query heads (4: multi-head, as LLaVA-1.5)")
     args = p.parse_args()
-    if args.host_time:
+    if args.decode:
+        decode_step(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"])
+    elif args.host_time:
         host_time(args.methods or ["none", "visionzip", "divprune", "fastv", "tops"],
                   args.keep or (16 if args.device == "cpu" else 64), args.repeats, args.device)
     elif args.device == "cpu" and args.depth:

@@ -74,3 +74,11 @@ def test_the_host_time_on_cuda_runs_its_steps(monkeypatch, capsys):
         "7b", {"decoder_layers": 32, "vision_layers": 24, "dtype": torch.bfloat16, "device": "cuda"})
     out = capsys.readouterr().out
     assert "in prunekit's hooks" in out and "of 64 visual tokens (layer average)" in out  # pruned
+
+
+def test_the_decode_step_count_at_7b_depth_reads_as_the_unpruned_model():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_syncs.py"), "--decode", "--methods",
+                          "none", "tops"], check=True, capture_output=True, text=True, timeout=600, cwd=ROOT).stdout
+    none, tops = [line for line in out.splitlines() if "decode step" in line]
+    assert none.startswith("none") and tops.startswith("tops")
+    assert none.split("host reads")[1] == tops.split("host reads")[1]  # transformers' own check only
