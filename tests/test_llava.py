@@ -271,8 +271,10 @@ def test_the_keys_a_layer_cached_are_the_recomputed_ones_bit_for_bit(model, inpu
             last = torch.arange(L - tail, L).expand(2, tail)
             with torch.no_grad():
                 for m in (mask, None):  # the model's mask, or none (causal: a batch without padding)
-                    assert torch.equal(attention_rows_batch(lm.layers[j], hidden, emb, m, last, keys=keys, last=True),
-                                       attention_rows_batch(lm.layers[j], hidden, emb, m, last))
+                    gathered = attention_rows_batch(lm.layers[j], hidden, emb, m, last)
+                    for cached in (keys, None):  # with the cached keys, and with keys computed (layer="next")
+                        assert torch.equal(attention_rows_batch(lm.layers[j], hidden, emb, m, last, keys=cached,
+                                                                last=True), gathered)
     hidden, _, _ = seen[1]
     assert cached_keys(None, lm.layers[1], hidden) is None
     assert cached_keys(cache, lm.layers[1], hidden[:, :-1]) is None  # a layer holding other tokens: recomputed

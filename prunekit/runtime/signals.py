@@ -62,8 +62,10 @@ def instruction(call: Call, vis_pos: list[Tensor], valid: Tensor) -> list[Tensor
     removes rows inside the blocks only, so the text after a sample's last visual token stays the same while it
     keeps one: the call's current state (``call.vis_pos``; the states a call reads are its current one and its
     first) takes the counts the prefill read with its own (:func:`instruction_counts`, ``call.instruction_counts``)
-    without reading the device. Otherwise they are read here (with, in the same read, whether the visual tokens
-    have become blocks since), for each state."""
+    without reading the device; where every row also ends with its instruction (``call.instruction_tail``: no
+    padding after it), the instruction is each row's last positions, and :func:`ends_rows` says so to the signals
+    that can slice rather than gather them. Otherwise they are read here (with, in the same read, whether the
+    visual tokens have become blocks since), for each state."""
     for seen_pos, seen_valid, text, _ in call.instructions:
         if seen_pos is vis_pos and seen_valid is valid:
             return text
