@@ -18,11 +18,12 @@ performance.md, "The batch at once"). ``--depth``: instead, the kernel-launching
 multi-head attention) at tiny widths, split into those of the greedy selections (which a GPU replays from a CUDA
 graph, a handful of launches each) and the rest (each a launch from Python on a GPU: the host time that bounds a
 batch-1 prefill there). ``--host-time``: instead, the wall time of that prefill on one CPU thread with 64 patches
-(224 px images; the widths make compute small, so the time is mostly Python and dispatch: what bounds a GPU's
+(112 px images; the widths make compute small, so the time is mostly Python and dispatch: what bounds a GPU's
 batch-1 prefill) and each greedy selection's indices replayed after its first call (as a GPU replays the
 selection from its CUDA graph; every prefill is the same prompt, so the indices are the selection's), median over
-``--repeats`` prefills, beside VisionZip's, with the time spent in prunekit's hooks (its host work in a forward);
-with ``--device cuda`` the same at the 7B's shapes (T = 64), the selections replayed from their graphs.
+``--repeats`` prefills, beside VisionZip's, with the time spent in prunekit's hooks (its host work in a
+forward; in all and by hook); with ``--device cuda`` the same at the 7B's shapes (T = 64), the selections
+replayed from their graphs.
 ``--decode``: instead, the host reads and launches of one decode step after that depth model's prefill. To count
 another commit's code, put its checkout first on ``PYTHONPATH``
 (its root and its ``plugins``).
@@ -182,14 +183,21 @@ def host_time(methods, keep: int, repeats: int, device: str = "cpu") -> dict[str
         return replays[key].clone()
 
     spent = [0.0]
+    by_hook: collections.Counter = collections.Counter()  # hook name -> seconds, over the timed prefills
+    calls: collections.Counter = collections.Counter()
 
-    def timed(hook):  # a hook of the model's modules, its time added to ``spent``
+    def timed(hook):  # a hook of the model's modules, its time added to ``spent`` and to its name's
+        name = getattr(getattr(hook, "func", hook), "__qualname__", type(hook).__name__)
+
         def run(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return hook(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                took = time.perf_counter() - start
+                spent[0] += took
+                by_hook[name] += took
+                calls[name] += 1
         return run
 
     cuda = device == "cuda"
@@ -211,15 +219,19 @@ def host_time(methods, keep: int, repeats: int, device: str = "cpu") -> dict[str
         for method in methods:
             if method != "none":
                 prunekit.build(method, model, keep_tokens=keep, budget_meaning="layer_average")
-            for module in model.modules():  # prunekit's work in a forward runs in these hooks
+            for module in model.modules():  # prunekit's work in a forward runs in its hooks (not transformers')
                 for hooks in (module._forward_pre_hooks, module._forward_hooks):
-                    for key in list(hooks):
-                        hooks[key] = timed(hooks[key])
+                    for key, hook in list(hooks.items()):
+                        owner = getattr(getattr(hook, "func", hook), "__module__", None) or type(hook).__module__
+                        if owner.startswith("prunekit"):
+                            hooks[key] = timed(hook)
             with torch.no_grad():
                 for _ in range(5):
                     model(**inputs, logits_to_keep=1)
                 sync()
                 runs, hooked = [], []
+                by_hook.clear()
+                calls.clear()
                 for _ in range(repeats):
                     spent[0] = 0.0
                     start = time.perf_counter()
@@ -235,6 +247,10 @@ def host_time(methods, keep: int, repeats: int, device: str = "cpu") -> dict[str
             ratio = f", {times[method] / times['visionzip']:.3f}x VisionZip's" if "visionzip" in times else ""
             print(f"{method:<14} {times[method]:7.2f} ms (min {min(runs):.2f}){ratio}; in prunekit's hooks "
                   f"{in_hooks:5.2f} ms; {tokens}", flush=True)
+            if by_hook:  # mean per prefill, by hook (a layer's hook counted once per layer it runs at)
+                print("    by hook: " + ", ".join(
+                    f"{name} {seconds / repeats * 1e3:.2f} ms ({calls[name] // repeats}x)"
+                    for name, seconds in by_hook.most_common()), flush=True)
             if method != "none":
                 prunekit.remove(model)
     finally:
