@@ -137,8 +137,7 @@ def decode_step(methods) -> None:
     576 patches, T = 64): a decode step of generate at batch 1 is bound by the host too."""
     from transformers import LlavaForConditionalGeneration
 
-    from prunekit import contracts as C
-    from prunekit.testing import count_ops
+    from prunekit.testing import count_decode_step
     from prunekit.tools.bench import model_inputs
 
     torch.manual_seed(0)
@@ -147,12 +146,7 @@ def decode_step(methods) -> None:
     for method in methods:
         if method != "none":
             prunekit.build(method, model, keep_tokens=64, budget_meaning="layer_average")
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
-            cache = {C.MODEL_CACHE.key: C.OUTPUT_CACHE.get(out)}
-            _, count = count_ops(lambda: model(input_ids=token, attention_mask=mask, use_cache=True, **cache))
+        count = count_decode_step(model, inputs)
         print(f"{method:<14} decode step: launches {count.launches:5d}, host reads {count.syncs}")
         if method != "none":
             prunekit.remove(model)

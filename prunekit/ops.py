@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -57,3 +60,17 @@ def false_indices(mask: Tensor, count: int | list[int]) -> Tensor | list[Tensor]
     if mask.dim() == 1:
         return order[:count]
     return [order[b, :c] for b, c in enumerate(count)]
+
+
+def shared_constant(make: Callable[..., Tensor], *args) -> Tensor:
+    """``make(*args)``, made once for each ``make`` (a module-level function) and ``args`` (hashable: sizes, a
+    device), then shared: a small constant tensor a hot path would otherwise build at every call. Made outside
+    inference mode, so that a forward recording gradients can use one first made in an inference-mode forward.
+    For reading only."""
+    return _shared(make, args)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared(make: Callable[..., Tensor], args: tuple) -> Tensor:
+    with torch.inference_mode(False):
+        return make(*args)

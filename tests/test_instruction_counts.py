@@ -163,10 +163,9 @@ def test_text_between_two_images_is_read_by_the_stages(monkeypatch, method):
 def test_a_prefill_in_inference_mode_leaves_nothing_a_prefill_with_gradients_cannot_use(method):
     # the runtime keeps a few small constant tensors between prefills (the causal triangle of the instruction's
     # rows, the no-merge flag): made in inference mode they would break a later forward that records gradients
-    from prunekit.runtime import attention, stages
+    from prunekit import ops
 
-    attention._later_keys.cache_clear()
-    stages._no_merge.cache_clear()
+    ops._shared.cache_clear()  # made afresh, in the inference-mode prefill below
     model = tiny_llava(num_layers=4)
     inputs = tiny_llava_inputs(model)
     inputs["attention_mask"][:] = 1  # no padding: the instruction's rows take the causal triangle

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import contracts as C
-from prunekit.testing import count_ops, tiny_llava, tiny_llava_inputs
+from prunekit.testing import count_decode_step, count_ops, tiny_llava, tiny_llava_inputs
 
 #: host reads of one pruned prefill at keep_tokens=8 (nominal budgets; pdrop: 24, its schedule's least)
 CEILINGS = {
@@ -107,19 +106,9 @@ def test_a_decode_step_after_a_pruned_prefill_reads_the_device_as_the_unpruned_m
     model = tiny_llava(num_layers=4)
     inputs = tiny_llava_inputs(model)  # left-padded: the decode mask is mapped onto the pruned cache
     inputs = {k: v[:1] for k, v in inputs.items()}
-
-    def decode_reads() -> int:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
-            cache = {C.MODEL_CACHE.key: C.OUTPUT_CACHE.get(out)}
-            _, count = count_ops(lambda: model(input_ids=token, attention_mask=mask, use_cache=True, **cache))
-        return count.syncs
-
-    unpruned = decode_reads()
+    unpruned = count_decode_step(model, inputs).syncs
     prunekit.build(method, model, keep_tokens=BUDGET.get(method, 8), budget_meaning="nominal")
-    pruned = decode_reads()
+    pruned = count_decode_step(model, inputs).syncs
     report = prunekit.pruning_report(model)
     assert report is not None and report.stages and any(c < 64 for s in report.stages for c in s.counts)
     assert pruned <= unpruned, (method, pruned, unpruned)

@@ -8,12 +8,11 @@ rotary function, GQA repetition, scaling, mask, softmax. This matches eager atte
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .. import contracts as C
+from ..ops import shared_constant
 
 
 def _heads(proj: Tensor, head_dim: int) -> Tensor:
@@ -154,19 +153,16 @@ def _probabilities(attn, q: Tensor, k: Tensor, attention_mask: Tensor | None, qu
             scores = scores + m.float()
     elif last:  # causal, no padding: the last R rows do not see the keys after them, among the last R
         R = scores.shape[2]
-        scores[..., L - R:].masked_fill_(_later_keys(R, scores.device), float("-inf"))
+        scores[..., L - R:].masked_fill_(shared_constant(_later_keys, R, scores.device), float("-inf"))
     else:  # causal, no padding
         keys = torch.arange(L, device=scores.device)
         scores = scores.masked_fill(keys[None, None, None, :] > query_rows[:, None, :, None], float("-inf"))
     return scores.softmax(-1)
 
 
-@functools.lru_cache(maxsize=32)
 def _later_keys(rows: int, device: torch.device) -> Tensor:
-    """``[rows, rows]``: True above the diagonal (made once per size and device, never an inference-mode tensor,
-    which a later forward with gradients could not use; read only)."""
-    with torch.inference_mode(False):
-        return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
+    """``[rows, rows]``: True above the diagonal (made once per size and device: :func:`shared_constant`)."""
+    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
 
 
 #: the rater rules the runtime computes: generic rules only (a method with a rule of its own asks

@@ -492,9 +492,9 @@ class DecoderPruner(ThreadStateMixin, Patch):
         if prev is not None and prev.pad is not None:
             gone.masked_fill_(prev.pad, 1)
         # rows each sample keeps, counted on the host: all but the previous segment's padding and the dropped tokens
+        dropped = [v.numel() - k.numel() for v, k in zip(call.vis_pos, kept)]
         lead_before = prev.lead if prev is not None and prev.lead is not None else [0] * B
-        rows_b = _kept_rows(gone, [Lc - lead_before[b] - (call.vis_pos[b].numel() - kept[b].numel())
-                                   for b in range(B)])
+        rows_b = _kept_rows(gone, [Lc - lead_before[b] - dropped[b] for b in range(B)])
         n = max(r.numel() for r in rows_b)
         lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
         if any(lead):
@@ -512,8 +512,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         else:
             shift = before[:, -1] if prev is None else prev.shift + before[:, -1]
         # whether a sample's decode positions shift in this segment, known here (how many tokens each dropped)
-        shifts = before is not None and (any(v.numel() != k.numel() for v, k in zip(call.vis_pos, kept)) or
-                                         (prev is not None and prev.shifts))
+        shifts = before is not None and (any(dropped) or (prev is not None and prev.shifts))
         seg = Segment(stage.layer, cols, shift, new_pos, pad, lead, shifts)
         call.segments.append(seg)
         if self._gen is not None:

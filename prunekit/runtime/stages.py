@@ -4,7 +4,6 @@ crop), checking what the method returned (:func:`choose`), and writing replaceme
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor
 
 from ..errors import PruningError
 from ..interfaces import Choice, Stage, StageContext
-from ..ops import batch_of
+from ..ops import batch_of, shared_constant
 from .hooks import BudgetUnits
 
 __all__ = ["PER_TOKEN_SIGNALS", "run_stage", "budgets", "write_values", "choose", "settle_checks"]
@@ -189,12 +188,10 @@ def _choose_batch(chosen, ctx: StageContext, where: str, checks: list | None):
         k = inside
     else:
         settle_checks([(where, invalid)])  # one read of the device for the whole stage
-    flags = _no_merge(device).expand(k.shape)  # nothing merged: a view of one False (merged flags are read only)
+    flags = shared_constant(_no_merge, device).expand(k.shape)  # nothing merged: a view of one False (read only)
     return list(k.unbind(0)), [None] * len(rows), list(flags.unbind(0)), [False] * len(rows)
 
 
-@functools.lru_cache(maxsize=8)
 def _no_merge(device: torch.device) -> Tensor:
-    """One False on ``device`` (never an inference-mode tensor: a later forward with gradients uses it too)."""
-    with torch.inference_mode(False):
-        return torch.zeros(1, dtype=torch.bool, device=device)
+    """One False on ``device`` (made once per device: :func:`~prunekit.ops.shared_constant`)."""
+    return torch.zeros(1, dtype=torch.bool, device=device)

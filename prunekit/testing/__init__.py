@@ -16,7 +16,7 @@ from .models import (
     tiny_llava,
     tiny_llava_inputs,
 )
-from .ops import HOST_SYNC_OPS, OpCount, count_ops
+from .ops import HOST_SYNC_OPS, OpCount, count_decode_step, count_ops
 
 __all__ = [
     # tiny models and their inputs
@@ -27,5 +27,5 @@ __all__ = [
     # the conformance suite
     "PruningConformance", "CHECKS", "patch_footprint", "footprint_difference", "own_state", "refusal",
     # counting the kernel launches and host reads of a computation (what it costs on a GPU), on any machine
-    "count_ops", "OpCount", "HOST_SYNC_OPS",
+    "count_ops", "count_decode_step", "OpCount", "HOST_SYNC_OPS",
 ]

@@ -10,7 +10,8 @@ A :class:`prunekit.kernels.Kernel` call counts as one launch named ``prunekit::<
 implementation runs: on a GPU with Triton it is one kernel that reads nothing back. The operations of its tensor
 reference (what runs on CPU) are not counted.
 
-Imports only torch (and prunekit.kernels, which imports only torch).
+Imports only torch (and prunekit.kernels, which imports only torch); :func:`count_decode_step` reads the
+transformers contract when it runs.
 """
 
 from __future__ import annotations
@@ -161,3 +162,18 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, O
     with _HostCopies(count), counter, observe_launches(counter.kernel):
         out = fn(*args, **kwargs)
     return out, count
+
+
+def count_decode_step(model: Any, inputs: dict) -> OpCount:
+    """Prefill ``model`` on ``inputs`` (a batch with an ``attention_mask``) with a KV cache, then count one decode
+    step on that cache: the greedy next token of every row, the mask grown by one. A decode step of ``generate``
+    at batch 1 is bound by the host, so its launches and reads are what it costs on a GPU."""
+    from .. import contracts as C  # the model's cache keyword on the installed transformers
+
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        cache = {C.MODEL_CACHE.key: C.OUTPUT_CACHE.get(out)}
+        _, count = count_ops(lambda: model(input_ids=token, attention_mask=mask, use_cache=True, **cache))
+    return count
