@@ -147,7 +147,10 @@ def decode_step(methods) -> None:
         if method != "none":
             prunekit.build(method, model, keep_tokens=64, budget_meaning="layer_average")
         count = count_decode_step(model, inputs)
-        print(f"{method:<14} decode step: launches {count.launches:5d}, host reads {count.syncs}")
+        report = prunekit.pruning_report(model) if method != "none" else None
+        tokens = "576 visual tokens" if report is None else \
+            f"{report.layer_average[0]:.1f} of {report.visual_tokens[0]} visual tokens (layer average)"
+        print(f"{method:<14} decode step: launches {count.launches:5d}, host reads {count.syncs}; prefill: {tokens}")
         if method != "none":
             prunekit.remove(model)
 
