@@ -86,8 +86,9 @@ class Kernel:
 
     def uses_triton(self, device: torch.device) -> bool:
         """Whether a call on tensors of ``device`` runs the Triton implementation: on CUDA, and on CPU under
-        Triton's interpreter (``TRITON_INTERPRET=1``, how the tests compare it with the reference)."""
-        if self._triton is None or not triton_available():
+        Triton's interpreter (``TRITON_INTERPRET=1``, how the tests compare it with the reference). Not while
+        ``torch.compile`` traces: a traced kernel is its reference (the compiler fuses its operations itself)."""
+        if self._triton is None or torch.compiler.is_compiling() or not triton_available():
             return False
         return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 

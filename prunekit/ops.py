@@ -37,6 +37,16 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(B * N, *x.shape[2:]).index_select(0, flat.reshape(-1)).reshape(*index.shape, *x.shape[2:])
 
 
+def same_buffer(held: Tensor | None, out: Tensor) -> bool:
+    """Whether ``out`` is the buffer ``held`` (the same memory, shape and strides): a scorer run that wrote its
+    gains into the selector's buffer at one step can skip writing them again at the next. False while
+    ``torch.compile`` traces (a traced tensor has no address): the run then writes them every step, the same
+    values."""
+    if held is None or torch.compiler.is_compiling():
+        return False
+    return (held.data_ptr(), held.shape, held.stride()) == (out.data_ptr(), out.shape, out.stride())
+
+
 def batch_of(rows) -> Tensor:
     """``torch.stack(rows)``, but one row's ``[1, ...]`` view rather than its copy: a launch fewer, which a GPU
     pays in host time at batch 1. For reading only: writing into the result would write into the row."""

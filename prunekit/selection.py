@@ -307,7 +307,9 @@ class ScorerRun(ABC):
 
     def gains_into(self, out: Tensor) -> None:
         """Write :meth:`gains` into ``out`` (``[B, N]`` float64). A selector passes the same ``out`` at every step,
-        so a run that keeps its gains there (or knows they did not change) can skip the copy."""
+        so a run that keeps its gains there (or knows they did not change) can skip the copy: ask
+        :func:`~prunekit.ops.same_buffer` whether ``out`` is the buffer it wrote (not its address, which a
+        selection traced by ``torch.compile`` does not have)."""
         out.copy_(self.gains())
 
     def fused(self) -> FusedTerm | None:
@@ -326,7 +328,8 @@ class Scorer(ABC):
     #: True when :meth:`start` reads ``inputs.query``.
     requires_query: ClassVar[bool] = False
     #: True when a run reads nothing back to the host, keeps its shapes, and depends only on the inputs' values and
-    #: the scorer's attributes (``vars(scorer)``): then a selection over it may be replayed from a CUDA graph.
+    #: the scorer's attributes (``vars(scorer)``): then a selection over it may be replayed from a CUDA graph (the
+    #: tests trace such a selection whole with ``torch.compile(fullgraph=True)``).
     capturable: ClassVar[bool] = False
 
     @abstractmethod

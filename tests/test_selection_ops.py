@@ -39,13 +39,15 @@ step.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import shutil
 
 import pytest
 import torch
 
 import prunekit
-from prunekit.plugin import registry
+from prunekit.plugin import SelectionInput, registry
 from prunekit.interfaces import StageContext
 from prunekit.testing import count_ops
 
@@ -78,23 +80,36 @@ def _select(name: str, features, relevance, query, k: int):
     return prunekit.select(name, features, relevance, k=k, **({"query": query} if _reads_query(name) else {}))
 
 
-def _methods_with_selectors() -> list[str]:
-    """The registered methods whose model-free selection calls a registered selector's ``select``."""
-    used: list[str] = []
+@contextlib.contextmanager
+def selectors_wrapped(wrap):
+    """Every registered selector's ``select`` replaced by ``wrap(original)`` inside the block."""
     patched = []
     for sel in prunekit.list_selectors():
         cls = registry.get("selectors", sel)
-        own = vars(cls).get("select")
-        original = cls.select
-
-        def spy(self, inputs, k, _original=original):
-            used.append("yes")
-            return _original(self, inputs, k)
-
-        cls.select = spy
-        patched.append((cls, own))
-    found = []
+        patched.append((cls, vars(cls).get("select")))
+        cls.select = wrap(cls.select)
     try:
+        yield
+    finally:
+        for cls, own in patched:
+            if own is None:
+                del cls.select
+            else:
+                cls.select = own
+
+
+def _methods_with_selectors() -> list[str]:
+    """The registered methods whose model-free selection calls a registered selector's ``select``."""
+    used: list[str] = []
+
+    def spy(original):
+        def select(self, inputs, k):
+            used.append("yes")
+            return original(self, inputs, k)
+        return select
+
+    found = []
+    with selectors_wrapped(spy):
         g = torch.Generator().manual_seed(0)
         # 36 tokens: a square grid, for the methods that pool one
         H, r, q = torch.randn(1, 36, 8, generator=g), torch.rand(1, 36, generator=g), torch.randn(1, 3, 8, generator=g)
@@ -105,12 +120,6 @@ def _methods_with_selectors() -> list[str]:
             _select(name, H, r, q, 9)
             if used:
                 found.append(name)
-    finally:
-        for cls, own in patched:
-            if own is None:
-                del cls.select
-            else:
-                cls.select = own
     return found
 
 
@@ -243,3 +252,84 @@ def test_a_bad_fused_selection_setting_is_refused_by_name(monkeypatch, value):
     monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", value)
     with pytest.raises(ValueError, match="PRUNEKIT_FUSED_SELECTION must be '1'.*'0', 'wide' or 'run'"):
         _run("tops", "one", K1)()
+
+
+# -- a whole selection traced: torch.compile(fullgraph=True) ---------------------------------------------------------
+#: greedy steps of a traced selection (the trace unrolls them: its size, and the time to compile it, grow with k)
+K_TRACED = 8
+
+
+@contextlib.contextmanager
+def traced_selections(backend: str):
+    """Every selection a registered selector runs inside the block, traced whole by ``torch.compile`` with
+    ``fullgraph=True`` (a graph break, a value read back to the host or a shape that depends on values fails it):
+    the function a CUDA graph records (``GraphCache``), the inputs' tensors as its inputs. Yields the traced graphs,
+    one per selection, each compiled by ``backend``."""
+    graphs: list = []
+
+    def counted(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    def traced(original):
+        def select(self, inputs, k):
+            cap = inputs.max_similarity_bytes
+            torch._dynamo.reset()  # each selection traced afresh, whatever was traced before
+            whole = torch.compile(lambda f, r, q: original(self, SelectionInput(f, r, q, cap), k),
+                                  fullgraph=True, backend=counted)
+            return whole(inputs.features, inputs.relevance, inputs.query)
+        return select
+
+    with selectors_wrapped(traced):
+        yield graphs
+
+
+@pytest.mark.parametrize("case, path", [("one", "1"), ("batch", "1"), ("batch", "0")])
+@pytest.mark.parametrize("name", GREEDY)
+def test_a_whole_selection_traces_as_one_graph_with_the_same_indices(name, case, path, monkeypatch):
+    """Capturable on a CPU: no host read, no value-dependent shape, no graph break anywhere in the selection
+    (its K steps unrolled into one graph), with the whole-selection path (``1``) and the step loop (``0``); the
+    traced run keeps the same indices as the eager one."""
+    monkeypatch.setenv("PRUNEKIT_FUSED_SELECTION", path)
+    run = _run(name, case, K_TRACED)
+    expected = run()
+    with traced_selections("eager") as graphs:
+        got = run()
+    assert len(graphs) == 1, f"{name}: {len(graphs)} traced graphs"
+    operations = sum(node.op == "call_function" for node in graphs[0].graph.nodes)
+    assert operations >= K_TRACED, f"{name}: {operations} operations traced for {K_TRACED} steps"
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="inductor compiles C++ on a CPU")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's import
+@pytest.mark.parametrize("name", ["tops", "scope"])
+def test_a_selection_compiled_by_inductor_keeps_the_same_indices(name):
+    """Compiled (inductor's fused C++ kernels), TOPS's and SCOPE's selections keep the eager indices, exactly: the
+    float64 score is the same operations (no contraction into fused multiply-adds), coverage's sums exact
+    integers (traced, over every term rather than the changed ones: the same sums)."""
+    run = _run(name, "batch", K_TRACED)
+    expected = run()
+    with traced_selections("inductor") as graphs:
+        got = run()
+    assert len(graphs) == 1
+    assert torch.equal(got, expected)
+
+
+CAPTURABLE = [name for name in prunekit.list_scorers() if registry.get("scorers", name).capturable]
+
+
+@pytest.mark.parametrize("name", CAPTURABLE)
+def test_every_capturable_scorer_traces_in_a_greedy_selection(name):
+    """A scorer that says it is capturable (``Scorer.capturable``: a selection over it may be replayed from a CUDA
+    graph) traces whole, alone and beside TOPS's relevance seed, with the same indices as eagerly."""
+    feats, rel, query = _inputs((N, N))
+    inputs = lambda: SelectionInput(torch.stack(feats), torch.stack(rel), torch.stack(query))  # noqa: E731
+    greedy = registry.get("selectors", "greedy")
+    scorer = registry.get("scorers", name)
+    seed = registry.get("scorers", "relevance")()
+    for selector in (greedy([(scorer(), 1.0)]), greedy([(seed, 1.0), (scorer(), 0.5)], seed=seed)):
+        expected = selector.select(inputs(), K_TRACED)
+        with traced_selections("eager") as graphs:
+            got = selector.select(inputs(), K_TRACED)
+        assert len(graphs) == 1 and torch.equal(got, expected), name

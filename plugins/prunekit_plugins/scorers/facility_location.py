@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from prunekit.plugin import FusedTerm, Kernel, Scorer, ScorerRun, SelectionInput, hookimpl, take_rows
+from prunekit.plugin import FusedTerm, Kernel, Scorer, ScorerRun, SelectionInput, hookimpl, same_buffer, take_rows
 
 #: stands for "+inf" in fixed point: a term max(0, F - _OUT) is always 0
 _OUT = 1 << 62
@@ -145,6 +145,16 @@ def _prepare_reference(fixed: _Fixed, picked: Tensor, best: Tensor, chosen: Tens
     rather than through the fixed-size buffers, which only the Triton pair needs: no copies on CPU."""
     B, N = best.shape
     column = fixed.column(picked)  # F[:, p] = F[p, :]
+    if fixed.matrix is not None and torch.compiler.is_compiling():
+        # traced (torch.compile): every term listed, so that no shape depends on values. A term that does not
+        # change has old = new and adds nothing, a chosen one 0 and 0: the same exact sums (O(N²) per step)
+        done = chosen.clone()
+        old = best.masked_fill(done, 0)
+        torch.maximum(best, column, out=best)
+        new = best.masked_fill(done, 0).scatter_(1, picked[:, None], _OUT)  # p leaves the sum
+        fixed.pending = (None, old, new)
+        chosen.scatter_(1, picked[:, None], True)
+        return
     # j enters the update when m_j grows or j leaves the sum (j = p); chosen j never were in it.
     changed = (column > best).logical_and_(~chosen)
     changed.scatter_(1, picked[:, None], True)
@@ -171,6 +181,12 @@ def _delta_reference(fixed: _Fixed, index: Tensor, old: Tensor, new: Tensor, cou
                      out: Tensor | None) -> None:
     index, old, new = fixed.pending
     fixed.pending = None
+    if index is None:  # every term, over the held matrix (traced: see _prepare_reference)
+        gain += old.sum(1, keepdim=True)
+        gain -= torch.clamp(fixed.matrix, old[:, :, None], new[:, :, None]).sum(1)
+        if out is not None:
+            out.copy_(gain).div_(fixed.scale)
+        return
     # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows,
     # a block of rows at a time (exact integer sums: the blocks never change the result).
     gain += old.sum(1, keepdim=True)
@@ -215,8 +231,7 @@ class _IncrementalRun(_NaiveRun):
         return self.fixed.to_float(self.gain)
 
     def gains_into(self, out: Tensor) -> None:
-        same = self._out is not None and self._out.data_ptr() == out.data_ptr() and self._out.shape == out.shape
-        if self.gain is None or not (self._current and same):
+        if self.gain is None or not (self._current and same_buffer(self._out, out)):
             if self.gain is None:
                 self.gain = self.fixed.coverage(self.best, self.chosen)
             out.copy_(self.gain).div_(self.fixed.scale)

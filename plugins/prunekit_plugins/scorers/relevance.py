@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from prunekit.plugin import FusedTerm, Scorer, ScorerRun, SelectionInput, hookimpl
+from prunekit.plugin import FusedTerm, Scorer, ScorerRun, SelectionInput, hookimpl, same_buffer
 
 
 class _Constant(ScorerRun):
     def __init__(self, values: Tensor) -> None:
         self._values = values
-        self._written: tuple | None = None
+        self._written: Tensor | None = None
 
     def gains(self) -> Tensor:
         return self._values
 
     def gains_into(self, out: Tensor) -> None:
         # constant gains: a selector passes the same buffer at every step, so one copy is enough
-        where = (out.data_ptr(), tuple(out.shape), tuple(out.stride()))
-        if self._written != where:
+        if not same_buffer(self._written, out):
             out.copy_(self._values)
-            self._written = where
+            self._written = out
 
     def fused(self) -> FusedTerm:
         return FusedTerm("constant")
