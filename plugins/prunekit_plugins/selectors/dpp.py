@@ -34,11 +34,11 @@ def dpp_greedy_map(kernel: Tensor, k: int, fallback: Tensor | None = None, eps: 
         spent = best <= eps
         j = torch.where(spent, left.argmax(-1), j)
         picks.append(j)
-        left[rows, j] = float("-inf")
+        left.scatter_(1, j[:, None], float("-inf"))  # scatter_, not an assignment of a Python value through an index
         if t + 1 == k:
             break
         dj = gains[rows, j].clamp_min(0).sqrt()
-        gains[rows, j] = float("-inf")
+        gains.scatter_(1, j[:, None], float("-inf"))
         cj = chol[rows, :t, j]  # [B, t]
         e = (L[rows, j] - torch.einsum("bt,btn->bn", cj, chol[:, :t])) / dj.clamp_min(eps)[:, None]
         e = torch.where((spent | (dj <= eps))[:, None], 0.0, e)
