@@ -148,10 +148,9 @@ def _prepare_reference(fixed: _Fixed, picked: Tensor, best: Tensor, chosen: Tens
     if fixed.matrix is not None and torch.compiler.is_compiling():
         # traced (torch.compile): every term listed, so that no shape depends on values. A term that does not
         # change has old = new and adds nothing, a chosen one 0 and 0: the same exact sums (O(N²) per step)
-        done = chosen.clone()
-        old = best.masked_fill(done, 0)
+        old = best.masked_fill(chosen, 0)
         torch.maximum(best, column, out=best)
-        new = best.masked_fill(done, 0).scatter_(1, picked[:, None], _OUT)  # p leaves the sum
+        new = best.masked_fill(chosen, 0).scatter_(1, picked[:, None], _OUT)  # p leaves the sum
         fixed.pending = (None, old, new)
         chosen.scatter_(1, picked[:, None], True)
         return
@@ -181,19 +180,17 @@ def _delta_reference(fixed: _Fixed, index: Tensor, old: Tensor, new: Tensor, cou
                      out: Tensor | None) -> None:
     index, old, new = fixed.pending
     fixed.pending = None
-    if index is None:  # every term, over the held matrix (traced: see _prepare_reference)
-        gain += old.sum(1, keepdim=True)
-        gain -= torch.clamp(fixed.matrix, old[:, :, None], new[:, :, None]).sum(1)
-        if out is not None:
-            out.copy_(gain).div_(fixed.scale)
-        return
     # For new >= old: max(0, x - old) - max(0, x - new) = clamp(x, old, new) - old, one pass over the rows,
-    # a block of rows at a time (exact integer sums: the blocks never change the result).
+    # a block of rows at a time (exact integer sums: the blocks never change the result). Traced, every term is
+    # listed (index None, see _prepare_reference): the blocks are the held matrix's rows, read in place.
     gain += old.sum(1, keepdim=True)
-    for start, end in fixed.blocks(index.shape[1]):
-        rows = fixed.rows(index[:, start:end])  # [B, u, N]: F[j, i] = F[i, j]
-        gain -= torch.clamp(rows, old[:, start:end, None], new[:, start:end, None], out=rows).sum(1)
-        del rows  # before the next block is made: one block at a time
+    for start, end in fixed.blocks(old.shape[1] if index is None else index.shape[1]):
+        if index is None:
+            rows, into = fixed.matrix[:, start:end], None  # a view of the held matrix: not clamped in place
+        else:
+            rows = into = fixed.rows(index[:, start:end])  # [B, u, N]: F[j, i] = F[i, j]
+        gain -= torch.clamp(rows, old[:, start:end, None], new[:, start:end, None], out=into).sum(1)
+        del rows, into  # before the next block is made: one block at a time
     if out is not None:
         out.copy_(gain).div_(fixed.scale)
 
