@@ -319,7 +319,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
                 drop = visual.clone()
                 for b in range(B):
                     drop[b, vis_pos[b][kept[b]]] = False
-                keep_rows = _kept_rows(drop, [L - d for d in dropped_counts])
+                keep_rows = false_indices(drop, [L - d for d in dropped_counts])
                 L1 = max(r.numel() for r in keep_rows)
                 valid = call.valid
                 new_embeds = _padded_rows(embeds, keep_rows, L1, 0.0)
@@ -494,7 +494,7 @@ class DecoderPruner(ThreadStateMixin, Patch):
         # rows each sample keeps, counted on the host: all but the previous segment's padding and the dropped tokens
         dropped = [v.numel() - k.numel() for v, k in zip(call.vis_pos, kept)]
         lead_before = prev.lead if prev is not None and prev.lead is not None else [0] * B
-        rows_b = _kept_rows(gone, [Lc - lead_before[b] - dropped[b] for b in range(B)])
+        rows_b = false_indices(gone, [Lc - lead_before[b] - dropped[b] for b in range(B)])
         n = max(r.numel() for r in rows_b)
         lead = [n - r.numel() for r in rows_b]  # rows keeping fewer tokens are padded on the left
         if any(lead):
@@ -522,13 +522,6 @@ class DecoderPruner(ThreadStateMixin, Patch):
         call.valid = _padded_rows(call.valid, rows_b, n, False)
         new_hidden = _padded_rows(hidden, rows_b, n, 0.0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
-
-
-def _kept_rows(gone: Tensor, counts: list[int]) -> list[Tensor]:
-    """Per sample, the ascending positions where ``gone`` ``[B, L]`` (bool, or 0/1) is not set, of which there are
-    ``counts[b]`` (known on the host): one stable sort for the batch instead of a ``nonzero`` (a read of the device)
-    per sample."""
-    return false_indices(gone, counts)
 
 
 def _taken(source, index) -> list[Tensor]:
