@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -72,15 +72,15 @@ def false_indices(mask: Tensor, count: int | list[int]) -> Tensor | list[Tensor]
     return [order[b, :c] for b, c in enumerate(count)]
 
 
-def shared_constant(make: Callable[..., Tensor], *args) -> Tensor:
+def shared_constant(make: Callable[..., Any], *args) -> Any:
     """``make(*args)``, made once for each ``make`` (a module-level function) and ``args`` (hashable: sizes, a
-    device), then shared: a small constant tensor a hot path would otherwise build at every call. Made outside
-    inference mode, so that a forward recording gradients can use one first made in an inference-mode forward.
-    For reading only."""
+    device), then shared: a small constant tensor (or a tuple of them) a hot path would otherwise build at every
+    call. Made outside inference mode, so that a forward recording gradients can use one first made in an
+    inference-mode forward. For reading only."""
     return _shared(make, args)
 
 
 @functools.lru_cache(maxsize=64)
-def _shared(make: Callable[..., Tensor], args: tuple) -> Tensor:
+def _shared(make: Callable[..., Any], args: tuple) -> Any:
     with torch.inference_mode(False):
         return make(*args)

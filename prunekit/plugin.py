@@ -28,7 +28,7 @@ from .registry import registry
 from .config import MethodConfig, StrictModel, registered_name
 from .planning import StagePlan, check_layers, make_stages, scale_layers
 from .budget import StagePlacement, resolve_counts
-from .ops import cosine, minmax, same_buffer, take_rows, topk, true_indices
+from .ops import cosine, minmax, same_buffer, shared_constant, take_rows, topk, true_indices
 from .kernels import GraphCache, Kernel
 from .runtime.state import PerThread
 from .runtime.sequence import pad_left
@@ -43,7 +43,8 @@ __all__ = [
     "MethodConfig", "StrictModel", "registered_name", "StagePlan", "make_stages", "check_layers", "scale_layers",
     "StagePlacement", "resolve_counts",
     # tensor helpers shared by the built-in selections
-    "cosine", "minmax", "take_rows", "topk", "true_indices", "same_buffer", "pad_left", "PerThread",
+    "cosine", "minmax", "take_rows", "topk", "true_indices", "same_buffer", "shared_constant", "pad_left",
+    "PerThread",
     # one fused step of a selection: a Triton kernel on CUDA, tensor operations elsewhere
     "Kernel", "GraphCache",
 ]

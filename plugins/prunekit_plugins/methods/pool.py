@@ -7,7 +7,6 @@ adaptive average pooling. Each pooled token sits at the position of its cell's c
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
@@ -26,14 +25,19 @@ from prunekit.plugin import (
     StrictModel,
     hookimpl,
     make_stages,
+    shared_constant,
 )
 
 
-@functools.lru_cache(maxsize=64)
 def pooling_plan(rows: int, cols: int, k: int) -> tuple[Tensor, Tensor]:
-    """``(weights [k, rows·cols], centres [k])``: averaging weights and the centre patch of each of ``k`` cells."""
+    """``(weights [k, rows·cols], centres [k])``: averaging weights and the centre patch of each of ``k`` cells
+    (made once for each grid and ``k``: :func:`~prunekit.ops.shared_constant`; read only)."""
     if not 1 <= k <= rows * cols:
         raise ValueError(f"cannot pool a {rows}x{cols} grid to {k} tokens (need 1..{rows * cols})")
+    return shared_constant(_plan, rows, cols, k)
+
+
+def _plan(rows: int, cols: int, k: int) -> tuple[Tensor, Tensor]:
     h = min(k, max(math.ceil(k / cols), min(rows, round(math.sqrt(k * rows / cols)) or 1)))
     per_band = [k // h + (1 if i < k % h else 0) for i in range(h)]
     weights = torch.zeros(k, rows * cols)
